@@ -1,0 +1,525 @@
+"""Stage 1 executor: jsonl(.gz/.zst) records -> per-domain Megatron indexed datasets + stats.
+
+Data flow (one shard of the sorted input file list):
+
+    files --iter_lines--> lines --parse_record--> Record | BadRecord (counted, file:line kept)
+      Records are grouped per domain into ~1 MiB text batches
+      --worker pool (split sentences, tokenizer.encode_batch, EOD)--> numpy arrays
+      --IndexedDatasetWriter per (domain, json key)--> .bin/.idx (+ .stats.json) --> marker
+
+Why this shape: tokenization is >95% of the cost, so it runs in `--workers` processes on whole
+batches (one backend call per ~1,000 documents instead of one Python call per document, as in
+Megatron-LM's Pool.imap over lines). The main process only reads, parses JSON and writes arrays.
+At most `2 * workers + 2` batches are in flight, so memory stays bounded for any input size (a
+Pool.imap over a file enqueues the whole file). Results are consumed in submission order and
+batches never mix domains, so every dataset's bytes are independent of `--workers` and of the
+batch size, and equal Megatron-LM's for the same input, tokenizer and flags.
+
+Sharding: `--num-shards K --shard-index i` takes the i-th contiguous slice of the sorted file
+list (so concatenating shard outputs in order equals one run), writes outputs under
+`{prefix}.shard{i:05d}-of{K:05d}` and a completion marker `{that}.done.json` last; a rerun whose
+marker matches the same configuration skips the shard.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import multiprocessing
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from megatron_longctx.config.preprocess import PreprocessConfig
+from megatron_longctx.data import records as rec
+from megatron_longctx.data.indexed import IndexedDatasetWriter, optimal_dtype
+from megatron_longctx.data.sentences import SentenceSplitter, SplitterSpec, resolve_splitter
+from megatron_longctx.data.stats import STATS_FORMAT, document_stats, write_json_atomic
+from megatron_longctx.data.tokenizers import TextTokenizer, TokenizerSpec, build_tokenizer
+
+MARKER_SUFFIX = ".done.json"
+
+
+class PreprocessError(Exception):
+    """A bad record under `--on-error fail`, or an unusable input; the message has file:line."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Naming
+# ----------------------------------------------------------------------------------------------
+
+
+def shard_prefix(output_prefix: str, shard_index: int, num_shards: int) -> str:
+    """The prefix one shard writes under (the output prefix itself when unsharded)."""
+    if num_shards == 1:
+        return output_prefix
+    return f"{output_prefix}.shard{shard_index:05d}-of{num_shards:05d}"
+
+
+def dataset_prefix(prefix: str, domain: str | None, key: str, level: str) -> str:
+    """`{prefix}_{key}_{level}` as Megatron-LM names it, with `_{domain}` before the key."""
+    if domain is None:
+        return f"{prefix}_{key}_{level}"
+    return f"{prefix}_{rec.safe_domain_name(domain)}_{key}_{level}"
+
+
+def shard_files(files: list[str], shard_index: int, num_shards: int) -> list[str]:
+    """Contiguous slice i of K: files[i*n//K : (i+1)*n//K]."""
+    n = len(files)
+    return files[shard_index * n // num_shards : (shard_index + 1) * n // num_shards]
+
+
+# ----------------------------------------------------------------------------------------------
+# Worker side: text batch -> token arrays
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class EncodedBatch:
+    """Tokens of one batch of records for every json key; only records kept in all keys."""
+
+    keep: np.ndarray  # bool per input record
+    tokens: list[np.ndarray]  # per key
+    sequence_lengths: list[np.ndarray]  # per key
+    sequences_per_document: list[np.ndarray]  # per key
+
+
+class BatchEncoder:
+    """Splits (optionally) and tokenizes record texts; lives in each worker process."""
+
+    def __init__(
+        self,
+        tokenizer: TextTokenizer,
+        splitter: SentenceSplitter | None,
+        append_eod: bool,
+        dtype: np.dtype,
+    ) -> None:
+        self.tokenizer = tokenizer
+        self.splitter = splitter
+        self.append_eod = append_eod
+        self.dtype = dtype
+
+    def _pieces(self, text: str | list[str]) -> list[str]:
+        if isinstance(text, list):  # already split, as Megatron's split step writes
+            return text
+        if self.splitter is not None:
+            return self.splitter.split(text)
+        return [text]
+
+    def encode(self, texts_per_record: list[tuple[str | list[str], ...]]) -> EncodedBatch:
+        num_records = len(texts_per_record)
+        num_keys = len(texts_per_record[0]) if num_records else 0
+        per_key = []
+        keep = np.ones(num_records, dtype=bool)
+        for k in range(num_keys):
+            pieces: list[str] = []
+            owner: list[int] = []
+            for r, texts in enumerate(texts_per_record):
+                split = self._pieces(texts[k])
+                pieces.extend(split)
+                owner.extend([r] * len(split))
+            flat, lengths = self.tokenizer.encode_batch(pieces)
+            owner_arr = np.asarray(owner, dtype=np.int64)
+            nonempty = lengths > 0  # Megatron drops sentences with no tokens
+            seq_lengths = lengths[nonempty]
+            seq_owner = owner_arr[nonempty]
+            seqs_per_doc = np.bincount(seq_owner, minlength=num_records)
+            keep &= seqs_per_doc > 0
+            per_key.append((flat, seq_lengths, seq_owner, seqs_per_doc))
+
+        batch = EncodedBatch(keep, [], [], [])
+        for flat, seq_lengths, seq_owner, seqs_per_doc in per_key:
+            if not keep.all():  # drop records that are empty in any key, from every key
+                seq_keep = keep[seq_owner]
+                flat = flat[np.repeat(seq_keep, seq_lengths)]
+                seq_lengths = seq_lengths[seq_keep]
+            seqs_per_doc = seqs_per_doc[keep]
+            if self.append_eod and seqs_per_doc.size:
+                seq_ends = np.cumsum(seqs_per_doc)  # one past each document's last sequence
+                token_ends = np.cumsum(seq_lengths)[seq_ends - 1]
+                flat = np.insert(flat, token_ends, self.tokenizer.eod)
+                seq_lengths = seq_lengths.copy()
+                seq_lengths[seq_ends - 1] += 1
+            batch.tokens.append(flat.astype(self.dtype))
+            batch.sequence_lengths.append(seq_lengths.astype(np.int32))
+            batch.sequences_per_document.append(seqs_per_doc.astype(np.int32))
+        return batch
+
+
+_WORKER_ENCODER: BatchEncoder | None = None
+
+
+def _worker_init(spec: TokenizerSpec, splitter: SplitterSpec | None, eod: bool, dtype) -> None:
+    global _WORKER_ENCODER
+    # Parallelism comes from the processes; a Rust thread pool per worker would oversubscribe.
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    os.environ["RAYON_NUM_THREADS"] = "1"
+    splitter_obj = SentenceSplitter(splitter) if splitter is not None else None
+    _WORKER_ENCODER = BatchEncoder(build_tokenizer(spec), splitter_obj, eod, dtype)
+
+
+def _worker_encode(texts: list[tuple[str | list[str], ...]]) -> EncodedBatch:
+    assert _WORKER_ENCODER is not None
+    return _WORKER_ENCODER.encode(texts)
+
+
+# ----------------------------------------------------------------------------------------------
+# Main side
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunCounters:
+    """Counters for the progress line and the summary."""
+
+    records_read: int = 0
+    documents_written: int = 0
+    tokens_written: int = 0
+    text_bytes: int = 0
+    skipped: collections.Counter = field(default_factory=collections.Counter)
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+
+
+@dataclass
+class _PendingBatch:
+    domain: str | None
+    texts: list[tuple[str | list[str], ...]] = field(default_factory=list)
+    locations: list[tuple[str, int]] = field(default_factory=list)
+    num_bytes: int = 0
+
+
+class Progress:
+    """tqdm bar on a terminal, plain log lines (at most every 5 s) otherwise; both on stderr."""
+
+    def __init__(self, total_bytes: int, log_interval: int, label: str) -> None:
+        self.start = time.time()
+        self.log_interval = log_interval
+        self.label = label
+        self._last_log = 0.0
+        self._next_docs = log_interval
+        self._bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=total_bytes, unit="B", unit_scale=True, desc=label, file=sys.stderr
+            )
+
+    def rates(self, c: RunCounters) -> str:
+        elapsed = max(time.time() - self.start, 1e-9)
+        return (
+            f"{c.documents_written / elapsed:,.0f} docs/s, {c.tokens_written / elapsed:,.0f} "
+            f"tokens/s, {c.text_bytes / elapsed / 1e6:.2f} MB/s"
+        )
+
+    def update(self, c: RunCounters, file_bytes_done: int) -> None:
+        if c.documents_written < self._next_docs:
+            return
+        self._next_docs = (c.documents_written // self.log_interval + 1) * self.log_interval
+        if self._bar is not None:
+            self._bar.n = file_bytes_done
+            self._bar.set_postfix_str(self.rates(c), refresh=True)
+        elif time.time() - self._last_log >= 5.0:
+            self._last_log = time.time()
+            print(f"[{self.label}] {c.documents_written:,} docs: {self.rates(c)}", file=sys.stderr)
+
+    def close(self, file_bytes_done: int) -> None:
+        if self._bar is not None:
+            self._bar.n = file_bytes_done
+            self._bar.close()
+
+
+def config_fingerprint(cfg: PreprocessConfig, files: list[str], tokenizer_sha: str) -> str:
+    """Hash of everything that changes a shard's bytes (not workers, logging or batch size)."""
+    payload = {
+        "files": [(f, os.path.getsize(f)) for f in files],
+        "tokenizer": asdict(cfg.tokenizer),
+        "tokenizer_sha256": tokenizer_sha,
+        "json_keys": cfg.json_keys,
+        "domain_key": cfg.domain_key,
+        "append_eod": cfg.append_eod,
+        "split_sentences": cfg.split_sentences,
+        "keep_newlines": cfg.keep_newlines,
+        "lang": cfg.lang,
+        "punkt_sample_bytes": cfg.punkt_sample_bytes if cfg.split_sentences else None,
+        "shard": [cfg.shard_index, cfg.num_shards],
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _punkt_sample(files: list[str], cfg: PreprocessConfig) -> str:
+    """The first `punkt_sample_bytes` of valid text across all input files (shard-independent)."""
+    parts: list[str] = []
+    size = 0
+    for path in files:
+        try:
+            for line_no, raw in rec.iter_lines(path):
+                record = rec.parse_record(path, line_no, raw, cfg.json_keys, cfg.domain_key)
+                if not isinstance(record, rec.Record):
+                    continue
+                text = record.texts[0]
+                text = text if isinstance(text, str) else " ".join(text)
+                parts.append(text)
+                size += len(text)
+                if size >= cfg.punkt_sample_bytes:
+                    return "\n\n".join(parts)[: cfg.punkt_sample_bytes]
+        except rec.TruncatedInputError:
+            continue
+    return "\n\n".join(parts)
+
+
+@dataclass
+class ShardResult:
+    """What one shard run produced (also the content of its completion marker)."""
+
+    prefix: str
+    skipped_as_complete: bool
+    datasets: dict[str, dict[str, Any]]
+    summary: dict[str, Any]
+
+
+class _ShardRun:
+    """One shard: reads its files, feeds the pool, writes datasets, stats and the marker."""
+
+    def __init__(self, cfg: PreprocessConfig, all_files: list[str], files: list[str]) -> None:
+        self.cfg = cfg
+        self.all_files = all_files
+        self.files = files
+        self.prefix = shard_prefix(cfg.output_prefix, cfg.shard_index, cfg.num_shards)
+        self.tokenizer = build_tokenizer(cfg.tokenizer)
+        if cfg.append_eod and self.tokenizer.eod is None:
+            raise ValueError(
+                f"--append-eod: tokenizer {cfg.tokenizer.tokenizer_model!r} has no EOS/EOD token"
+            )
+        self.dtype = optimal_dtype(self.tokenizer.vocab_size)
+        self.tokenizer_identity = self.tokenizer.identity()
+        self.fingerprint = config_fingerprint(cfg, files, self.tokenizer_identity["sha256"])
+        self.counters = RunCounters()
+        self.writers: dict[tuple[str | None, str], IndexedDatasetWriter] = {}
+        self.splitter: SplitterSpec | None = None
+
+    # -- bad records ---------------------------------------------------------------------------
+    def _bad(self, bad: rec.BadRecord) -> None:
+        if self.cfg.on_error == "fail":
+            raise PreprocessError(
+                f"{bad.location()}: {bad.reason}: {bad.detail} (--on-error fail)"
+            )
+        self.counters.skipped[bad.reason] += 1
+        samples = self.counters.samples.setdefault(bad.reason, [])
+        if len(samples) < self.cfg.max_error_samples:
+            samples.append({"location": bad.location(), "detail": bad.detail})
+            print(f"skipped {bad.location()}: {bad.reason}: {bad.detail}", file=sys.stderr)
+
+    # -- writing -------------------------------------------------------------------------------
+    def _write(self, batch: _PendingBatch, encoded: EncodedBatch) -> None:
+        for r in np.nonzero(~encoded.keep)[0]:
+            path, line = batch.locations[r]
+            self._bad(rec.BadRecord(path, line, "empty_after_tokenization", "no tokens"))
+        for k, key in enumerate(self.cfg.json_keys):
+            writer = self.writers.get((batch.domain, key))
+            if writer is None:
+                name = dataset_prefix(self.prefix, batch.domain, key, self.cfg.level)
+                writer = self.writers[(batch.domain, key)] = IndexedDatasetWriter(name, self.dtype)
+            writer.add_documents(
+                encoded.tokens[k], encoded.sequence_lengths[k], encoded.sequences_per_document[k]
+            )
+            if k == 0:
+                self.counters.tokens_written += int(encoded.tokens[k].size)
+        self.counters.documents_written += int(encoded.keep.sum())
+
+    # -- reading -------------------------------------------------------------------------------
+    def _batches(self, progress: Progress) -> Iterator[_PendingBatch]:
+        pending: dict[str | None, _PendingBatch] = {}
+        done_bytes = 0
+        for path in self.files:
+            try:
+                for line_no, raw in rec.iter_lines(path):
+                    parsed = rec.parse_record(
+                        path, line_no, raw, self.cfg.json_keys, self.cfg.domain_key
+                    )
+                    if parsed is None:
+                        continue
+                    self.counters.records_read += 1
+                    if isinstance(parsed, rec.BadRecord):
+                        self._bad(parsed)
+                        continue
+                    batch = pending.get(parsed.domain)
+                    if batch is None:
+                        batch = pending[parsed.domain] = _PendingBatch(parsed.domain)
+                    batch.texts.append(parsed.texts)
+                    batch.locations.append((path, line_no))
+                    batch.num_bytes += parsed.num_bytes
+                    self.counters.text_bytes += parsed.num_bytes
+                    if batch.num_bytes >= self.cfg.batch_bytes:
+                        yield pending.pop(parsed.domain)
+            except rec.TruncatedInputError as err:
+                self._bad(rec.BadRecord(path, err.line, "truncated_file", err.detail))
+            done_bytes += os.path.getsize(path)
+            progress.update(self.counters, done_bytes)
+        for domain in list(pending):
+            yield pending.pop(domain)
+
+    def _encode_all(self, progress: Progress) -> None:
+        cfg = self.cfg
+        if cfg.workers == 1:
+            _worker_init(cfg.tokenizer, self.splitter, cfg.append_eod, self.dtype)
+            for batch in self._batches(progress):
+                self._write(batch, _worker_encode(batch.texts))
+                progress.update(self.counters, 0)
+            return
+        ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
+        max_in_flight = 2 * cfg.workers + 2
+        with ctx.Pool(
+            cfg.workers,
+            initializer=_worker_init,
+            initargs=(cfg.tokenizer, self.splitter, cfg.append_eod, self.dtype),
+        ) as pool:
+            in_flight: collections.deque = collections.deque()
+            for batch in self._batches(progress):
+                in_flight.append((batch, pool.apply_async(_worker_encode, (batch.texts,))))
+                while len(in_flight) >= max_in_flight:
+                    done, result = in_flight.popleft()
+                    self._write(done, self._result(done, result))
+            while in_flight:
+                done, result = in_flight.popleft()
+                self._write(done, self._result(done, result))
+
+    @staticmethod
+    def _result(batch: _PendingBatch, result) -> EncodedBatch:
+        try:
+            return result.get()
+        except Exception as err:
+            first, last = batch.locations[0], batch.locations[-1]
+            raise PreprocessError(
+                f"tokenizing records {first[0]}:{first[1]}..{last[0]}:{last[1]} failed: "
+                f"{type(err).__name__}: {err}"
+            ) from err
+
+    # -- the run -------------------------------------------------------------------------------
+    def marker_path(self) -> str:
+        return self.prefix + MARKER_SUFFIX
+
+    def completed(self) -> dict[str, Any] | None:
+        try:
+            with open(self.marker_path()) as fh:
+                marker = json.load(fh)
+        except (OSError, json.JSONDecodeError):
+            return None
+        if marker.get("fingerprint") != self.fingerprint:
+            return None
+        if not all(
+            os.path.exists(p + ".idx") and os.path.exists(p + ".bin") for p in marker["datasets"]
+        ):
+            return None
+        return marker
+
+    def run(self) -> ShardResult:
+        cfg = self.cfg
+        marker = self.completed()
+        if marker is not None:
+            print(f"{self.marker_path()}: shard already complete, skipping", file=sys.stderr)
+            return ShardResult(self.prefix, True, marker["datasets"], marker["summary"])
+        if os.path.exists(self.marker_path()):
+            os.unlink(self.marker_path())  # a stale marker must not outlive a partial rerun
+
+        if cfg.split_sentences:
+            sample = _punkt_sample(self.all_files, cfg)
+            self.splitter = resolve_splitter(
+                cfg.lang, cfg.keep_newlines, sample, "input text (first files, sorted)"
+            )
+            print(f"sentence splitting: {self.splitter.describe}", file=sys.stderr)
+
+        total_bytes = sum(os.path.getsize(f) for f in self.files)
+        progress = Progress(total_bytes, cfg.log_interval, os.path.basename(self.prefix))
+        try:
+            self._encode_all(progress)
+        except BaseException:
+            for writer in self.writers.values():
+                writer.abort()
+            raise
+        finally:
+            progress.close(total_bytes)
+        elapsed = time.time() - progress.start
+
+        if cfg.domain_key is None and not self.writers:  # keep Megatron's one (empty) output
+            for key in cfg.json_keys:
+                name = dataset_prefix(self.prefix, None, key, cfg.level)
+                self.writers[(None, key)] = IndexedDatasetWriter(name, self.dtype)
+
+        datasets: dict[str, dict[str, Any]] = {}
+        for (domain, key), writer in sorted(self.writers.items(), key=lambda kv: str(kv[0])):
+            stats = self._stats(domain, key, writer)
+            write_json_atomic(writer.prefix + ".stats.json", stats)
+            writer.finalize()
+            datasets[writer.prefix] = {
+                "domain": domain,
+                "json_key": key,
+                "documents": stats["documents"],
+                "tokens": stats["tokens"],
+            }
+        summary = {
+            "records_read": self.counters.records_read,
+            "documents_written": self.counters.documents_written,
+            "tokens_written": self.counters.tokens_written,
+            "text_bytes": self.counters.text_bytes,
+            "skipped": dict(sorted(self.counters.skipped.items())),
+            "seconds": round(elapsed, 3),
+            "rates": progress.rates(self.counters),
+        }
+        write_json_atomic(
+            self.marker_path(),
+            {
+                "fingerprint": self.fingerprint,
+                "config": _config_dict(cfg),
+                "files": self.files,
+                "datasets": datasets,
+                "summary": summary,
+            },
+        )
+        return ShardResult(self.prefix, False, datasets, summary)
+
+    def _stats(self, domain: str | None, key: str, writer: IndexedDatasetWriter) -> dict:
+        cfg = self.cfg
+        return {
+            "format": STATS_FORMAT,
+            "dataset": os.path.basename(writer.prefix),
+            "domain": domain,
+            "json_key": key,
+            "level": cfg.level,
+            "dtype": writer.dtype.name,
+            "sequences": int(writer.sequence_lengths().size),
+            **document_stats(writer.document_lengths()),
+            "tokenizer": self.tokenizer_identity,
+            "preprocess": {
+                "append_eod": cfg.append_eod,
+                "split_sentences": cfg.split_sentences,
+                "keep_newlines": cfg.keep_newlines,
+                "sentence_splitter": self.splitter.describe if self.splitter else None,
+                "domain_key": cfg.domain_key,
+                "json_keys": cfg.json_keys,
+            },
+            "inputs": [{"path": f, "bytes": os.path.getsize(f)} for f in self.files],
+            "records_read": self.counters.records_read,
+            "skipped": dict(sorted(self.counters.skipped.items())),
+            "skipped_samples": {k: v for k, v in sorted(self.counters.samples.items())},
+        }
+
+
+def _config_dict(cfg: PreprocessConfig) -> dict[str, Any]:
+    out = asdict(cfg)
+    out["level"] = cfg.level
+    return out
+
+
+def run_preprocess(cfg: PreprocessConfig) -> ShardResult:
+    """Validate, expand inputs, and run this task's shard. Raises PreprocessError/ValueError."""
+    cfg.validate()
+    all_files = rec.expand_inputs(cfg.inputs)
+    files = shard_files(all_files, cfg.shard_index, cfg.num_shards)
+    return _ShardRun(cfg, all_files, files).run()
