@@ -173,6 +173,12 @@ def write_jsonl(path: Path, records: list[dict], compression: str = "none") -> P
     return path
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_tokenizer_cache(tmp_path_factory):
+    """Tests never read or write the user's ~/.cache tokenizer cache."""
+    os.environ["MEGATRON_LONGCTX_CACHE"] = str(tmp_path_factory.mktemp("tokenizer-cache"))
+
+
 @pytest.fixture(scope="session")
 def corpus_records() -> list[dict]:
     return make_records(600, seed=1)

@@ -2,18 +2,19 @@
 
 Data flow (one shard of the sorted input file list):
 
-    files --iter_lines--> lines --parse_record--> Record | BadRecord (counted, file:line kept)
-      Records are grouped per domain into ~1 MiB text batches
-      --worker pool (split sentences, tokenizer.encode_batch, EOD)--> numpy arrays
+    files --iter_blocks (decompress, cut at line ends)--> ~1 MiB blocks of lines
+      --worker pool: parse_record (JSON, validation, domain), split sentences,
+        tokenizer.encode_batch per domain, EOD--> numpy arrays per domain + bad records
       --IndexedDatasetWriter per (domain, json key)--> .bin/.idx (+ .stats.json) --> marker
 
-Why this shape: tokenization is >95% of the cost, so it runs in `--workers` processes on whole
-batches (one backend call per ~1,000 documents instead of one Python call per document, as in
-Megatron-LM's Pool.imap over lines). The main process only reads, parses JSON and writes arrays.
-At most `2 * workers + 2` batches are in flight, so memory stays bounded for any input size (a
-Pool.imap over a file enqueues the whole file). Results are consumed in submission order and
-batches never mix domains, so every dataset's bytes are independent of `--workers` and of the
-batch size, and equal Megatron-LM's for the same input, tokenizer and flags.
+Why this shape: tokenization is ~90% of the cost and JSON parsing most of the rest, so both run in
+`--workers` processes on whole blocks (one backend call per domain per block instead of one
+Python call per document, as in Megatron-LM's Pool.imap over lines). The main process only
+decompresses, finds line ends and writes arrays (~0.1 s of CPU per 16 MB here), so one reader
+keeps many workers busy. At most `2 * workers + 2` blocks are in flight, so memory stays bounded
+for any input size (a Pool.imap over a file enqueues the whole file). Results are consumed in
+submission order, so every dataset's bytes are independent of `--workers` and of the block
+size, and equal Megatron-LM's for the same input, tokenizer and flags.
 
 Sharding: `--num-shards K --shard-index i` takes the i-th contiguous slice of the sorted file
 list (so concatenating shard outputs in order equals one run), writes outputs under
@@ -41,7 +42,7 @@ from megatron_longctx.data import records as rec
 from megatron_longctx.data.indexed import IndexedDatasetWriter, optimal_dtype
 from megatron_longctx.data.sentences import SentenceSplitter, SplitterSpec, resolve_splitter
 from megatron_longctx.data.stats import STATS_FORMAT, document_stats, write_json_atomic
-from megatron_longctx.data.tokenizers import TextTokenizer, TokenizerSpec, build_tokenizer
+from megatron_longctx.data.tokenizers import TextTokenizer, build_tokenizer
 
 MARKER_SUFFIX = ".done.json"
 
@@ -91,7 +92,7 @@ class EncodedBatch:
 
 
 class BatchEncoder:
-    """Splits (optionally) and tokenizes record texts; lives in each worker process."""
+    """Splits (optionally) and tokenizes record texts of one domain."""
 
     def __init__(
         self,
@@ -118,14 +119,18 @@ class BatchEncoder:
         per_key = []
         keep = np.ones(num_records, dtype=bool)
         for k in range(num_keys):
-            pieces: list[str] = []
-            owner: list[int] = []
-            for r, texts in enumerate(texts_per_record):
-                split = self._pieces(texts[k])
-                pieces.extend(split)
-                owner.extend([r] * len(split))
+            if self.splitter is None and all(isinstance(t[k], str) for t in texts_per_record):
+                pieces: list[str] = [t[k] for t in texts_per_record]
+                owner_arr = np.arange(num_records, dtype=np.int64)
+            else:
+                pieces = []
+                owner: list[int] = []
+                for r, texts in enumerate(texts_per_record):
+                    split = self._pieces(texts[k])
+                    pieces.extend(split)
+                    owner.extend([r] * len(split))
+                owner_arr = np.asarray(owner, dtype=np.int64)
             flat, lengths = self.tokenizer.encode_batch(pieces)
-            owner_arr = np.asarray(owner, dtype=np.int64)
             nonempty = lengths > 0  # Megatron drops sentences with no tokens
             seq_lengths = lengths[nonempty]
             seq_owner = owner_arr[nonempty]
@@ -152,21 +157,77 @@ class BatchEncoder:
         return batch
 
 
-_WORKER_ENCODER: BatchEncoder | None = None
+@dataclass
+class BlockResult:
+    """What a worker returns for one block of input lines."""
+
+    records_read: int
+    text_bytes: int
+    bad: list[rec.BadRecord]  # in line order
+    parts: list[tuple[str | None, EncodedBatch]]  # per domain, in first-appearance order
 
 
-def _worker_init(spec: TokenizerSpec, splitter: SplitterSpec | None, eod: bool, dtype) -> None:
-    global _WORKER_ENCODER
+@dataclass
+class BlockProcessor:
+    """Parses, validates, routes and tokenizes one block of lines (runs in each worker)."""
+
+    encoder: BatchEncoder
+    json_keys: list[str]
+    domain_key: str | None
+
+    def process(self, path: str, first_line: int, block: bytes) -> BlockResult:
+        groups: dict[str | None, list[tuple[str | list[str], ...]]] = {}
+        group_lines: dict[str | None, list[int]] = {}
+        bad: list[rec.BadRecord] = []
+        records_read = text_bytes = 0
+        for line_no, raw in rec.split_block(first_line, block):
+            parsed = rec.parse_record(path, line_no, raw, self.json_keys, self.domain_key)
+            if parsed is None:
+                continue
+            records_read += 1
+            if isinstance(parsed, rec.BadRecord):
+                bad.append(parsed)
+                continue
+            groups.setdefault(parsed.domain, []).append(parsed.texts)
+            group_lines.setdefault(parsed.domain, []).append(line_no)
+            text_bytes += parsed.num_bytes
+        parts = []
+        for domain, texts in groups.items():
+            encoded = self.encoder.encode(texts)
+            lines = group_lines[domain]
+            bad.extend(
+                rec.BadRecord(path, lines[r], "empty_after_tokenization", "no tokens")
+                for r in np.nonzero(~encoded.keep)[0]
+            )
+            parts.append((domain, encoded))
+        bad.sort(key=lambda b: b.line)
+        return BlockResult(records_read, text_bytes, bad, parts)
+
+
+_WORKER: BlockProcessor | None = None
+
+
+def _worker_init(
+    tokenizer: TextTokenizer,
+    splitter: SplitterSpec | None,
+    append_eod: bool,
+    dtype: np.dtype,
+    json_keys: list[str],
+    domain_key: str | None,
+) -> None:
+    global _WORKER
     # Parallelism comes from the processes; a Rust thread pool per worker would oversubscribe.
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
     os.environ["RAYON_NUM_THREADS"] = "1"
     splitter_obj = SentenceSplitter(splitter) if splitter is not None else None
-    _WORKER_ENCODER = BatchEncoder(build_tokenizer(spec), splitter_obj, eod, dtype)
+    _WORKER = BlockProcessor(
+        BatchEncoder(tokenizer, splitter_obj, append_eod, dtype), json_keys, domain_key
+    )
 
 
-def _worker_encode(texts: list[tuple[str | list[str], ...]]) -> EncodedBatch:
-    assert _WORKER_ENCODER is not None
-    return _WORKER_ENCODER.encode(texts)
+def _worker_process(path: str, first_line: int, block: bytes) -> BlockResult:
+    assert _WORKER is not None
+    return _WORKER.process(path, first_line, block)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -186,18 +247,10 @@ class RunCounters:
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
 
 
-@dataclass
-class _PendingBatch:
-    domain: str | None
-    texts: list[tuple[str | list[str], ...]] = field(default_factory=list)
-    locations: list[tuple[str, int]] = field(default_factory=list)
-    num_bytes: int = 0
-
-
 class Progress:
     """tqdm bar on a terminal, plain log lines (at most every 5 s) otherwise; both on stderr."""
 
-    def __init__(self, total_bytes: int, log_interval: int, label: str) -> None:
+    def __init__(self, total_bytes: int | None, log_interval: int, label: str) -> None:
         self.start = time.time()
         self.log_interval = log_interval
         self.label = label
@@ -218,20 +271,20 @@ class Progress:
             f"tokens/s, {c.text_bytes / elapsed / 1e6:.2f} MB/s"
         )
 
-    def update(self, c: RunCounters, file_bytes_done: int) -> None:
+    def update(self, c: RunCounters, bytes_done: int) -> None:
+        """`bytes_done`: decompressed input bytes handed to the writer so far."""
         if c.documents_written < self._next_docs:
             return
         self._next_docs = (c.documents_written // self.log_interval + 1) * self.log_interval
         if self._bar is not None:
-            self._bar.n = file_bytes_done
+            self._bar.n = bytes_done
             self._bar.set_postfix_str(self.rates(c), refresh=True)
         elif time.time() - self._last_log >= 5.0:
             self._last_log = time.time()
             print(f"[{self.label}] {c.documents_written:,} docs: {self.rates(c)}", file=sys.stderr)
 
-    def close(self, file_bytes_done: int) -> None:
+    def close(self) -> None:
         if self._bar is not None:
-            self._bar.n = file_bytes_done
             self._bar.close()
 
 
@@ -317,87 +370,78 @@ class _ShardRun:
             print(f"skipped {bad.location()}: {bad.reason}: {bad.detail}", file=sys.stderr)
 
     # -- writing -------------------------------------------------------------------------------
-    def _write(self, batch: _PendingBatch, encoded: EncodedBatch) -> None:
-        for r in np.nonzero(~encoded.keep)[0]:
-            path, line = batch.locations[r]
-            self._bad(rec.BadRecord(path, line, "empty_after_tokenization", "no tokens"))
-        for k, key in enumerate(self.cfg.json_keys):
-            writer = self.writers.get((batch.domain, key))
-            if writer is None:
-                name = dataset_prefix(self.prefix, batch.domain, key, self.cfg.level)
-                writer = self.writers[(batch.domain, key)] = IndexedDatasetWriter(name, self.dtype)
-            writer.add_documents(
-                encoded.tokens[k], encoded.sequence_lengths[k], encoded.sequences_per_document[k]
-            )
-            if k == 0:
-                self.counters.tokens_written += int(encoded.tokens[k].size)
-        self.counters.documents_written += int(encoded.keep.sum())
+    def _write(self, result: BlockResult) -> None:
+        self.counters.records_read += result.records_read
+        self.counters.text_bytes += result.text_bytes
+        for bad in result.bad:
+            self._bad(bad)
+        for domain, encoded in result.parts:
+            for k, key in enumerate(self.cfg.json_keys):
+                writer = self.writers.get((domain, key))
+                if writer is None:
+                    name = dataset_prefix(self.prefix, domain, key, self.cfg.level)
+                    writer = self.writers[(domain, key)] = IndexedDatasetWriter(name, self.dtype)
+                writer.add_documents(
+                    encoded.tokens[k],
+                    encoded.sequence_lengths[k],
+                    encoded.sequences_per_document[k],
+                )
+            self.counters.tokens_written += int(encoded.tokens[0].size)
+            self.counters.documents_written += int(encoded.keep.sum())
 
     # -- reading -------------------------------------------------------------------------------
-    def _batches(self, progress: Progress) -> Iterator[_PendingBatch]:
-        pending: dict[str | None, _PendingBatch] = {}
-        done_bytes = 0
+    def _tasks(self) -> Iterator[tuple[str, int, bytes] | rec.BadRecord]:
+        """Blocks of lines to process, and truncation errors in their place in the input."""
         for path in self.files:
             try:
-                for line_no, raw in rec.iter_lines(path):
-                    parsed = rec.parse_record(
-                        path, line_no, raw, self.cfg.json_keys, self.cfg.domain_key
-                    )
-                    if parsed is None:
-                        continue
-                    self.counters.records_read += 1
-                    if isinstance(parsed, rec.BadRecord):
-                        self._bad(parsed)
-                        continue
-                    batch = pending.get(parsed.domain)
-                    if batch is None:
-                        batch = pending[parsed.domain] = _PendingBatch(parsed.domain)
-                    batch.texts.append(parsed.texts)
-                    batch.locations.append((path, line_no))
-                    batch.num_bytes += parsed.num_bytes
-                    self.counters.text_bytes += parsed.num_bytes
-                    if batch.num_bytes >= self.cfg.batch_bytes:
-                        yield pending.pop(parsed.domain)
+                for first_line, block in rec.iter_blocks(path, self.cfg.batch_bytes):
+                    yield path, first_line, block
             except rec.TruncatedInputError as err:
-                self._bad(rec.BadRecord(path, err.line, "truncated_file", err.detail))
-            done_bytes += os.path.getsize(path)
-            progress.update(self.counters, done_bytes)
-        for domain in list(pending):
-            yield pending.pop(domain)
+                yield rec.BadRecord(path, err.line, "truncated_file", err.detail)
 
     def _encode_all(self, progress: Progress) -> None:
         cfg = self.cfg
+        initargs = (self.tokenizer, self.splitter, cfg.append_eod, self.dtype, cfg.json_keys,
+                    cfg.domain_key)
+        done_bytes = 0
+
+        def consume(task, result) -> None:
+            nonlocal done_bytes
+            if isinstance(task, rec.BadRecord):
+                self._bad(task)
+                return
+            self._write(result if isinstance(result, BlockResult) else self._result(task, result))
+            done_bytes += len(task[2])
+            progress.update(self.counters, done_bytes)
+
         if cfg.workers == 1:
-            _worker_init(cfg.tokenizer, self.splitter, cfg.append_eod, self.dtype)
-            for batch in self._batches(progress):
-                self._write(batch, _worker_encode(batch.texts))
-                progress.update(self.counters, 0)
+            _worker_init(*initargs)
+            for task in self._tasks():
+                consume(task, None if isinstance(task, rec.BadRecord) else _worker_process(*task))
             return
         ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         max_in_flight = 2 * cfg.workers + 2
-        with ctx.Pool(
-            cfg.workers,
-            initializer=_worker_init,
-            initargs=(cfg.tokenizer, self.splitter, cfg.append_eod, self.dtype),
-        ) as pool:
+        with ctx.Pool(cfg.workers, initializer=_worker_init, initargs=initargs) as pool:
             in_flight: collections.deque = collections.deque()
-            for batch in self._batches(progress):
-                in_flight.append((batch, pool.apply_async(_worker_encode, (batch.texts,))))
+            for task in self._tasks():
+                if isinstance(task, rec.BadRecord):
+                    in_flight.append((task, None))
+                else:
+                    in_flight.append((task, pool.apply_async(_worker_process, task)))
                 while len(in_flight) >= max_in_flight:
-                    done, result = in_flight.popleft()
-                    self._write(done, self._result(done, result))
+                    consume(*in_flight.popleft())
             while in_flight:
-                done, result = in_flight.popleft()
-                self._write(done, self._result(done, result))
+                consume(*in_flight.popleft())
 
     @staticmethod
-    def _result(batch: _PendingBatch, result) -> EncodedBatch:
+    def _result(task: tuple[str, int, bytes], result) -> BlockResult:
         try:
             return result.get()
         except Exception as err:
-            first, last = batch.locations[0], batch.locations[-1]
+            path, first_line, block = task
+            last_line = first_line + block.count(b"\n")
             raise PreprocessError(
-                f"tokenizing records {first[0]}:{first[1]}..{last[0]}:{last[1]} failed: "
+                f"processing {path}:{first_line}..{last_line} failed: "
                 f"{type(err).__name__}: {err}"
             ) from err
 
@@ -435,7 +479,9 @@ class _ShardRun:
             )
             print(f"sentence splitting: {self.splitter.describe}", file=sys.stderr)
 
-        total_bytes = sum(os.path.getsize(f) for f in self.files)
+        # The bar counts decompressed bytes: its total is known for plain inputs only.
+        plain = all(not f.endswith((".gz", ".zst")) for f in self.files)
+        total_bytes = sum(os.path.getsize(f) for f in self.files) if plain else None
         progress = Progress(total_bytes, cfg.log_interval, os.path.basename(self.prefix))
         try:
             self._encode_all(progress)
@@ -444,7 +490,7 @@ class _ShardRun:
                 writer.abort()
             raise
         finally:
-            progress.close(total_bytes)
+            progress.close()
         elapsed = time.time() - progress.start
 
         if cfg.domain_key is None and not self.writers:  # keep Megatron's one (empty) output

@@ -105,26 +105,6 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     return sorted(found)
 
 
-def _split_lines(chunks: Iterator[bytes], state: list[int]) -> Iterator[tuple[int, bytes]]:
-    """Yield (1-based line number, line without newline) from a stream of byte chunks."""
-    pending = b""
-    line_no = 0
-    for chunk in chunks:
-        if not chunk:
-            continue
-        pending += chunk
-        lines = pending.split(b"\n")
-        pending = lines.pop()
-        for line in lines:
-            line_no += 1
-            state[0] = line_no
-            yield line_no, line
-    if pending:
-        line_no += 1
-        state[0] = line_no
-        yield line_no, pending
-
-
 def _zstd_chunks(fh) -> Iterator[bytes]:
     dctx = zstandard.ZstdDecompressor()
     dobj = dctx.decompressobj()
@@ -179,14 +159,19 @@ def _plain_chunks(fh) -> Iterator[bytes]:
         yield data
 
 
-def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
-    """Yield `(line_number, line_bytes)` of a .jsonl, .jsonl.gz or .jsonl.zst file.
+def iter_blocks(path: str, block_bytes: int = _READ_CHUNK) -> Iterator[tuple[int, bytes]]:
+    """Yield `(first_line_number, block)`: decompressed bytes cut at line ends, ~block_bytes each.
+
+    Cutting whole lines in the reading process and parsing them in workers keeps the reader's
+    per-byte work to a memchr, so one reader feeds many workers.
 
     Raises:
-        TruncatedInputError: the compressed stream is cut or corrupt; lines before it were
-            yielded, `line` is the last line number read.
+        TruncatedInputError: the compressed stream is cut or corrupt; every complete line before
+            the cut was yielded first, `line` is the last complete line number.
     """
-    state = [0]
+    parts: list[bytes] = []
+    size = 0
+    next_line = 1
     with open(path, "rb") as fh:
         if path.endswith(".zst"):
             chunks = _zstd_chunks(fh)
@@ -195,9 +180,50 @@ def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
         else:
             chunks = _plain_chunks(fh)
         try:
-            yield from _split_lines(chunks, state)
+            for chunk in chunks:
+                parts.append(chunk)
+                size += len(chunk)
+                if size < block_bytes:
+                    continue
+                pending = b"".join(parts)
+                start = 0
+                while len(pending) - start >= block_bytes:
+                    cut = pending.find(b"\n", start + block_bytes - 1) + 1
+                    if not cut:
+                        break
+                    yield next_line, pending[start:cut]
+                    next_line += pending.count(b"\n", start, cut)
+                    start = cut
+                parts = [pending[start:]]
+                size = len(parts[0])
         except (EOFError, OSError, zlib.error, zstandard.ZstdError) as err:
-            raise TruncatedInputError(path, state[0], str(err)) from err
+            pending = b"".join(parts)
+            cut = pending.rfind(b"\n") + 1  # the cut line itself is incomplete: dropped
+            if cut:
+                yield next_line, pending[:cut]
+                next_line += pending.count(b"\n", 0, cut)
+            raise TruncatedInputError(path, next_line - 1, str(err)) from err
+    pending = b"".join(parts)
+    if pending:
+        yield next_line, pending
+
+
+def split_block(first_line: int, block: bytes) -> Iterator[tuple[int, bytes]]:
+    """(line_number, line) for each line of a block from `iter_blocks`."""
+    lines = block.split(b"\n")
+    if block.endswith(b"\n"):
+        lines.pop()
+    return zip(range(first_line, first_line + len(lines)), lines)
+
+
+def iter_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """Yield `(line_number, line_bytes)` of a .jsonl, .jsonl.gz or .jsonl.zst file.
+
+    Raises:
+        TruncatedInputError: as `iter_blocks`, after the complete lines before the cut.
+    """
+    for first_line, block in iter_blocks(path):
+        yield from split_block(first_line, block)
 
 
 def lookup_dotted(obj: object, dotted: str) -> tuple[bool, object]:

@@ -89,3 +89,40 @@ def test_spec_errors_name_the_flag(tmp_path, spm_model):
         build_tokenizer(TokenizerSpec("SentencePieceTokenizer", str(bad)))
     with pytest.raises(ValueError, match="--tokenizer-model"):
         build_tokenizer(TokenizerSpec("HuggingFaceTokenizer", str(tmp_path)))
+
+
+def test_resolved_tokenizer_cache_skips_transformers(tmp_path, hf_tokenizer_dir):
+    """Second load comes from the cache: same ids, and transformers is never imported."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MEGATRON_LONGCTX_CACHE": str(tmp_path / "cache")}
+    code = (
+        "import sys, json\n"
+        "from megatron_longctx.data.tokenizers import TokenizerSpec, build_tokenizer\n"
+        f"t = build_tokenizer(TokenizerSpec('HuggingFaceTokenizer', {hf_tokenizer_dir!r}))\n"
+        f"print(json.dumps([t.encode({SAMPLES[2]!r}), t.vocab_size, t.eod,\n"
+        "                  'transformers' in sys.modules]))\n"
+    )
+    runs = [
+        json.loads(subprocess.run([sys.executable, "-c", code], env=env, check=True,
+                                  capture_output=True, text=True).stdout)
+        for _ in range(2)
+    ]
+    assert runs[0][:3] == runs[1][:3]
+    assert runs[0][3] is True and runs[1][3] is False
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 1
+    # A changed tokenizer file changes the key: the stale entry is not reused.
+    import shutil
+
+    changed = tmp_path / "changed"
+    shutil.copytree(hf_tokenizer_dir, changed)
+    cfg = json.loads((changed / "tokenizer_config.json").read_text())
+    cfg["model_max_length"] = 12345
+    (changed / "tokenizer_config.json").write_text(json.dumps(cfg))
+    third = json.loads(subprocess.run(
+        [sys.executable, "-c", code.replace(repr(hf_tokenizer_dir), repr(str(changed)))],
+        env=env, check=True, capture_output=True, text=True).stdout)
+    assert third[3] is True and third[:3] == runs[0][:3]
+    assert len(list((tmp_path / "cache" / "tokenizers").iterdir())) == 2
