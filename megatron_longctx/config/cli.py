@@ -103,3 +103,97 @@ def parse_preprocess_args(argv: list[str] | None = None) -> PreprocessConfig:
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     return cfg
+
+
+def _parse_upweight(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for item in filter(None, text.split(",")):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(
+                f"--upweight expects DOMAIN=FACTOR[,DOMAIN=FACTOR...], got {text!r}"
+            )
+    return out
+
+
+def build_mixture_parser() -> argparse.ArgumentParser:
+    from megatron_longctx.config.mixture import STRATEGIES
+
+    parser = argparse.ArgumentParser(
+        prog="blend_mixture.py",
+        description="per-domain stats -> mixture plan, Megatron blend files and a report",
+    )
+    parser.add_argument("--data-prefix", nargs="+", required=True,
+                        help="dataset prefixes or globs (each with PREFIX.stats.json)")
+    parser.add_argument("--output-dir", required=True)
+    parser.add_argument("--strategy", choices=STRATEGIES, default="per-source")
+    parser.add_argument("--domain-weights", default="slimpajama",
+                        help="natural | slimpajama | FILE.json")
+    parser.add_argument("--long-threshold", type=int, default=4096)
+    parser.add_argument("--long-fraction", type=float, default=None,
+                        help="target long-token share inside each domain (default 0.7)")
+    parser.add_argument("--short-keep-ratio", type=float, default=None,
+                        help="instead: keep each short document with this probability")
+    parser.add_argument("--cut-length", type=int, default=4096)
+    parser.add_argument("--upweight", type=_parse_upweight, default={},
+                        help="domain-upsample: DOMAIN=FACTOR,...")
+    parser.add_argument("--train-tokens", type=float, default=5e9)
+    parser.add_argument("--seq-length", type=int, default=81920)
+    parser.add_argument("--max-epochs", type=float, default=4.0)
+    parser.add_argument("--valid-fraction", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--audit", action="store_true",
+                        help="also build the training index and compare realized shares")
+    return parser
+
+
+def expand_prefixes(patterns: list[str]) -> list[str]:
+    """Dataset prefixes from prefixes or globs (a glob may match .stats.json/.idx/.bin files)."""
+    import glob
+
+    out: list[str] = []
+    for pattern in patterns:
+        if os.path.exists(pattern + ".stats.json") or os.path.exists(pattern + ".idx"):
+            out.append(pattern)
+            continue
+        matches = sorted(glob.glob(pattern) + glob.glob(pattern + ".stats.json"))
+        prefixes = sorted({m.removesuffix(".stats.json").removesuffix(".idx")
+                           .removesuffix(".bin") for m in matches
+                           if m.endswith((".stats.json", ".idx", ".bin"))})
+        if not prefixes:
+            raise ValueError(f"--data-prefix {pattern!r}: no dataset (.stats.json) matches")
+        out.extend(p for p in prefixes if p not in out)
+    return out
+
+
+def parse_mixture_args(argv: list[str] | None = None):
+    """Returns (MixtureConfig, audit flag)."""
+    from megatron_longctx.config.mixture import MixtureConfig
+
+    parser = build_mixture_parser()
+    args = parser.parse_args(argv)
+    try:
+        cfg = MixtureConfig(
+            data_prefixes=expand_prefixes(args.data_prefix),
+            output_dir=args.output_dir,
+            strategy=args.strategy,
+            domain_weights=args.domain_weights,
+            long_threshold=args.long_threshold,
+            long_fraction=args.long_fraction,
+            short_keep_ratio=args.short_keep_ratio,
+            cut_length=args.cut_length,
+            upweight=args.upweight,
+            train_tokens=args.train_tokens,
+            seq_length=args.seq_length,
+            max_epochs=args.max_epochs,
+            valid_fraction=args.valid_fraction,
+            seed=args.seed,
+        )
+        cfg.validate()
+    except ValueError as err:
+        parser.error(str(err))
+    return cfg, args.audit

@@ -124,24 +124,12 @@ class IndexedDatasetWriter:
 
     def index_bytes(self) -> bytes:
         seq = self.sequence_lengths()
-        per_doc = _concat(self._seqs_per_doc, np.int64)
         itemsize = self.dtype.itemsize
         pointers = np.zeros(seq.size, dtype=np.int64)
         if seq.size:
             np.cumsum(seq[:-1].astype(np.int64) * itemsize, out=pointers[1:])
-        doc_idx = np.concatenate([[0], np.cumsum(per_doc)]).astype(np.int64)
-        return b"".join(
-            [
-                INDEX_MAGIC,
-                struct.pack("<Q", INDEX_VERSION),
-                struct.pack("<B", _DTYPE_CODES[self.dtype]),
-                struct.pack("<Q", seq.size),
-                struct.pack("<Q", doc_idx.size),
-                seq.tobytes(),
-                pointers.tobytes(),
-                doc_idx.tobytes(),
-            ]
-        )
+        per_doc = _concat(self._seqs_per_doc, np.int64)
+        return index_bytes(self.dtype, seq, pointers, np.concatenate([[0], np.cumsum(per_doc)]))
 
     def finalize(self) -> None:
         """Write the index and publish the pair (old .idx removed first, new .idx renamed last)."""
@@ -163,6 +151,27 @@ class IndexedDatasetWriter:
         for path in (self._bin_tmp, idx_path(self.prefix) + ".tmp"):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def index_bytes(
+    dtype: np.dtype,
+    sequence_lengths: np.ndarray,
+    sequence_pointers: np.ndarray,
+    document_indices: np.ndarray,
+) -> bytes:
+    """The bytes of a .idx file (pointers are byte offsets into the .bin, in any order)."""
+    return b"".join(
+        [
+            INDEX_MAGIC,
+            struct.pack("<Q", INDEX_VERSION),
+            struct.pack("<B", _DTYPE_CODES[np.dtype(dtype)]),
+            struct.pack("<Q", len(sequence_lengths)),
+            struct.pack("<Q", len(document_indices)),
+            np.asarray(sequence_lengths, dtype=np.int32).tobytes(),
+            np.asarray(sequence_pointers, dtype=np.int64).tobytes(),
+            np.asarray(document_indices, dtype=np.int64).tobytes(),
+        ]
+    )
 
 
 def _concat(chunks: list[np.ndarray], dtype) -> np.ndarray:

@@ -25,7 +25,9 @@ from dataclasses import dataclass
 
 import zstandard
 
-INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst", ".json", ".json.gz", ".json.zst")
+#: What a directory scan picks up (SlimPajama's layout). Files named explicitly or by a glob may
+#: have any name (Megatron users often call jsonl files .json).
+INPUT_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
 
 #: Why a record was skipped. `truncated_file` ends the file it occurs in; the others skip one line.
 BAD_REASONS = (

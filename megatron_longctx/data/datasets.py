@@ -1,0 +1,181 @@
+"""The training-side dataset: megatron-core's GPTDataset with the plan's length upsampling.
+
+`LongCtxGPTDataset` replaces its split's document list with the plan's upsampled list before
+megatron-core builds its indices: every document of length bucket b appears floor(r_b) times, and
+a seeded choice of round(frac(r_b) * n_b) documents once more (`native.build_document_index`).
+GPTDataset honours repeated document ids, so megatron-core's own shuffling, packing across
+document boundaries (as the paper does) and index caching do the rest. Domains are combined by
+megatron-core's BlendedDataset with the plan's domain shares as weights, so the domain mix is
+exact at sample granularity and each domain's short/long token split is exact at document level.
+
+Cache safety: the plan's repeat factors, threshold and seed are hashed into `plan_key`, which is
+one of `_key_config_attributes()`, so megatron's index cache (keyed by an md5 of those
+attributes) can never serve indices of an older plan.
+
+Samples carry `segment_ids` (int32 per token: which packed document a token belongs to) when
+`return_document_boundaries` is set, for intra-document attention masking; no s x s mask is ever
+built (`create_attention_mask` is forced off: at 128K a dense boolean mask is 16 GiB per sample).
+`cut` plans train on the planner's piece views, so pieces are documents and no segment is longer
+than `--cut-length`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.utils import Split
+
+from megatron_longctx import native
+from megatron_longctx.data.mixture import bucket_repeats
+from megatron_longctx.data.plan_outputs import split_string
+
+
+class DatasetTokenizer:
+    """The few tokenizer attributes megatron-core's datasets read (no tokenizer files needed)."""
+
+    def __init__(self, vocab_size: int, eod: int, sha256: str = "") -> None:
+        self.vocab_size = vocab_size
+        self.eod = eod
+        self.pad = -1  # never a real id: nothing is masked as padding
+        self.unique_identifiers = OrderedDict(
+            [("class", "DatasetTokenizer"), ("vocab_size", vocab_size), ("eod", eod),
+             ("sha256", sha256)]
+        )
+
+
+@dataclass
+class LongCtxGPTDatasetConfig(GPTDatasetConfig):
+    """GPTDatasetConfig plus the plan's per-bucket repeat factors."""
+
+    #: Documents longer than this are in the "long" bucket (index 1).
+    length_threshold: int | None = None
+    #: {dataset path prefix: [repeat of short bucket, repeat of long bucket]}.
+    bucket_repeats: dict[str, list[float]] | None = None
+    #: Hash of everything above and the seed: part of megatron's index-cache key.
+    plan_key: str = ""
+    #: Add `segment_ids` (packed document id per token) to every sample.
+    return_document_boundaries: bool = False
+
+    def __post_init__(self) -> None:
+        self.create_attention_mask = False
+        super().__post_init__()
+        if self.bucket_repeats is not None and not self.plan_key:
+            payload = json.dumps([self.length_threshold, self.bucket_repeats, self.random_seed],
+                                 sort_keys=True)
+            self.plan_key = hashlib.sha256(payload.encode()).hexdigest()
+
+
+class LongCtxGPTDataset(GPTDataset):
+    """GPTDataset over the plan's upsampled document list (train split only)."""
+
+    def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split,
+                 config: LongCtxGPTDatasetConfig) -> None:
+        repeats = (config.bucket_repeats or {}).get(dataset_path)
+        if repeats is not None and index_split == Split.train:
+            indexed_indices = upsample_documents(
+                indexed_dataset, indexed_indices, config.length_threshold, repeats,
+                config.random_seed ^ zlib.crc32(os.path.basename(dataset_path).encode()),
+            )
+        super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples,
+                         index_split, config)
+
+    @staticmethod
+    def _key_config_attributes() -> list[str]:
+        return [*GPTDataset._key_config_attributes(), "plan_key", "return_document_boundaries"]
+
+    def part_lengths(self, idx: int) -> np.ndarray:
+        """Token counts of the document parts packed into sample `idx` (extra token included)."""
+        i = self.shuffle_index[idx]
+        d0, o0 = (int(x) for x in self.sample_index[i])
+        d1, o1 = (int(x) for x in self.sample_index[i + 1])
+        extra = int(self.config.add_extra_token_to_sequence)
+        if d0 == d1:
+            return np.array([o1 - o0 + extra], dtype=np.int64)
+        lens = self.dataset.sequence_lengths[self.document_index[d0 : d1 + 1]].astype(np.int64)
+        lens[0] -= o0
+        lens[-1] = o1 + extra
+        return lens
+
+    def __getitem__(self, idx):
+        sample = super().__getitem__(idx)
+        if self.config.return_document_boundaries and idx is not None:
+            parts = self.part_lengths(idx)
+            seg = np.repeat(np.arange(parts.size, dtype=np.int32), parts)
+            sample["segment_ids"] = torch.from_numpy(seg[: sample["tokens"].numel()])
+        return sample
+
+
+def upsample_documents(indexed_dataset, indices: np.ndarray, threshold: int,
+                       repeats: list[float], seed: int) -> np.ndarray:
+    """The split's document ids, each repeated per its bucket's factor (int32, as megatron wants).
+
+    Raises:
+        ValueError: the dataset has several sequences per document (--split-sentences output):
+            GPTDataset packs sequences, so per-document length buckets would not apply.
+    """
+    if len(indexed_dataset.document_indices) - 1 != len(indexed_dataset.sequence_lengths):
+        raise ValueError(f"{indexed_dataset.path_prefix}: length upsampling needs one sequence "
+                         "per document (preprocess without --split-sentences)")
+    lengths = indexed_dataset.sequence_lengths[indices]
+    buckets = (lengths > threshold).astype(np.int32)
+    order = native.build_document_index(buckets, np.asarray(repeats, dtype=np.float64), seed)
+    return np.asarray(indices)[order].astype(np.int32)
+
+
+def plan_dataset_inputs(plan: dict[str, Any]) -> tuple[list[str], list[float], dict]:
+    """(dataset prefixes, blend weights, bucket repeats) that realize a plan in our trainer."""
+    if plan["strategy"] == "cut":
+        views = {v["domain"]: v for v in plan["realization"]["views"]}
+        prefixes, weights, repeats = [], [], {}
+        for d in plan["domains"]:
+            view = views[d["domain"]]
+            target = sum(b["target_tokens"] for b in d["buckets"])
+            prefixes.append(view["view"])
+            weights.append(d["target_share"])
+            r = target / view["tokens"] if view["tokens"] else 0.0
+            repeats[view["view"]] = [r, r]
+        return prefixes, weights, repeats
+    prefixes = [d["prefix"] for d in plan["domains"] if d["target_share"] > 0]
+    weights = [d["target_share"] for d in plan["domains"] if d["target_share"] > 0]
+    return prefixes, weights, bucket_repeats(plan)
+
+
+def build_plan_datasets(
+    plan: dict[str, Any],
+    tokenizer: DatasetTokenizer,
+    num_samples: tuple[int, int, int],
+    seed: int | None = None,
+    cache_dir: str | None = None,
+    return_document_boundaries: bool = False,
+    seq_length: int | None = None,
+):
+    """(train, valid, test) BlendedDatasets realizing `plan` (None for empty splits)."""
+    prefixes, weights, repeats = plan_dataset_inputs(plan)
+    config = LongCtxGPTDatasetConfig(
+        random_seed=plan["parameters"]["seed"] if seed is None else seed,
+        sequence_length=seq_length or plan["seq_length"],
+        blend=(prefixes, weights),
+        split=split_string(plan["parameters"]["valid_fraction"]),
+        path_to_cache=cache_dir,
+        tokenizer=tokenizer,
+        reset_position_ids=False,
+        reset_attention_mask=False,
+        eod_mask_loss=False,
+        length_threshold=plan["long_threshold"] if plan["strategy"] != "cut" else 2**62,
+        bucket_repeats=repeats,
+        return_document_boundaries=return_document_boundaries,
+    )
+    builder = BlendedMegatronDatasetBuilder(
+        LongCtxGPTDataset, list(num_samples), lambda: True, config
+    )
+    return builder.build()

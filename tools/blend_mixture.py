@@ -1,0 +1,45 @@
+#!/usr/bin/env python3
+"""Per-domain stats -> mixture plan, Megatron blend files (views), report.md with plots.
+
+    python tools/blend_mixture.py --data-prefix 'data/slimpajama_*_text_document' \
+        --output-dir mix --strategy per-source --long-fraction 0.7 \
+        --train-tokens 5e9 --seq-length 81920 [--audit]
+
+Reads only the stats files for the plan (and the .idx files to write views); see
+megatron_longctx/data/mixture.py for the strategies' definitions.
+"""
+
+import sys
+
+from megatron_longctx.config.cli import parse_mixture_args
+from megatron_longctx.data.mixture import PlanError, plan_mixture
+from megatron_longctx.data.plan_outputs import dumps_table, write_plan_outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg, audit = parse_mixture_args(argv)
+    try:
+        plan = plan_mixture(cfg)
+        paths = write_plan_outputs(plan, cfg.output_dir)
+    except (PlanError, FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    for warning in plan["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(dumps_table(plan))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    if audit:
+        from megatron_longctx.data.audit import audit_plan, format_audit
+
+        result = audit_plan(paths["plan"])
+        print(format_audit(result))
+        if not result["within_tolerance"]:
+            print(f"error: realized shares differ from the plan by more than "
+                  f"{result['tolerance']:.1%}", file=sys.stderr)
+            return 3
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
