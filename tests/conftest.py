@@ -209,3 +209,16 @@ def spm_model(tmp_path_factory, corpus_records) -> str:
         num_threads=1,
     )
     return str(out / "sp.model")
+
+
+@pytest.fixture
+def single_rank_group(tmp_path):
+    """A 1-rank gloo process group for megatron's dataset cache, destroyed after the test so
+    nothing leaks into tests that fork ranks of their own."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()

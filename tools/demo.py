@@ -32,6 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     out = Path(args.output_dir).resolve()
     corpus, tok, data = out / "corpus", out / "tokenizer", out / "data" / "slimpajama"
+    mix = out / "mixture"
 
     run("1a. synthetic SlimPajama-style corpus (7 domains, .jsonl.zst chunks)",
         ["tools/make_corpus.py", "--output-dir", str(corpus),
@@ -53,8 +54,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{s['domain']:26s} {s['documents']:8,d} {s['tokens']:11,d} "
               f"{s['length']['median']:8.0f} {long_share:9.1%}")
 
-    for stage in ("2. mixture planning (tools/blend_mixture.py)",
-                  "3. pretraining stage 1 and context extension (pretrain_longctx.py)",
+    # Stage-2 training length 2048 with a 1024-token "long" threshold: the demo's miniature of
+    # the paper's 4K -> 80K extension (its synthetic documents are ~16x shorter than SlimPajama's).
+    run("2. per-source mixture plan + audit of the realized training index",
+        ["tools/blend_mixture.py", "--data-prefix", f"{data}_*_text_document",
+         "--output-dir", str(mix), "--strategy", "per-source", "--long-fraction", "0.7",
+         "--long-threshold", "1024", "--train-tokens", "2e6", "--seq-length", "2048",
+         "--valid-fraction", "0.01", "--audit"])
+
+    for stage in ("3. pretraining stage 1 and context extension (pretrain_longctx.py)",
                   "4. evaluation: needle heatmap, loss by position"):
         print(f"\n== {stage}: not yet built; nothing produced")
     print(f"\ndemo outputs: {out}")

@@ -175,6 +175,10 @@ def build_plan_datasets(
         bucket_repeats=repeats,
         return_document_boundaries=return_document_boundaries,
     )
+    # A split asked for 0 samples is not built: megatron's _get_num_epochs never terminates for
+    # a non-empty document range that must yield 0 samples (it needs > 0 tokens).
+    config.split_matrix = [rng if n > 0 else None
+                           for rng, n in zip(config.split_matrix, num_samples)]
     builder = BlendedMegatronDatasetBuilder(
         LongCtxGPTDataset, list(num_samples), lambda: True, config
     )

@@ -182,7 +182,7 @@ def test_cut_views_split_documents_into_pieces(tmp_path):
     np.testing.assert_array_equal(joined, np.fromfile(src + ".bin", dtype=np.uint16))
 
 
-def test_blend_file_loads_in_megatron_and_realizes_plan(sp_prefixes, tmp_path):
+def test_blend_file_loads_in_megatron_and_realizes_plan(sp_prefixes, tmp_path, single_rank_group):
     """Stock megatron-core on our blend file alone realizes the plan's bucket shares."""
     from megatron.core.datasets.blended_megatron_dataset_builder import (
         BlendedMegatronDatasetBuilder,
@@ -190,14 +190,12 @@ def test_blend_file_loads_in_megatron_and_realizes_plan(sp_prefixes, tmp_path):
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.utils import get_blend_from_list
 
-    from megatron_longctx.data.audit import ensure_process_group
     from megatron_longctx.data.datasets import DatasetTokenizer
 
     plan = _plan(sp_prefixes, tmp_path, strategy="per-source", train_tokens=4e6,
                  seq_length=4096)
     paths = write_plan_outputs(plan, str(tmp_path / "out"))
     blend = get_blend_from_list(Path(paths["blend"]).read_text().split())
-    ensure_process_group()
     config = GPTDatasetConfig(
         random_seed=1, sequence_length=4096, blend=blend, split="1,0,0",
         path_to_cache=str(tmp_path / "cache"), tokenizer=DatasetTokenizer(1000, 0),

@@ -1,0 +1,318 @@
+"""Typed model, parallelism and precision configs (Megatron flag names in every message).
+
+Three dataclasses, each validated on its own and then together:
+
+* `ModelConfig`: the LLaMA architecture (RMSNorm, SwiGLU, RoPE, untied embeddings, no biases)
+  plus the RoPE knobs megatron-core 0.16.1's `GPTModel` accepts (`rotary_base`,
+  `rope_scaling`/`rope_scaling_factor` = LLaMA-3.1 frequency scaling,
+  `seq_len_interpolation_factor` = linear position interpolation).
+* `ParallelConfig`: TP/PP/VPP/CP sizes, the CP communication type and sequence parallelism.
+* `PrecisionConfig`: dtype, transformer implementation (local vs Transformer Engine) and FP8.
+
+Configs do no I/O and import nothing heavy: `validate()` is pure and its messages name the
+Megatron-LM CLI flag so a user can fix the command line directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
+FP8_FORMATS = ("e4m3", "hybrid")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+FP8_AMAX_ALGOS = ("max", "most_recent")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+PARAMS_DTYPES = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class ModelConfig:
+    """LLaMA-class decoder shape and position encoding.
+
+    Attributes:
+        num_layers: transformer layers (`--num-layers`).
+        hidden_size: model width (`--hidden-size`).
+        ffn_hidden_size: SwiGLU inner width (`--ffn-hidden-size`); LLaMA-2 7B uses 11008.
+        num_attention_heads: query heads (`--num-attention-heads`).
+        num_query_groups: key/value heads for GQA (`--num-query-groups`); None = MHA.
+        vocab_size: tokenizer vocabulary (padded by the builder to a multiple of 128 * TP, as
+            Megatron-LM's `--make-vocab-size-divisible-by` does, only when `pad_vocab` is True).
+        max_position_embeddings: longest sequence the RoPE table must cover
+            (`--max-position-embeddings`).
+        seq_length: training sequence length (`--seq-length`).
+        rotary_base: RoPE base theta (`--rotary-base`). Fu et al. raise it so the base covers
+            > 128K positions (LLaMA-2 10000 -> e.g. 500000 or 5M).
+        rotary_percent: fraction of head dim rotated (`--rotary-percent`), 1.0 for LLaMA.
+        rope_scaling: LLaMA-3.1 style frequency scaling (`--use-rope-scaling`).
+        rope_scaling_factor: its factor (`--rope-scaling-factor`), 8.0 for LLaMA-3.1.
+        seq_len_interpolation_factor: linear position interpolation
+            (`--rotary-seq-len-interpolation-factor`); None disables it.
+        norm_epsilon: RMSNorm epsilon (`--norm-epsilon`).
+        init_method_std: weight init std (`--init-method-std`).
+        untie_embeddings_and_output_weights: LLaMA has a separate output layer
+            (`--untie-embeddings-and-output-weights`).
+        pad_vocab: pad the vocabulary to a multiple of 128 * TP.
+    """
+
+    num_layers: int
+    hidden_size: int
+    ffn_hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int | None = None
+    vocab_size: int = 32000
+    max_position_embeddings: int = 4096
+    seq_length: int = 4096
+    rotary_base: int = 10000
+    rotary_percent: float = 1.0
+    rope_scaling: bool = False
+    rope_scaling_factor: float = 8.0
+    seq_len_interpolation_factor: float | None = None
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    untie_embeddings_and_output_weights: bool = True
+    pad_vocab: bool = False
+
+    @property
+    def query_groups(self) -> int:
+        """Key/value heads (num_attention_heads when GQA is off)."""
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        """Per-head channels (kv_channels)."""
+        return self.hidden_size // self.num_attention_heads
+
+    def validate(self) -> None:
+        """Raise ValueError naming the Megatron flag on the first inconsistent field."""
+        for flag, value in (
+            ("--num-layers", self.num_layers),
+            ("--hidden-size", self.hidden_size),
+            ("--ffn-hidden-size", self.ffn_hidden_size),
+            ("--num-attention-heads", self.num_attention_heads),
+            ("--vocab-size", self.vocab_size),
+            ("--seq-length", self.seq_length),
+            ("--max-position-embeddings", self.max_position_embeddings),
+            ("--rotary-base", self.rotary_base),
+        ):
+            if value <= 0:
+                raise ValueError(f"{flag} must be positive, got {value}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"--hidden-size ({self.hidden_size}) must be divisible by "
+                f"--num-attention-heads ({self.num_attention_heads})"
+            )
+        if self.num_query_groups is not None:
+            if self.num_query_groups <= 0:
+                raise ValueError(
+                    f"--num-query-groups must be positive, got {self.num_query_groups}"
+                )
+            if self.num_attention_heads % self.num_query_groups:
+                raise ValueError(
+                    f"--num-attention-heads ({self.num_attention_heads}) must be divisible by "
+                    f"--num-query-groups ({self.num_query_groups})"
+                )
+        if self.seq_length > self.max_position_embeddings:
+            raise ValueError(
+                f"--seq-length ({self.seq_length}) must be <= --max-position-embeddings "
+                f"({self.max_position_embeddings})"
+            )
+        if not 0.0 < self.rotary_percent <= 1.0:
+            raise ValueError(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
+        if self.rope_scaling and self.rope_scaling_factor <= 0:
+            raise ValueError(
+                f"--rope-scaling-factor must be positive, got {self.rope_scaling_factor}"
+            )
+        if self.seq_len_interpolation_factor is not None and self.seq_len_interpolation_factor < 1:
+            raise ValueError(
+                "--rotary-seq-len-interpolation-factor must be >= 1, got "
+                f"{self.seq_len_interpolation_factor}"
+            )
+        if self.rope_scaling and self.seq_len_interpolation_factor is not None:
+            raise ValueError(
+                "--use-rope-scaling and --rotary-seq-len-interpolation-factor are exclusive"
+            )
+
+
+@dataclass
+class ParallelConfig:
+    """Model-parallel layout; the data-parallel size is whatever the world leaves over.
+
+    Attributes:
+        tensor_model_parallel_size: `--tensor-model-parallel-size`.
+        pipeline_model_parallel_size: `--pipeline-model-parallel-size`.
+        virtual_pipeline_model_parallel_size: model chunks per PP rank (interleaved 1F1B);
+            Megatron-LM derives it from `--num-layers-per-virtual-pipeline-stage`.
+        context_parallel_size: `--context-parallel-size`; the sequence is split in 2*CP chunks.
+        cp_comm_type: `--cp-comm-type` (p2p | a2a | all_gather | a2a+p2p). Only TE's attention
+            honours it; the local SDPA attention always all-gathers K/V.
+        sequence_parallel: `--sequence-parallel` (needs TP > 1 to do anything).
+    """
+
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    virtual_pipeline_model_parallel_size: int | None = None
+    context_parallel_size: int = 1
+    cp_comm_type: str = "p2p"
+    sequence_parallel: bool = False
+
+    @property
+    def model_parallel_size(self) -> int:
+        """TP * PP * CP: ranks one model replica spans."""
+        return (
+            self.tensor_model_parallel_size
+            * self.pipeline_model_parallel_size
+            * self.context_parallel_size
+        )
+
+    def validate(self, world_size: int | None = None) -> None:
+        """Check sizes; with `world_size`, also that the world divides into replicas."""
+        for flag, value in (
+            ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
+            ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
+            ("--context-parallel-size", self.context_parallel_size),
+        ):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        vpp = self.virtual_pipeline_model_parallel_size
+        if vpp is not None:
+            if vpp < 1:
+                raise ValueError(f"virtual pipeline size must be >= 1, got {vpp}")
+            if vpp > 1 and self.pipeline_model_parallel_size < 2:
+                raise ValueError(
+                    "--num-layers-per-virtual-pipeline-stage needs "
+                    "--pipeline-model-parallel-size > 1"
+                )
+        if self.cp_comm_type not in CP_COMM_TYPES:
+            raise ValueError(f"--cp-comm-type must be one of {CP_COMM_TYPES}, got "
+                             f"{self.cp_comm_type!r}")
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
+        if world_size is not None and world_size % self.model_parallel_size:
+            raise ValueError(
+                f"world size ({world_size}) must be divisible by --tensor-model-parallel-size "
+                f"({self.tensor_model_parallel_size}) x --pipeline-model-parallel-size "
+                f"({self.pipeline_model_parallel_size}) x --context-parallel-size "
+                f"({self.context_parallel_size}) = {self.model_parallel_size}"
+            )
+
+
+@dataclass
+class PrecisionConfig:
+    """Numerics and kernel implementation.
+
+    FP8 needs Transformer Engine (its linear layers hold the scaling state); the local spec has
+    no FP8 path, so FP8 without TE is rejected rather than silently run in BF16.
+
+    Attributes:
+        params_dtype: fp32 | bf16 | fp16 (`--bf16`, `--fp16`). On CPU use fp32: this CPU has no
+            bf16 units and fp32 is 4-7x faster there.
+        transformer_impl: local | transformer_engine (`--transformer-impl`).
+        fp8: None | e4m3 | hybrid (`--fp8-format`); hybrid = E4M3 forward, E5M2 gradients.
+        fp8_recipe: delayed | tensorwise | mxfp8 | blockwise (`--fp8-recipe`).
+        fp8_amax_history_len: `--fp8-amax-history-len` (delayed scaling window).
+        fp8_amax_compute_algo: max | most_recent (`--fp8-amax-compute-algo`).
+        fp8_dot_product_attention: FP8 attention in TE's cuDNN backend (no upstream CLI flag;
+            ours is `--fp8-dot-product-attention`). Attention is ~72% of the FLOPs of
+            LLaMA-2 7B at 128K, so this is where FP8 pays most, and where accuracy risk is.
+    """
+
+    params_dtype: str = "fp32"
+    transformer_impl: str = "local"
+    fp8: Literal["e4m3", "hybrid"] | None = None
+    fp8_recipe: str = "delayed"
+    fp8_amax_history_len: int = 1
+    fp8_amax_compute_algo: str = "most_recent"
+    fp8_dot_product_attention: bool = False
+
+    def validate(self, te_available: bool) -> None:
+        """Check choices; `te_available` is whether transformer_engine imports."""
+        if self.params_dtype not in PARAMS_DTYPES:
+            raise ValueError(f"params dtype must be one of {PARAMS_DTYPES} (--bf16/--fp16), "
+                             f"got {self.params_dtype!r}")
+        if self.transformer_impl not in TRANSFORMER_IMPLS:
+            raise ValueError(f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got "
+                             f"{self.transformer_impl!r}")
+        if self.fp8 is not None:
+            if self.fp8 not in FP8_FORMATS:
+                raise ValueError(f"--fp8-format must be one of {FP8_FORMATS}, got {self.fp8!r}")
+            if self.transformer_impl != "transformer_engine" or not te_available:
+                raise ValueError(
+                    f"--fp8-format {self.fp8} needs --transformer-impl transformer_engine with "
+                    "Transformer Engine installed; the local implementation has no FP8 kernels"
+                )
+            if self.fp8_recipe not in FP8_RECIPES:
+                raise ValueError(f"--fp8-recipe must be one of {FP8_RECIPES}, got "
+                                 f"{self.fp8_recipe!r}")
+            if self.fp8_amax_history_len < 1:
+                raise ValueError(f"--fp8-amax-history-len must be >= 1, got "
+                                 f"{self.fp8_amax_history_len}")
+            if self.fp8_amax_compute_algo not in FP8_AMAX_ALGOS:
+                raise ValueError(f"--fp8-amax-compute-algo must be one of {FP8_AMAX_ALGOS}, "
+                                 f"got {self.fp8_amax_compute_algo!r}")
+        elif self.fp8_dot_product_attention:
+            raise ValueError("--fp8-dot-product-attention needs --fp8-format")
+        if self.transformer_impl == "transformer_engine" and not te_available:
+            raise ValueError(
+                "--transformer-impl transformer_engine needs Transformer Engine installed "
+                "(use --transformer-impl local on machines without it)"
+            )
+        if self.fp8 is not None and self.params_dtype == "fp32":
+            raise ValueError(f"--fp8-format {self.fp8} expects --bf16 or --fp16 (params dtype "
+                             "fp32 given)")
+
+
+def validate_all(
+    model: ModelConfig,
+    parallel: ParallelConfig,
+    precision: PrecisionConfig | None = None,
+    *,
+    te_available: bool = False,
+    world_size: int | None = None,
+) -> None:
+    """Validate each config, then the constraints that couple them.
+
+    Order of checks follows Megatron-LM's `validate_args`: each config alone, then heads and
+    groups against TP, then layers against PP*VPP, then sequence against TP (SP) and 2*CP.
+    """
+    model.validate()
+    parallel.validate(world_size)
+    if precision is not None:
+        precision.validate(te_available)
+    tp = parallel.tensor_model_parallel_size
+    if model.num_attention_heads % tp:
+        raise ValueError(
+            f"--num-attention-heads ({model.num_attention_heads}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    if model.query_groups % tp:
+        raise ValueError(
+            f"--num-query-groups ({model.query_groups}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    if model.ffn_hidden_size % tp:
+        raise ValueError(
+            f"--ffn-hidden-size ({model.ffn_hidden_size}) must be divisible by "
+            f"--tensor-model-parallel-size ({tp})"
+        )
+    stages = parallel.pipeline_model_parallel_size * (
+        parallel.virtual_pipeline_model_parallel_size or 1
+    )
+    if model.num_layers % stages:
+        raise ValueError(
+            f"--num-layers ({model.num_layers}) must be divisible by "
+            f"--pipeline-model-parallel-size ({parallel.pipeline_model_parallel_size}) x "
+            f"virtual stages ({parallel.virtual_pipeline_model_parallel_size or 1})"
+        )
+    cp = parallel.context_parallel_size
+    divisor = 2 * cp if cp > 1 else 1
+    if parallel.sequence_parallel:
+        divisor *= tp
+    if model.seq_length % divisor:
+        raise ValueError(
+            f"--seq-length ({model.seq_length}) must be divisible by "
+            + (f"2 x --context-parallel-size ({cp})" if cp > 1 else "1")
+            + (f" x --tensor-model-parallel-size ({tp}) with --sequence-parallel"
+               if parallel.sequence_parallel else "")
+            + f" = {divisor}"
+        )

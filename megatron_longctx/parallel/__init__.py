@@ -1,0 +1,1 @@
+"""Parallelism: process-group init (torchrun/SLURM), CPU patches for megatron, CP batch split."""
