@@ -10,18 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from megatron_longctx.data.synthetic import DOMAINS as SYNTHETIC_DOMAINS
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
-DOMAINS = (
-    "RedPajamaCommonCrawl",
-    "RedPajamaC4",
-    "RedPajamaGithub",
-    "RedPajamaBook",
-    "RedPajamaArXiv",
-    "RedPajamaWikipedia",
-    "RedPajamaStackExchange",
-)
+DOMAINS = SYNTHETIC_DOMAINS
 _WORDS = [
     "the",
     "of",

@@ -32,7 +32,7 @@ from dataclasses import asdict
 from typing import Any
 
 from megatron_longctx.config.mixture import SLIMPAJAMA_SHARES, MixtureConfig
-from megatron_longctx.data.stats import load_stats, tokens_longer_than
+from megatron_longctx.data.stats import documents_longer_than, load_stats, tokens_longer_than
 
 PLAN_FORMAT = "megatron_longctx.mixture_plan/1"
 BUCKETS = ("short", "long")
@@ -52,19 +52,6 @@ def match_domain(name: str, domains: list[str]) -> str | None:
         return name
     hits = [d for d in domains if _norm(d) == _norm(name)]
     return hits[0] if len(hits) == 1 else None
-
-
-def documents_longer_than(stats: dict[str, Any], threshold: int) -> float:
-    exact = stats.get("documents_longer_than", {}).get(str(int(threshold)))
-    if exact is not None:
-        return float(exact)
-    total = 0.0
-    for lo, hi, docs, _toks in stats["histogram"]["bins"]:
-        if lo > threshold:
-            total += docs
-        elif hi - 1 > threshold:
-            total += docs * (hi - 1 - threshold) / (hi - lo)
-    return total
 
 
 def load_domain_stats(prefixes: list[str]) -> list[dict[str, Any]]:

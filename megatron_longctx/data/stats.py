@@ -92,6 +92,20 @@ def tokens_longer_than(stats: dict[str, Any], threshold: int) -> float:
     return total
 
 
+def documents_longer_than(stats: dict[str, Any], threshold: int) -> float:
+    """Documents longer than `threshold` (exact at stored thresholds, else estimated)."""
+    exact = stats.get("documents_longer_than", {}).get(str(int(threshold)))
+    if exact is not None:
+        return float(exact)
+    total = 0.0
+    for lo, hi, docs, _toks in stats["histogram"]["bins"]:
+        if lo > threshold:
+            total += docs
+        elif hi - 1 > threshold:
+            total += docs * (hi - 1 - threshold) / (hi - lo)
+    return total
+
+
 def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
     """Write JSON to `path.tmp`, fsync, rename: readers never see half a file."""
     tmp = path + ".tmp"

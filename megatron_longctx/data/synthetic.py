@@ -51,6 +51,8 @@ from typing import Any
 import numpy as np
 import zstandard
 
+from megatron_longctx.config.mixture import SLIMPAJAMA_SHARES
+
 __all__ = [
     "COMPRESSIONS",
     "DOMAINS",
@@ -79,27 +81,9 @@ __all__ = [
 # Domains, mixture and length model
 # --------------------------------------------------------------------------------------------
 
-#: The seven SlimPajama sources, in the order used for seeding and summaries.
-DOMAINS: tuple[str, ...] = (
-    "RedPajamaCommonCrawl",
-    "RedPajamaC4",
-    "RedPajamaGithub",
-    "RedPajamaBook",
-    "RedPajamaArXiv",
-    "RedPajamaWikipedia",
-    "RedPajamaStackExchange",
-)
-
-#: SlimPajama's token share per source (sums to 0.9999; shares are normalised before use).
-SLIMPAJAMA_SHARES: dict[str, float] = {
-    "RedPajamaCommonCrawl": 0.5337,
-    "RedPajamaC4": 0.2661,
-    "RedPajamaGithub": 0.0500,
-    "RedPajamaBook": 0.0415,
-    "RedPajamaArXiv": 0.0429,
-    "RedPajamaWikipedia": 0.0340,
-    "RedPajamaStackExchange": 0.0317,
-}
+#: The seven SlimPajama sources (in the order used for seeding and summaries) and their token
+#: shares, defined once in the mixture config.
+DOMAINS: tuple[str, ...] = tuple(SLIMPAJAMA_SHARES)
 
 #: Median document length per source in tokens, measured on the real corpus.
 MEDIAN_TOKENS: dict[str, int] = {
