@@ -95,16 +95,12 @@ class LongCtxGPTDataset(GPTDataset):
 
     def part_lengths(self, idx: int) -> np.ndarray:
         """Token counts of the document parts packed into sample `idx` (extra token included)."""
-        i = self.shuffle_index[idx]
-        d0, o0 = (int(x) for x in self.sample_index[i])
-        d1, o1 = (int(x) for x in self.sample_index[i + 1])
-        extra = int(self.config.add_extra_token_to_sequence)
-        if d0 == d1:
-            return np.array([o1 - o0 + extra], dtype=np.int64)
-        lens = self.dataset.sequence_lengths[self.document_index[d0 : d1 + 1]].astype(np.int64)
-        lens[0] -= o0
-        lens[-1] = o1 + extra
-        return lens
+        row = int(self.shuffle_index[idx])
+        starts = native.sample_document_boundaries(
+            self.sample_index, self.document_index, self.dataset.sequence_lengths, row
+        )
+        total = self.config.sequence_length + int(self.config.add_extra_token_to_sequence)
+        return np.diff(np.concatenate([[0], starts, [total]]))
 
     def __getitem__(self, idx):
         sample = super().__getitem__(idx)

@@ -18,7 +18,6 @@ together and matches the plan's bucket shares at document level).
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
@@ -128,7 +127,3 @@ def dumps_table(plan: dict[str, Any]) -> str:
     rows.append(f"{'total':24s} {'':7s} {'':7s} {t['long_share_before']:6.1%} "
                 f"{t['long_share_after']:6.1%}   max repeat {t['max_repeat']:.2f}")
     return "\n".join(rows)
-
-
-def plan_summary_json(plan: dict[str, Any]) -> str:
-    return json.dumps({d["domain"]: d["target_share"] for d in plan["domains"]}, indent=1)

@@ -406,28 +406,30 @@ class _ShardRun:
         done_bytes = 0
 
         def consume(task, result) -> None:
+            """Write one task's outcome; `result` is an AsyncResult, or None for the inline path."""
             nonlocal done_bytes
             if isinstance(task, rec.BadRecord):
                 self._bad(task)
                 return
-            self._write(result if isinstance(result, BlockResult) else self._result(task, result))
+            block_result = _worker_process(*task) if result is None else self._result(task, result)
+            self._write(block_result)
             done_bytes += len(task[2])
             progress.update(self.counters, done_bytes)
 
         if cfg.workers == 1:
             _worker_init(*initargs)
             for task in self._tasks():
-                consume(task, None if isinstance(task, rec.BadRecord) else _worker_process(*task))
+                consume(task, None)
             return
         ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
         max_in_flight = 2 * cfg.workers + 2
         with ctx.Pool(cfg.workers, initializer=_worker_init, initargs=initargs) as pool:
             in_flight: collections.deque = collections.deque()
             for task in self._tasks():
-                if isinstance(task, rec.BadRecord):
-                    in_flight.append((task, None))
-                else:
-                    in_flight.append((task, pool.apply_async(_worker_process, task)))
+                async_result = None
+                if not isinstance(task, rec.BadRecord):
+                    async_result = pool.apply_async(_worker_process, task)
+                in_flight.append((task, async_result))
                 while len(in_flight) >= max_in_flight:
                     consume(*in_flight.popleft())
             while in_flight:
