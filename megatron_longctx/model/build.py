@@ -279,6 +279,14 @@ def build_model_chunks(
             for i in range(vpp)]
 
 
+def unwrap_model(chunk: Any) -> Any:
+    """The GPTModel inside DDP / Float16Module (each keeps it as `.module`). Checkpoints hold
+    its keys, so fp32 and bf16 runs and converted checkpoints share one key space."""
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
 def describe(model: ModelConfig) -> dict[str, Any]:
     """Plain dict of a ModelConfig (for logs and saved run configs)."""
     return dataclasses.asdict(model)

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import types
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -207,14 +208,202 @@ def _patch_model_literals() -> None:
     fused_softmax.get_default_causal_mask = _cpu_default_causal_mask
 
 
-# Later groups go here, e.g. "optimizer" (optimizer.py / clip_grads.py device="cuda" and
-# 'torch.cuda.FloatTensor' type checks, distrib_optimizer.py .cuda()), "pipeline"
-# (schedules.py device="cuda", p2p_communication.py torch.cuda.synchronize), "checkpoint"
-# (filesystem_async.py torch.cuda.synchronize).
+# --------------------------------------------------------------------------------------------
+# module-local torch stand-in (groups "optimizer", "pipeline", "checkpoint")
+# --------------------------------------------------------------------------------------------
+def _to_cpu_device(device: Any) -> Any:
+    if device is None:
+        return None
+    if isinstance(device, torch.device):
+        return _CPU if device.type == "cuda" else device
+    if isinstance(device, int) or (isinstance(device, str) and device.startswith("cuda")):
+        return _CPU
+    return device
+
+
+def _cpu_factory(fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    @functools.wraps(fn)
+    def factory(*args: Any, **kwargs: Any) -> torch.Tensor:
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        kwargs.pop("pin_memory", None)
+        return fn(*args, **kwargs)
+
+    return factory
+
+
+class _CpuCudaNamespace:
+    """`torch.cuda` as seen by a patched module: no-op synchronisation, CPU device."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def synchronize(*args: Any, **kwargs: Any) -> None:
+        """CPU ops are synchronous; megatron syncs around p2p and checkpoint writes."""
+
+    @staticmethod
+    def empty_cache() -> None:
+        """Nothing to release on CPU."""
+
+    current_device = staticmethod(_cpu_current_device)
+
+
+class _CpuTorch(types.ModuleType):
+    """The `torch` global of one megatron module, with tensor factories mapped to CPU.
+
+    Every attribute not overridden here is the real torch's, so a patched module behaves as
+    before except that `torch.zeros(..., device="cuda")`-style literals allocate on CPU and
+    `torch.cuda.synchronize()` is a no-op. Only the module's own `torch.X` lookups go through
+    the proxy (one Python attribute lookup each); model ops in other modules are untouched.
+    """
+
+    _FACTORIES = ("tensor", "zeros", "ones", "empty", "full", "arange", "zeros_like",
+                  "empty_like", "ones_like")
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.cuda = _CpuCudaNamespace()
+        for name in self._FACTORIES:
+            setattr(self, name, _cpu_factory(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def _proxy_torch(module: types.ModuleType) -> None:
+    if not isinstance(getattr(module, "torch", None), _CpuTorch):
+        module.torch = _CpuTorch()  # type: ignore[attr-defined]
+
+
+@contextlib.contextmanager
+def _cuda_type_names() -> Iterator[None]:
+    """Make CPU tensors report 'torch.cuda.FloatTensor'-style names from `.type()`.
+
+    megatron's optimizers dispatch on `param.type()` strings and raise TypeError for anything
+    else (optimizer.py:671/690 Float16OptimizerWithFloat16Params, distrib_optimizer.py:361/420/582
+    param groups, clip_grads.py:167 an assert). Used only around those construction-time calls
+    and the clip; `.type(dtype)` conversions pass through unchanged.
+    """
+    original = torch.Tensor.type
+
+    def cuda_named_type(self: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        if not args and not kwargs and self.device.type == "cpu" and result.startswith("torch."):
+            return "torch.cuda." + result[len("torch."):]
+        return result
+
+    torch.Tensor.type = cuda_named_type  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.Tensor.type = original  # type: ignore[method-assign]
+
+
+def _with_cuda_type_names(fn: Callable[..., Any]) -> Callable[..., Any]:
+    if getattr(fn, "_megatron_longctx_cpu", False):
+        return fn
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        with _cuda_type_names():
+            return fn(*args, **kwargs)
+
+    wrapper._megatron_longctx_cpu = True  # type: ignore[attr-defined]
+    return wrapper
+
+
+def _cpu_multi_tensor_l2_norm(
+    chunk_size: int, noop_flag: Any, tensor_lists: list, per_tensor: bool, *args: Any
+) -> tuple[torch.Tensor, None]:
+    """utils.local_multi_tensor_l2_norm without its device="cuda" result (utils.py:1207)."""
+    norms = [torch.linalg.vector_norm(t.float()) for tensors in tensor_lists for t in tensors]
+    if not norms:
+        return torch.zeros(1), None
+    return torch.linalg.vector_norm(torch.stack(norms)).reshape(1), None
+
+
+# --------------------------------------------------------------------------------------------
+# group "optimizer"
+# --------------------------------------------------------------------------------------------
+def _patch_optimizer() -> None:
+    from megatron.core.distributed import param_and_grad_buffer
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, grad_scaler, optimizer
+
+    # device="cuda" literals: optimizer.py:473/481/485/907 (found_inf, overflow buffer, scale),
+    # grad_scaler.py:15/88/91/94, clip_grads.py:90/103/115/174/207 (norm accumulators),
+    # param_and_grad_buffer.py:768; torch.cuda.empty_cache in optimizer.py:362.
+    for module in (optimizer, grad_scaler, clip_grads, distrib_optimizer, param_and_grad_buffer):
+        _proxy_torch(module)
+    # clip_grads.py:42 binds the local l2 norm (utils.py:1207 returns a CUDA tensor) when
+    # neither TE nor apex is importable, which is always the case on CPU.
+    clip_grads.l2_norm_impl = _cpu_multi_tensor_l2_norm
+    # 'torch.cuda.FloatTensor' type dispatch (see _cuda_type_names).
+    opt_cls = optimizer.Float16OptimizerWithFloat16Params
+    opt_cls.__init__ = _with_cuda_type_names(opt_cls.__init__)
+    dist_cls = distrib_optimizer.DistributedOptimizer
+    dist_cls.__init__ = _with_cuda_type_names(dist_cls.__init__)
+    build = dist_cls.__dict__["_build_model_and_main_param_groups"]
+    if isinstance(build, staticmethod):
+        dist_cls._build_model_and_main_param_groups = staticmethod(
+            _with_cuda_type_names(build.__func__)
+        )
+    wrapped_clip = _with_cuda_type_names(clip_grads.clip_grad_by_total_norm_fp32)
+    clip_grads.clip_grad_by_total_norm_fp32 = wrapped_clip
+    optimizer.clip_grad_by_total_norm_fp32 = wrapped_clip
+
+
+# --------------------------------------------------------------------------------------------
+# group "pipeline"
+# --------------------------------------------------------------------------------------------
+def _patch_pipeline() -> None:
+    from megatron.core.pipeline_parallel import p2p_communication, schedules
+
+    # schedules.py:596/983/2138 total_num_tokens = torch.zeros(..., device="cuda") in every
+    # schedule; p2p_communication.py:242/398 torch.cuda.synchronize() after batched p2p.
+    for module in (schedules, p2p_communication):
+        _proxy_torch(module)
+
+
+# --------------------------------------------------------------------------------------------
+# group "checkpoint"
+# --------------------------------------------------------------------------------------------
+def _patch_checkpoint() -> None:
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    # filesystem_async.py:230 torch.cuda.synchronize() before staging tensors for the writer.
+    _proxy_torch(filesystem_async)
+    # filesystem_async.py:55 starts a *spawn*-context multiprocessing Manager for the writers'
+    # result queue (spawn keeps a CUDA context out of the child): it re-imports torch, ~4 s on
+    # the first save of every process, and the server outlives a rank that exits with
+    # os._exit. The queue only crosses processes for async saves; our CPU saves are
+    # synchronous (the async writer does not snapshot CPU tensors), where the writer thread
+    # that fills it (write_preloaded_data_multiproc, line 335) and the reader
+    # (retrieve_write_results) are both in the calling process, so a thread queue suffices.
+    # (A fork-context Manager is not an option: forking a server from a process that runs
+    # gloo threads can deadlock it at start-up.)
+    original = filesystem_async._get_write_results_queue
+    if getattr(original, "_megatron_longctx_cpu", False):
+        return
+
+    def _get_write_results_queue() -> Any:
+        if filesystem_async._results_queue is None:
+            import queue
+
+            filesystem_async._results_queue = queue.Queue()
+        return filesystem_async._results_queue
+
+    _get_write_results_queue._megatron_longctx_cpu = True  # type: ignore[attr-defined]
+    filesystem_async._get_write_results_queue = _get_write_results_queue
+
+
 PATCH_GROUPS: dict[str, tuple[Callable[[], None], ...]] = {
     "device": (_patch_current_device,),
     "rng": (_patch_rng,),
     "model": (_patch_model_literals,),
+    "optimizer": (_patch_optimizer,),
+    "pipeline": (_patch_pipeline,),
+    "checkpoint": (_patch_checkpoint,),
 }
 
 

@@ -125,8 +125,7 @@ def initialize_model_parallel(parallel: ParallelConfig) -> None:
     from megatron.core import parallel_state
 
     parallel.validate(world_size=dist.get_world_size())
-    if parallel_state.model_parallel_is_initialized():
-        parallel_state.destroy_model_parallel()
+    release_model_parallel()
     vpp = parallel.virtual_pipeline_model_parallel_size
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
@@ -157,9 +156,26 @@ def set_seed(seed: int) -> None:
 
 def destroy_distributed() -> None:
     """Tear down megatron's groups and the default process group."""
+    release_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def release_model_parallel() -> None:
+    """megatron's destroy_model_parallel, plus the two groups it forgets (0.16.1).
+
+    destroy_model_parallel leaves `_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP` and its gloo
+    twin set. A process that forks ranks afterwards (tests/distributed/spawn.py) hands the
+    children a ProcessGroupGloo whose worker threads exist only in the parent; the child's next
+    initialize_model_parallel drops that reference, the destructor joins the missing threads and
+    the child dies with "std::system_error: Invalid argument" (seen as a hang of the other
+    ranks). Releasing them here, in the process that owns the threads, avoids it.
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    for name in ("_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP",
+                 "_INTRA_PARTIAL_DATA_PARALLEL_GROUP_WITH_CP_GLOO"):
+        if hasattr(parallel_state, name):
+            setattr(parallel_state, name, None)

@@ -73,8 +73,10 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
     ctx = mp.get_context("fork")
     queue = ctx.Queue()
     port = free_port()
+    # Not daemonic: dist_checkpointing's writer forks worker processes, which daemonic
+    # processes may not do. Hung ranks are still killed below.
     procs = [ctx.Process(target=_child, args=(fn, r, world_size, port, queue, args, kwargs),
-                         daemon=True) for r in range(world_size)]
+                         daemon=False) for r in range(world_size)]
     for proc in procs:
         proc.start()
     results: dict[int, Any] = {}

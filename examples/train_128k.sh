@@ -1,0 +1,339 @@
+#!/bin/bash
+# Continual pretraining of LLaMA-2 7B to 128K context (Fu et al. 2024 recipe, scaled to 128K):
+# converted HF checkpoint, RoPE base raised, LR 2e-5 constant, 4M tokens per step, FP8 on H100.
+#
+#   sbatch examples/train_128k.sh                       # 4 nodes x 8 H100 (default below)
+#   sbatch --nodes=8 examples/train_128k.sh             # any node count dividing 32
+#   SMOKE=1 sbatch --nodes=1 --ntasks-per-node=2 --cpus-per-task=1 examples/train_128k.sh
+#
+# Every setting below is an environment variable with a default; SMOKE=1 swaps in a tiny CPU
+# configuration but runs the same code path (rendezvous, signal forwarding, requeue, resume).
+# Preemption: Slurm sends USR1 to this shell 300 s before the time limit (--signal=B:USR1@300);
+# we forward it to the srun'd trainer, which saves a checkpoint and exits 75; on 75 we requeue
+# the job, and the next attempt resumes from the newest checkpoint in $SAVE_DIR.
+# See docs/slurm.md for the memory arithmetic behind the layout and for the data pipeline.
+#
+#SBATCH --job-name=longctx-128k
+#SBATCH --nodes=4
+#SBATCH --ntasks-per-node=8
+#SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=12
+#SBATCH --mem=0
+#SBATCH --exclusive
+#SBATCH --time=24:00:00
+#SBATCH --requeue
+#SBATCH --signal=B:USR1@300
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+set -euo pipefail
+
+SMOKE=${SMOKE:-0}
+# sbatch runs a copy of this file from the spool directory, so the repository is found through
+# the submit directory (submit from the repository root) or REPO_DIR.
+REPO_DIR=${REPO_DIR:-${SLURM_SUBMIT_DIR:-$PWD}}
+PYTHON=${PYTHON:-python}
+# CONTAINER_IMAGE (an enroot .sqsh or image of our Dockerfile) runs every task in the container
+# through pyxis' srun flags; the trainer is then the image's copy of the repository.
+CONTAINER_IMAGE=${CONTAINER_IMAGE:-}
+if [[ -n $CONTAINER_IMAGE ]]; then
+  TRAINER=${TRAINER:-/workspace/megatron-longctx/pretrain_longctx.py}
+else
+  TRAINER=${TRAINER:-$REPO_DIR/pretrain_longctx.py}
+fi
+if [[ -z ${SLURM_JOB_ID:-} ]]; then
+  echo "error: submit with sbatch (this script uses the job's allocation)" >&2
+  exit 2
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Settings. ${VAR:=default} keeps a value from the environment; the smoke defaults shrink the
+# run to seconds on two CPU processes.
+if [[ $SMOKE == 1 ]]; then
+  : "${RUN_NAME:=smoke}"
+  : "${SEQ_LENGTH:=256}"
+  : "${ROTARY_BASE:=10000}"
+  : "${MICRO_BATCH_SIZE:=1}"
+  : "${GLOBAL_BATCH_SIZE:=4}"
+  : "${TRAIN_ITERS:=20}"
+  : "${SAVE_INTERVAL:=10}"
+  : "${EVAL_INTERVAL:=10}"
+  : "${EVAL_ITERS:=2}"
+  : "${TP:=1}"
+  : "${CP:=1}"
+  : "${PP:=1}"
+  : "${RECOMPUTE_NUM_LAYERS:=0}"
+  : "${PRECISION:=fp32}"               # this CPU has no bf16 units; fp32 is 4-7x faster
+  : "${TRANSFORMER_IMPL:=local}"       # Transformer Engine needs CUDA
+  # cpu: hide the (possibly fake) GPUs from the tasks so the trainer takes its gloo/CPU path
+  # even on a GPU node; gpu: keep them.
+  : "${SMOKE_DEVICE:=cpu}"
+else
+  : "${RUN_NAME:=llama2-7b-128k}"
+  : "${SEQ_LENGTH:=131072}"
+  # RoPE base. Fu et al. only "adjust the base"; their released 7B uses HF dynamic NTK (factor
+  # 10), an effective base of ~2.1M at 80K. The same rule at 128K gives ~3.4M; we round up to
+  # 5M (lowest-frequency wavelength ~25M positions, far beyond 128K). The authors' advice: any
+  # base covering > 128K works, continued training adapts the model to it (../shared/FACTS.md).
+  : "${ROTARY_BASE:=5000000}"
+  # 4M tokens per step as in the paper: 32 sequences x 131072 = 4,194,304 tokens.
+  : "${MICRO_BATCH_SIZE:=1}"
+  : "${GLOBAL_BATCH_SIZE:=32}"
+  : "${TRAIN_TOKENS:=5000000000}"      # the paper's 5B tokens
+  : "${TRAIN_ITERS:=$(( (TRAIN_TOKENS + GLOBAL_BATCH_SIZE * SEQ_LENGTH - 1) / (GLOBAL_BATCH_SIZE * SEQ_LENGTH) ))}"
+  : "${SAVE_INTERVAL:=50}"             # ~50 min of work at ~58 s/step (docs/slurm.md)
+  : "${EVAL_INTERVAL:=100}"
+  : "${EVAL_ITERS:=4}"
+  # Layout per node: TP2 x CP4 = 8 GPUs = one model replica; data parallel across nodes.
+  # Memory per H100 (80 GB), 4 nodes (DP4; the distributed optimizer shards over DP x CP = 16):
+  #   weights bf16 2 B x 6.74B/TP2 = 6.7 GB; fp32 main grads 4 B x 3.37B = 13.5 GB;
+  #   Adam (fp32 master, m, v) 12 B x 3.37B / 16 = 2.5 GB (10.1 GB on 1 node);
+  #   TE FP8 weight copies (+ transposes) ~3.4-6.7 GB            -> static ~28 GB.
+  #   Activations: 131072 / CP4 = 32768 tokens per GPU; a LLaMA layer keeps ~32 x s x h bytes in
+  #   bf16 with flash attention (Korthikanti et al.'s 34sbh without dropout), / TP2 with sequence
+  #   parallel: 32 x 32768 x 4096 / 2 = 2.15 GB per layer, 69 GB for 32 layers: too much.
+  #   Full recompute of a layer keeps only its input, 2 x 32768 x 4096 / 2 = 134 MB.
+  #   Recomputing 20 of 32 layers (block): 12 x 2.15 + 20 x 0.13 + 2.15 (the layer being
+  #   recomputed) = 30.6 GB. Logits 32768 x 32000/TP2 x (2 + 4 B fp32 loss) = 3.1 GB; CP ring
+  #   K/V buffers ~1 GB; NCCL/cuBLAS workspaces and fragmentation ~6 GB -> total ~69 GB at 4
+  #   nodes, ~76 GB on 1 node. FP8 keeps GEMM inputs in 1 byte (~-20% of activations): margin.
+  #   16 layers (38.7 GB, ~77 GB total at >= 4 nodes) saves ~4% of step time once measured
+  #   to fit; 32 always fits (~6.6 GB) at ~+33% compute instead of ~+21% for 20.
+  # Why TP2 x CP4 rather than TP1 x CP8: TP2 halves weights and grads (-20 GB per GPU) for a
+  # small GEMM-efficiency cost; both keep TP and CP on NVLink inside a node. CP p2p (ring)
+  # overlaps the K/V exchange with attention compute; a2a is the alternative (heads/TP = 16 is
+  # divisible by CP = 4).
+  : "${TP:=2}"
+  : "${CP:=4}"
+  : "${PP:=1}"
+  : "${RECOMPUTE_NUM_LAYERS:=20}"
+  : "${PRECISION:=fp8}"                # fp8 (hybrid E4M3/E5M2, delayed scaling) | bf16
+  : "${TRANSFORMER_IMPL:=transformer_engine}"
+  : "${SMOKE_DEVICE:=gpu}"
+fi
+: "${LR:=2e-5}"                        # the paper: constant 2e-5
+: "${LR_WARMUP_ITERS:=0}"
+: "${WEIGHT_DECAY:=0.1}"
+: "${CLIP_GRAD:=1.0}"
+: "${SEED:=1234}"
+: "${LOG_INTERVAL:=1}"
+: "${CP_COMM_TYPE:=p2p}"
+: "${MAX_RESTARTS:=20}"                # requeue at most this many times (a crash loop stops)
+: "${SRUN_WAIT:=120}"                  # s to let other ranks exit after the first one did
+: "${EXIT_MARGIN_MINS:=10}"            # --exit-duration-in-mins = time left at start - this
+: "${DATA_DIR:=/data/longctx}"
+: "${MIXTURE_PLAN:=$DATA_DIR/mix/mixture_plan.json}"   # written by examples/blend_data.sh
+: "${DATA_ARGS_PATH:=}"                # alternatively a Megatron blend file (mix/blend.txt)
+: "${PER_SPLIT_DATA_ARGS_PATH:=}"      # or mix/blend_per_split.json
+: "${HF_MODEL_DIR:=/models/Llama-2-7b-hf}"             # tokenizer files
+# Converted HF weights, loaded by the first attempt only: `tools/convert_checkpoint.py
+# hf-to-megatron --hf-dir $HF_MODEL_DIR --save $BASE_CHECKPOINT`. The checkpoint is model-only,
+# so the trainer starts at iteration 0 with a fresh optimizer (no --finetune needed).
+: "${BASE_CHECKPOINT:=/models/llama2-7b-megatron}"
+: "${RUNS_DIR:=$REPO_DIR/runs}"
+: "${RUN_DIR:=$RUNS_DIR/$RUN_NAME}"
+: "${SAVE_DIR:=$RUN_DIR/checkpoints}"
+read -r -a EXTRA_ARGS <<< "${EXTRA_ARGS:-}"  # appended verbatim to the trainer's flags
+
+# ---------------------------------------------------------------------------------------------
+# Early checks with the formula (fail here, not after minutes of NCCL set-up).
+WORLD_SIZE=${SLURM_NTASKS:?}
+MODEL_PARALLEL=$(( TP * CP * PP ))
+if (( WORLD_SIZE % MODEL_PARALLEL )); then
+  echo "error: $WORLD_SIZE tasks are not a multiple of TP*CP*PP = $TP*$CP*$PP" >&2; exit 2
+fi
+DP=$(( WORLD_SIZE / MODEL_PARALLEL ))
+if (( GLOBAL_BATCH_SIZE % (MICRO_BATCH_SIZE * DP) )); then
+  echo "error: GLOBAL_BATCH_SIZE $GLOBAL_BATCH_SIZE % (MICRO_BATCH_SIZE $MICRO_BATCH_SIZE" \
+       "x DP $DP) != 0; choose a node count dividing it" >&2; exit 2
+fi
+if (( SEQ_LENGTH % (TP * 2 * CP) )); then
+  echo "error: SEQ_LENGTH $SEQ_LENGTH % (TP*2*CP = $(( TP * 2 * CP ))) != 0" >&2; exit 2
+fi
+case $PRECISION in
+  fp8 | bf16 | fp32) ;;
+  *) echo "error: PRECISION must be fp8, bf16 or fp32, not '$PRECISION'" >&2; exit 2 ;;
+esac
+
+ATTEMPT=${SLURM_RESTART_COUNT:-0}
+LOG_DIR=$RUN_DIR/logs
+mkdir -p "$LOG_DIR" "$SAVE_DIR" "$RUN_DIR/tensorboard"
+TRAIN_LOG=$LOG_DIR/train-$SLURM_JOB_ID-attempt$ATTEMPT.log
+
+# Resume: the newest complete checkpoint in SAVE_DIR (the trainer writes
+# latest_checkpointed_iteration.txt only after a save completed) wins over the base weights.
+LOAD_ARGS=()
+if [[ -f $SAVE_DIR/latest_checkpointed_iteration.txt ]]; then
+  LOAD_ARGS=(--load "$SAVE_DIR")
+elif [[ $SMOKE != 1 ]]; then
+  LOAD_ARGS=(--load "$BASE_CHECKPOINT")
+fi
+
+# The trainer stops by itself shortly before the time limit too (a second line of defence if
+# USR1 is lost): the job's time left at start (squeue %L: [D-]HH:MM:SS, MM:SS, UNLIMITED).
+EXIT_ARGS=()
+TIME_LEFT=$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null || true)
+if [[ $TIME_LEFT =~ ^(([0-9]+)-)?(([0-9]+):)?([0-9]+):([0-9]+)$ ]]; then
+  MINS_LEFT=$(( 10#${BASH_REMATCH[2]:-0} * 1440 + 10#${BASH_REMATCH[4]:-0} * 60 + 10#${BASH_REMATCH[5]} ))
+  if (( MINS_LEFT > EXIT_MARGIN_MINS )); then
+    EXIT_ARGS=(--exit-duration-in-mins $(( MINS_LEFT - EXIT_MARGIN_MINS )))
+  fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Distributed environment. One srun task per GPU: every rank is a direct child of slurmstepd,
+# so Slurm signals (USR1, TERM on preemption) and kills reach each rank without an agent in
+# between, ranks come from SLURM_PROCID/SLURM_LOCALID (no rendezvous service) and srun labels
+# and accounts every rank. torchrun would add one elastic agent per node that has to be
+# launched by srun anyway, forward signals itself and run its own c10d rendezvous.
+# The rendezvous is always derived from this job (a MASTER_ADDR exported from the submitting
+# shell would be stale); RDZV_ADDR / RDZV_PORT override it. The port differs per job on a node.
+MASTER_ADDR=${RDZV_ADDR:-$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)}
+MASTER_PORT=${RDZV_PORT:-$(( 20000 + SLURM_JOB_ID % 10000 ))}
+export MASTER_ADDR MASTER_PORT
+# TE/Megatron: one hardware queue so TP/CP communication kernels are ordered before compute.
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+# NCCL: abort on a failed or timed-out collective instead of hanging until the time limit.
+export TORCH_NCCL_ASYNC_ERROR_HANDLING=${TORCH_NCCL_ASYNC_ERROR_HANDLING:-1}
+export NCCL_DEBUG=${NCCL_DEBUG:-WARN}
+export NCCL_IB_TIMEOUT=${NCCL_IB_TIMEOUT:-22}   # longer IB retry timeout for large jobs
+export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
+# FP8 attention: TE's fused (cuDNN) backend runs it on sm90; 1 = FP8 backward too (TE's
+# default). Set 0 to keep the attention backward in BF16 if loss or needle accuracy suffers.
+export NVTE_FP8_DPA_BWD=${NVTE_FP8_DPA_BWD:-1}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+TASK_ENV=()
+if [[ $SMOKE == 1 && $SMOKE_DEVICE == cpu ]]; then
+  TASK_ENV=(env CUDA_VISIBLE_DEVICES=)  # slurmd sets it per step; override inside the task
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Trainer flags (Megatron-LM names), grouped.
+if [[ $SMOKE == 1 ]]; then
+  MODEL_ARGS=(--model-preset tiny)
+else
+  # LLaMA-2 7B (config.json of the HF release); equivalent to --model-preset llama2-7b.
+  MODEL_ARGS=(
+    --num-layers 32 --hidden-size 4096 --ffn-hidden-size 11008 --num-attention-heads 32
+    --normalization RMSNorm --swiglu --untie-embeddings-and-output-weights
+    --disable-bias-linear --position-embedding-type rope
+  )
+fi
+CONTEXT_ARGS=(
+  --seq-length "$SEQ_LENGTH" --max-position-embeddings "$SEQ_LENGTH" --rotary-base "$ROTARY_BASE"
+)
+if [[ $SMOKE == 1 ]]; then
+  DATA_ARGS=(--mock-data --tokenizer-type NullTokenizer --vocab-size 512)
+else
+  if [[ -n $DATA_ARGS_PATH ]]; then
+    DATA_ARGS=(--data-args-path "$DATA_ARGS_PATH")
+  elif [[ -n $PER_SPLIT_DATA_ARGS_PATH ]]; then
+    DATA_ARGS=(--per-split-data-args-path "$PER_SPLIT_DATA_ARGS_PATH")
+  else
+    DATA_ARGS=(--mixture-plan "$MIXTURE_PLAN")  # per-source upsampling, validation held out
+  fi
+  DATA_ARGS+=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "$HF_MODEL_DIR")
+fi
+TRAINING_ARGS=(
+  --micro-batch-size "$MICRO_BATCH_SIZE" --global-batch-size "$GLOBAL_BATCH_SIZE"
+  --train-iters "$TRAIN_ITERS"
+  --lr "$LR" --min-lr "$LR" --lr-warmup-iters "$LR_WARMUP_ITERS" --lr-decay-style constant
+  --weight-decay "$WEIGHT_DECAY" --clip-grad "$CLIP_GRAD" --seed "$SEED"
+)
+PARALLEL_ARGS=(
+  --tensor-model-parallel-size "$TP" --pipeline-model-parallel-size "$PP"
+  --context-parallel-size "$CP" --use-distributed-optimizer
+)
+if (( TP > 1 )); then PARALLEL_ARGS+=(--sequence-parallel); fi
+if (( CP > 1 )); then PARALLEL_ARGS+=(--cp-comm-type "$CP_COMM_TYPE"); fi
+if (( RECOMPUTE_NUM_LAYERS > 0 )); then
+  # block: the first N layers of each stage recompute everything, the rest keep activations.
+  PARALLEL_ARGS+=(--recompute-granularity full --recompute-method block
+                  --recompute-num-layers "$RECOMPUTE_NUM_LAYERS")
+fi
+PRECISION_ARGS=(--transformer-impl "$TRANSFORMER_IMPL")
+case $PRECISION in
+  fp8)
+    # hybrid: E4M3 forward, E5M2 gradients; delayed scaling from a 1024-step amax history
+    # (Megatron-LM's LLaMA FP8 example). FP8 attention: TE's fused attention (cuDNN).
+    PRECISION_ARGS+=(--bf16 --fp8-format hybrid --fp8-recipe delayed
+                     --fp8-amax-history-len 1024 --fp8-amax-compute-algo max
+                     --fp8-dot-product-attention --attention-backend fused) ;;
+  bf16) PRECISION_ARGS+=(--bf16) ;;
+  fp32) ;;
+esac
+CHECKPOINT_ARGS=(
+  --save "$SAVE_DIR" --save-interval "$SAVE_INTERVAL" --exit-signal-handler
+  "${LOAD_ARGS[@]}" "${EXIT_ARGS[@]}"
+)
+LOGGING_ARGS=(
+  --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
+  --tensorboard-dir "$RUN_DIR/tensorboard"
+)
+
+# srun: one task per GPU with the job's CPUs per task (since Slurm 22.05 srun does not inherit
+# --cpus-per-task from sbatch). No --kill-on-bad-exit: a rank killed while the others exit 75
+# would turn srun's status into 137 and lose the requeue; --wait kills the rest SRUN_WAIT s
+# after the first rank exits instead (a crashed rank cannot hang the job). Every task sees all
+# GPUs of its node and picks SLURM_LOCALID (per-task GPU binding hides peers from NCCL P2P).
+SRUN_ARGS=(--kill-on-bad-exit=0 --wait="$SRUN_WAIT" --label)
+if [[ -n ${SLURM_CPUS_PER_TASK:-} ]]; then SRUN_ARGS+=(--cpus-per-task="$SLURM_CPUS_PER_TASK"); fi
+if [[ -n $CONTAINER_IMAGE ]]; then
+  # Same paths inside as outside, so every path in the command means the same file.
+  : "${CONTAINER_MOUNTS:=$DATA_DIR:$DATA_DIR,$RUN_DIR:$RUN_DIR,$HF_MODEL_DIR:$HF_MODEL_DIR,$BASE_CHECKPOINT:$BASE_CHECKPOINT}"
+  SRUN_ARGS+=(--container-image="$CONTAINER_IMAGE" --container-mounts="$CONTAINER_MOUNTS")
+fi
+CMD=(
+  "${TASK_ENV[@]}" "$PYTHON" "$TRAINER"
+  "${MODEL_ARGS[@]}" "${CONTEXT_ARGS[@]}" "${DATA_ARGS[@]}" "${TRAINING_ARGS[@]}"
+  "${PARALLEL_ARGS[@]}" "${PRECISION_ARGS[@]}" "${CHECKPOINT_ARGS[@]}" "${LOGGING_ARGS[@]}"
+  "${EXTRA_ARGS[@]}"
+)
+
+# The resolved command of this attempt, re-runnable by hand inside an allocation.
+{
+  echo "# job $SLURM_JOB_ID attempt $ATTEMPT on $SLURM_JOB_NODELIST ($WORLD_SIZE tasks," \
+       "TP$TP CP$CP PP$PP DP$DP), $(date -Is)"
+  for var in MASTER_ADDR MASTER_PORT CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING \
+             NCCL_DEBUG NCCL_IB_TIMEOUT TORCH_NCCL_AVOID_RECORD_STREAMS NVTE_FP8_DPA_BWD \
+             OMP_NUM_THREADS; do
+    printf 'export %s=%q\n' "$var" "${!var}"
+  done
+  printf '%q ' srun "${SRUN_ARGS[@]}" "${CMD[@]}"
+  echo
+} > "$LOG_DIR/command-$SLURM_JOB_ID-attempt$ATTEMPT.sh"
+cp "$LOG_DIR/command-$SLURM_JOB_ID-attempt$ATTEMPT.sh" "$RUN_DIR/command.sh"
+echo "run dir $RUN_DIR; attempt $ATTEMPT; log $TRAIN_LOG"
+
+# ---------------------------------------------------------------------------------------------
+# Launch in the background so this shell can take signals while the trainer runs (bash runs a
+# trap only between foreground commands); output goes to the job log and the attempt's log.
+srun "${SRUN_ARGS[@]}" "${CMD[@]}" > >(tee -a "$TRAIN_LOG") 2>&1 &
+SRUN_PID=$!
+# shellcheck disable=SC2317  # called from the traps below
+forward() {
+  echo "$(date -Is) got SIG$1: forwarding to the trainer (srun pid $SRUN_PID)"
+  kill -s "$1" "$SRUN_PID" 2>/dev/null || true  # srun passes USR1/TERM on to every task
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+while :; do
+  RC=0
+  wait "$SRUN_PID" || RC=$?
+  # wait returns >128 when a trapped signal interrupted it; keep waiting while srun runs.
+  if (( RC > 128 )) && kill -0 "$SRUN_PID" 2>/dev/null; then continue; fi
+  break
+done
+trap - USR1 TERM
+echo "$(date -Is) trainer exited with $RC"
+
+if (( RC == 75 )); then
+  # Checkpoint saved on a signal or at --exit-duration-in-mins: run again from it.
+  if (( ATTEMPT >= MAX_RESTARTS )); then
+    echo "not requeueing: $ATTEMPT restarts already (MAX_RESTARTS=$MAX_RESTARTS)" >&2
+    exit 75
+  fi
+  echo "requeueing job $SLURM_JOB_ID (attempt $(( ATTEMPT + 1 )) resumes from $SAVE_DIR)"
+  scontrol requeue "$SLURM_JOB_ID"  # ends this attempt; the job returns to the queue
+  exit 0
+fi
+exit "$RC"

@@ -1,0 +1,299 @@
+"""Training checkpoints on megatron-core dist_checkpointing (layout: docs/checkpoint-format.md).
+
+Save: every rank contributes its shards of {model(s), optimizer, scheduler, RNG, data
+position} to `ROOT/iter_NNNNNNN/`; rank 0 then writes `longctx_meta.json` and, last, the
+`latest_checkpointed_iteration.txt` marker, after a barrier. A save killed midway leaves the
+marker on the previous complete checkpoint, so a requeued job never loads a torn one.
+
+Load: the same sharded dict built on the loading layout; dist_checkpointing maps the global
+ShardedTensor keys onto whatever TP/PP/CP/DP the loader has (the distributed optimizer is saved
+`fully_reshardable` for that reason: the default sharded format refuses flattened ranges).
+Model-only checkpoints (converted from HF, `has_optimizer: false`) and `--finetune` load just
+the weights and start at iteration 0 with a fresh optimizer.
+
+Two fixes megatron-core 0.16.1 needs (FACTS.md silent wrong results 2 and 3):
+* torch AdamW under the distributed optimizer without TE/apex: load_state_dict gives every
+  parameter the *same* `step` tensor, which AdamW increments in place once per parameter, so
+  bias correction drifts after a resume (loss off by ~7.5e-4 after a few steps). We de-alias
+  the tensors after loading (`_unshare_adam_steps`).
+* Restored RNG includes the CPU generator (megatron's tracker restores only CUDA states).
+
+Synchronous saves only: the async writer does not snapshot CPU tensors. First save in a
+process ~4 s on CPU (a helper process is started), later ones ~0.5 s.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_longctx import checkpoint_meta
+from megatron_longctx.config.training import PretrainConfig
+from megatron_longctx.model.build import unwrap_model
+
+log = logging.getLogger(__name__)
+
+_DISTOPT_METADATA = {
+    "distrib_optim_sharding_type": "fully_reshardable",
+    "distrib_optim_fully_reshardable_mem_efficient": True,
+}
+
+
+@dataclass
+class TrainState:
+    """Loop counters saved with the checkpoint (restored on resume)."""
+
+    iteration: int = 0
+    consumed_train_samples: int = 0
+    consumed_valid_samples: int = 0
+    skipped_iterations: int = 0
+    nan_iterations: int = 0
+
+
+def _layout() -> dict[str, Any]:
+    from megatron.core import parallel_state as ps
+
+    vpp = ps.get_virtual_pipeline_model_parallel_world_size()
+    return {
+        "tensor_model_parallel_size": ps.get_tensor_model_parallel_world_size(),
+        "pipeline_model_parallel_size": ps.get_pipeline_model_parallel_world_size(),
+        "context_parallel_size": ps.get_context_parallel_world_size(),
+        "virtual_pipeline_model_parallel_size": vpp,
+        "world_size": dist.get_world_size(),
+    }
+
+
+def _model_keys(n_chunks: int) -> list[str]:
+    return ["model"] if n_chunks == 1 else [f"model{i}" for i in range(n_chunks)]
+
+
+def _rng_state() -> dict[str, Any]:
+    from megatron.core import tensor_parallel
+
+    state = {
+        "random": random.getstate(),
+        "np": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    from megatron.core import tensor_parallel
+
+    random.setstate(state["random"])
+    np.random.set_state(state["np"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object() -> Any:
+    from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    return ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+
+
+def _sharded_state(model_chunks: list[Any], optimizer: Any | None, scheduler: Any | None,
+                   state: TrainState | None, *, is_loading: bool, with_rng: bool) -> dict:
+    sharded: dict[str, Any] = {}
+    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+        sharded[key] = unwrap_model(chunk).sharded_state_dict()
+    if optimizer is not None:
+        model_sd = {k: v for k, v in sharded.items()}
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading, metadata=_DISTOPT_METADATA)
+    if scheduler is not None:
+        sharded["opt_param_scheduler"] = scheduler.state_dict()
+    if state is not None:
+        sharded["train_state"] = asdict(state)
+    if with_rng:
+        sharded["rng_state"] = _rng_sharded_object()
+    return sharded
+
+
+def save_checkpoint(root: str, state: TrainState, model_chunks: list[Any], optimizer: Any,
+                    scheduler: Any, cfg: PretrainConfig) -> Path:
+    """Save everything needed to resume at `state.iteration`; returns the iteration dir."""
+    from megatron.core import dist_checkpointing
+
+    start = time.time()
+    directory = checkpoint_meta.iter_dir(root, state.iteration)
+    if dist.get_rank() == 0:
+        if directory.exists():  # a torn save of the same iteration from a killed run
+            shutil.rmtree(directory)
+        directory.mkdir(parents=True)
+    dist.barrier()
+    sharded = _sharded_state(model_chunks, optimizer, scheduler, state, is_loading=False,
+                             with_rng=True)
+    dist_checkpointing.save(sharded, str(directory), validate_access_integrity=True)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        checkpoint_meta.write_meta(directory, {
+            "iteration": state.iteration,
+            "model": asdict(cfg.model),
+            "has_optimizer": True,
+            "use_distributed_optimizer": cfg.optim.use_distributed_optimizer,
+            "saved_with": _layout(),
+            "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
+            "source": "pretrain_longctx.py",
+        })
+        checkpoint_meta.write_latest(root, state.iteration)
+    dist.barrier()
+    log.info("saved checkpoint %s in %.2f s", directory, time.time() - start)
+    return directory
+
+
+def _unshare_adam_steps(optimizer: Any) -> None:
+    """Give each parameter its own AdamW `step` tensor (see module docstring)."""
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    for opt in inner:
+        torch_opt = getattr(opt, "optimizer", None)
+        if torch_opt is None:
+            continue
+        for param_state in torch_opt.state.values():
+            step = param_state.get("step")
+            if isinstance(step, torch.Tensor):
+                param_state["step"] = step.detach().clone()
+
+
+def _fix_distopt_step_copy() -> None:
+    """Let the distributed optimizer load into torch AdamW state that has a `step` entry.
+
+    0.16.1's load_state_dict first gives every parameter state a (shared) `step` from the
+    checkpoint, then `_set_main_param_and_optimizer_states` copies the per-parameter tensors
+    for every key of the *destination* state, `step` included, from a source that has no
+    `step` (it is restored separately): KeyError 'step' on every resume with torch AdamW
+    (no TE/apex: CPU, and GPUs without them). Skipping the key keeps the value set before.
+    Idempotent; harmless with TE/apex (their Adam state has no `step`).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+    if getattr(original, "_megatron_longctx_fix", False):
+        return
+
+    def set_states(self: Any, model_param: Any, tensors: dict) -> None:
+        if "step" in tensors or self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            return original(self, model_param, tensors)
+        group_index, group_order = self.model_param_group_index_map[model_param]
+        main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+        state = self.optimizer.state.get(main_param, {})
+        step = state.pop("step", None)
+        try:
+            original(self, model_param, tensors)
+        finally:
+            if step is not None:
+                state["step"] = step
+
+    set_states._megatron_longctx_fix = True  # type: ignore[attr-defined]
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+
+
+def _ensure_optimizer_state(optimizer: Any) -> None:
+    """Materialise Adam state on a fresh optimizer so its sharded dict can be built for loading.
+
+    0.16.1 reads a common `step` from the state while building the (fully reshardable)
+    distributed-optimizer state dict and finds none before the first step (assert / KeyError
+    'step' in a fresh process). One step with zero gradients at lr = 0 and weight decay 0
+    creates exp_avg / exp_avg_sq / step without changing any parameter (AdamW's update and
+    decay are both multiplied by lr); the loaded values then overwrite them.
+    """
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    for opt in inner:
+        torch_opt = getattr(opt, "optimizer", None)
+        if torch_opt is None or any(len(s) for s in torch_opt.state.values()):
+            continue
+        saved = [(g["lr"], g.get("weight_decay", 0.0)) for g in torch_opt.param_groups]
+        params = [p for g in torch_opt.param_groups for p in g["params"]]
+        for group in torch_opt.param_groups:
+            group["lr"], group["weight_decay"] = 0.0, 0.0
+        for param in params:
+            param.grad = torch.zeros_like(param)
+        torch_opt.step()
+        for param in params:
+            param.grad = None
+        for group, (lr, wd) in zip(torch_opt.param_groups, saved):
+            group["lr"], group["weight_decay"] = lr, wd
+
+
+def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, scheduler: Any,
+                    cfg: PretrainConfig) -> TrainState | None:
+    """Restore from `load` (a root or an iter_ dir). Returns None when there is nothing yet.
+
+    Full resume unless the checkpoint has no optimizer state or --finetune is given, which
+    load only the model weights and return a TrainState at iteration 0.
+    """
+    from megatron.core import dist_checkpointing
+
+    directory = checkpoint_meta.resolve_checkpoint(load)
+    if directory is None:
+        return None
+    meta = checkpoint_meta.read_meta(directory)
+    ck = cfg.checkpoint
+    full = meta.get("has_optimizer", False) and not ck.finetune
+    same_layout = meta.get("saved_with") == _layout()
+    start = time.time()
+    if not full:
+        from megatron_longctx.convert.model_io import load_model_checkpoint
+
+        load_model_checkpoint([unwrap_model(c) for c in model_chunks], directory)
+        log.info("loaded model weights from %s (iteration 0 from here)", directory)
+        return TrainState()
+    load_optim = not ck.no_load_optim
+    saved_distopt = meta.get("use_distributed_optimizer")
+    if load_optim and saved_distopt is not None and \
+            saved_distopt != cfg.optim.use_distributed_optimizer:
+        raise ValueError(
+            f"{directory}: optimizer state was saved "
+            f"{'with' if saved_distopt else 'without'} --use-distributed-optimizer; resume "
+            "with the same setting (TP/PP/CP/DP may change), or pass --no-load-optim"
+        )
+    load_rng = not ck.no_load_rng and same_layout
+    if load_optim:
+        _fix_distopt_step_copy()
+        _ensure_optimizer_state(optimizer)
+    sharded = _sharded_state(model_chunks, optimizer if load_optim else None,
+                             scheduler, TrainState(), is_loading=True, with_rng=load_rng)
+    loaded = dist_checkpointing.load(sharded, str(directory))
+    _load_model_state(model_chunks, loaded)
+    if load_optim:
+        optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
+    scheduler.load_state_dict(loaded["opt_param_scheduler"])
+    if load_rng:
+        _set_rng_state(loaded["rng_state"])
+    elif not ck.no_load_rng:
+        log.info("checkpoint layout %s differs from this run's; RNG state not restored",
+                 meta.get("saved_with"))
+    state = TrainState(**loaded["train_state"])
+    log.info("resumed from %s at iteration %d in %.2f s", directory, state.iteration,
+             time.time() - start)
+    return state
+
+
+def _load_model_state(model_chunks: list[Any], loaded: dict) -> None:
+    keys = _model_keys(len(model_chunks))
+    for key, chunk in zip(keys, model_chunks):
+        unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
+
+
+def checkpoint_exists(path: str | None) -> bool:
+    """True when `path` holds a complete checkpoint to resume from."""
+    return bool(path) and os.path.isdir(path) and \
+        checkpoint_meta.resolve_checkpoint(path) is not None

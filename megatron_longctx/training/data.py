@@ -1,0 +1,249 @@
+"""Datasets, the per-rank batch sampler and the batch -> model-input step.
+
+Data flow per optimizer step (every rank reads its own micro-batches; nothing is broadcast):
+
+    dataset (BlendedDataset over LongCtxGPTDataset | GPTDataset | MockGPTDataset)
+      -> BatchSampler.next_step(): `num_microbatches` micro-batches of this DP rank, in
+         Megatron-LM's order (sample i of a global batch goes to DP rank (i // mbs) % DP)
+      -> prepare_microbatch(): document starts from `segment_ids` (before the split: they are
+         global positions), then the CP split (chunks r and 2*CP-1-r), then the
+         DocumentSeqParams for intra-document attention when --reset-attention-mask.
+
+Trade-off: TP ranks read the same samples instead of Megatron-LM's read-on-TP-rank-0 plus a
+broadcast. At 128K a micro-batch is 131072 x 8 bytes x ~4 tensors = 4 MB from the page cache,
+negligible next to a ~10 s step, and no extra collective is needed.
+
+The sampler position (`consumed_samples`) is saved in checkpoints, so a resumed run reads
+exactly the batches an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from megatron_longctx.config.training import PretrainConfig
+from megatron_longctx.data.datasets import DatasetTokenizer
+
+
+@dataclass
+class TrainData:
+    """Datasets and what the loss/logging needs to know about them."""
+
+    train: Any
+    valid: Any
+    tokenizer: DatasetTokenizer
+    domain_names: list[str]
+
+
+def resolve_tokenizer(cfg: PretrainConfig) -> DatasetTokenizer:
+    """vocab size and EOD: NullTokenizer flags, the mixture plan's record, or the HF files."""
+    data = cfg.data
+    if data.tokenizer_type == "NullTokenizer":
+        vocab = int(data.vocab_size or 0)
+        return DatasetTokenizer(vocab, vocab - 1, "null")
+    if data.mixture_plan and not data.tokenizer_model:
+        with open(data.mixture_plan, encoding="utf-8") as handle:
+            tok = json.load(handle)["tokenizer"]
+        return DatasetTokenizer(int(tok["vocab_size"]), int(tok["eod"]), tok.get("sha256", ""))
+    from megatron_longctx.data.tokenizers import TokenizerSpec, build_tokenizer
+
+    tok = build_tokenizer(TokenizerSpec("HuggingFaceTokenizer", data.tokenizer_model))
+    if tok.eod is None:
+        raise ValueError(f"--tokenizer-model {data.tokenizer_model}: the tokenizer has no EOS "
+                         "token to use as end-of-document")
+    return DatasetTokenizer(int(tok.vocab_size), int(tok.eod), tok.identity()["sha256"])
+
+
+def _blend_from_list(items: list[str], flag: str) -> tuple[list[str], list[float] | None]:
+    if len(items) == 1:
+        return items, None
+    if len(items) % 2:
+        raise ValueError(f"{flag}: expected a prefix or weight/prefix pairs, got {len(items)} "
+                         "items")
+    try:
+        weights = [float(w) for w in items[0::2]]
+    except ValueError:
+        raise ValueError(f"{flag}: weights must be numbers (w1 p1 w2 p2 ...)") from None
+    return list(items[1::2]), weights
+
+
+def _read_args_file(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        return handle.read().split()
+
+
+def _domain_name(prefix: str) -> str:
+    name = os.path.basename(prefix)
+    for suffix in ("_text_document", "_document"):
+        if name.endswith(suffix):
+            name = name[: -len(suffix)]
+    return name
+
+
+def num_samples_needed(cfg: PretrainConfig, world_size: int) -> tuple[int, int, int]:
+    """(train, valid, test) samples the run will draw, as Megatron-LM computes them."""
+    gbs = cfg.global_batch_size(world_size)
+    t = cfg.training
+    train = t.train_iters * gbs
+    evals = (t.train_iters // t.eval_interval + 1) if t.eval_interval and t.eval_iters else 0
+    return train, evals * t.eval_iters * gbs, 0
+
+
+def build_datasets(cfg: PretrainConfig, world_size: int,
+                   tokenizer: DatasetTokenizer | None = None) -> TrainData:
+    """Train/valid datasets from whichever source the flags name (validated: exactly one)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import (
+        BlendedMegatronDatasetBuilder,
+    )
+    from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
+
+    from megatron_longctx.data.datasets import (
+        LongCtxGPTDataset,
+        LongCtxGPTDatasetConfig,
+        build_plan_datasets,
+    )
+
+    data = cfg.data
+    tokenizer = tokenizer or resolve_tokenizer(cfg)
+    sizes = num_samples_needed(cfg, world_size)
+    seq = cfg.model.seq_length
+    boundaries = data.reset_attention_mask
+    if data.mock_data:
+        config = GPTDatasetConfig(
+            random_seed=cfg.training.seed, sequence_length=seq, blend=None, blend_per_split=None,
+            split="1,1,0", tokenizer=tokenizer, reset_position_ids=False,
+            reset_attention_mask=False, eod_mask_loss=data.eod_mask_loss,
+            create_attention_mask=False, mid_level_dataset_surplus=0.005,
+        )
+        sizes = tuple(n if n > 0 else None for n in sizes)
+        train, valid, _ = BlendedMegatronDatasetBuilder(
+            MockGPTDataset, list(sizes), lambda: True, config).build()
+        return TrainData(train, valid, tokenizer, ["mock"])
+    if data.mixture_plan:
+        from megatron_longctx.data.mixture import load_plan
+
+        plan = load_plan(data.mixture_plan)
+        cache = data.data_cache_path or os.path.join(
+            os.path.dirname(os.path.abspath(data.mixture_plan)), "cache")
+        train, valid, _ = build_plan_datasets(
+            plan, tokenizer, sizes, seed=cfg.training.seed, cache_dir=cache,
+            return_document_boundaries=boundaries, seq_length=seq)
+        names = [d["domain"] for d in plan["domains"] if d["target_share"] > 0]
+        return TrainData(train, valid, tokenizer, names)
+    blend = blend_per_split = None
+    if data.per_split_data_args_path:
+        with open(data.per_split_data_args_path, encoding="utf-8") as handle:
+            spec = json.load(handle)
+        blend_per_split = []
+        for split in ("train", "valid", "test"):
+            items = spec.get(split)
+            blend_per_split.append(
+                _blend_from_list(items if isinstance(items, list) else items.split(),
+                                 "--per-split-data-args-path") if items else None)
+        names = [_domain_name(p) for p in blend_per_split[0][0]]
+    else:
+        items = data.data_path or _read_args_file(data.data_args_path or "")
+        blend = _blend_from_list(items, "--data-path" if data.data_path else "--data-args-path")
+        names = [_domain_name(p) for p in blend[0]]
+    for prefix in (blend or blend_per_split[0])[0]:
+        if not os.path.exists(prefix + ".idx"):
+            raise FileNotFoundError(f"dataset {prefix}.idx not found (from --data-path / "
+                                    "--data-args-path / --per-split-data-args-path)")
+    config = LongCtxGPTDatasetConfig(
+        random_seed=cfg.training.seed, sequence_length=seq, blend=blend,
+        blend_per_split=blend_per_split, split=None if blend_per_split else data.split,
+        path_to_cache=data.data_cache_path, tokenizer=tokenizer, reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=data.eod_mask_loss,
+        return_document_boundaries=boundaries,
+    )
+    if config.split_matrix is not None:
+        config.split_matrix = [rng if n > 0 else None
+                               for rng, n in zip(config.split_matrix, sizes)]
+    train, valid, _ = BlendedMegatronDatasetBuilder(
+        LongCtxGPTDataset, [n if n > 0 else None for n in sizes], lambda: True, config).build()
+    return TrainData(train, valid, tokenizer, names)
+
+
+# --------------------------------------------------------------------------------------------
+# sampling
+# --------------------------------------------------------------------------------------------
+def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Stack dataset samples into [b, s] tensors (dataset_id into [b])."""
+    out: dict[str, torch.Tensor] = {}
+    for key in ("tokens", "labels", "loss_mask", "position_ids", "segment_ids"):
+        if key in samples[0]:
+            out[key] = torch.stack([torch.as_tensor(s[key]) for s in samples])
+    if "dataset_id" in samples[0]:
+        out["dataset_id"] = torch.tensor([int(s["dataset_id"]) for s in samples])
+    return out
+
+
+class BatchSampler:
+    """This DP rank's micro-batches, step by step, from a position that checkpoints restore.
+
+    Megatron-LM's MegatronPretrainingSampler order: global sample index
+    consumed + m * (mbs * DP) + dp_rank * mbs + j is sample j of micro-batch m on `dp_rank`.
+    """
+
+    def __init__(self, dataset: Any, micro_batch_size: int, dp_rank: int, dp_size: int,
+                 consumed_samples: int = 0) -> None:
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.dp_rank = dp_rank
+        self.dp_size = dp_size
+        self.consumed_samples = consumed_samples
+
+    def next_step(self, num_microbatches: int) -> list[dict[str, torch.Tensor]]:
+        """The micro-batches of one optimizer step; advances the position by a global batch."""
+        mbs, dp = self.micro_batch_size, self.dp_size
+        total = len(self.dataset)
+        needed = self.consumed_samples + num_microbatches * mbs * dp
+        if needed > total:
+            raise RuntimeError(f"dataset exhausted: {needed} samples needed, {total} built "
+                               "(raise the sample count or lower --train-iters)")
+        batches = []
+        for m in range(num_microbatches):
+            start = self.consumed_samples + m * mbs * dp + self.dp_rank * mbs
+            batches.append(collate([self.dataset[i] for i in range(start, start + mbs)]))
+        self.consumed_samples = needed
+        return batches
+
+
+# --------------------------------------------------------------------------------------------
+# batch -> model inputs
+# --------------------------------------------------------------------------------------------
+def document_starts(segment_ids: torch.Tensor) -> list[list[int]]:
+    """Per row, the positions where the packed-document id changes (plus 0)."""
+    seg = segment_ids.detach().cpu().numpy()
+    return [[0, *(np.flatnonzero(np.diff(row)) + 1).tolist()] for row in seg]
+
+
+def prepare_microbatch(batch: dict[str, torch.Tensor], *, cp_size: int, cp_rank: int,
+                       seq_length: int, document_masking: bool, eod: int,
+                       device: torch.device | None = None) -> dict[str, Any]:
+    """Model inputs of this CP rank: tokens/labels/loss_mask/position_ids split, plus the
+    DocumentSeqParams (global document starts) when intra-document masking is on."""
+    from megatron_longctx.model.attention import document_seq_params, document_starts_from_eod
+    from megatron_longctx.parallel.context_parallel import split_batch_for_cp
+
+    packed = None
+    if document_masking:
+        if "segment_ids" in batch:
+            starts = document_starts(batch["segment_ids"])
+        else:
+            starts = document_starts_from_eod(batch["tokens"], eod)
+        packed = document_seq_params(starts, seq_length)
+    tensors = {k: batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids")
+               if k in batch}
+    local = split_batch_for_cp(tensors, cp_size, cp_rank)
+    if device is not None:
+        local = {k: v.to(device, non_blocking=True) for k, v in local.items()}
+    local["packed_seq_params"] = packed
+    local["dataset_id"] = batch.get("dataset_id")
+    return local

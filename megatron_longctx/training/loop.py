@@ -1,0 +1,262 @@
+"""The training loop: setup -> resume -> steps (log, eval, save) -> stop condition.
+
+`pretrain(cfg)` is all the entrypoint calls. Stop conditions, checked after every step and
+agreed on by all ranks (one small all-reduce) so no rank is left waiting in a collective:
+
+* `--train-iters` reached: final save (with --save), return 0.
+* SIGTERM / SIGUSR1 with `--exit-signal-handler` (SLURM sends one before the time limit with
+  `--signal=B:USR1@300`, and SIGTERM on preemption): save, return EXIT_REQUEUE (75).
+* `--exit-duration-in-mins` elapsed: save, return EXIT_REQUEUE.
+* `--exit-interval`: save, return 0.
+* NaN/Inf loss with `--on-nan-loss stop`: return EXIT_NAN without saving (the weights may
+  already be damaged; the last good checkpoint stays the latest).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import signal
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from megatron_longctx.config.training import EXIT_NAN, EXIT_REQUEUE, PretrainConfig
+from megatron_longctx.training import metrics
+from megatron_longctx.training.checkpointing import (
+    TrainState,
+    load_checkpoint,
+    save_checkpoint,
+)
+from megatron_longctx.training.data import (
+    BatchSampler,
+    build_datasets,
+    prepare_microbatch,
+    resolve_tokenizer,
+)
+from megatron_longctx.training.setup import (
+    build_optimizer,
+    build_scheduler,
+    build_training_model,
+)
+from megatron_longctx.training.step import NonFiniteLossError, eval_step, train_step
+
+log = logging.getLogger(__name__)
+
+
+class SignalFlag:
+    """Records SIGTERM/SIGUSR1 instead of dying; the loop saves at the next step boundary."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+
+@dataclass
+class RunResult:
+    """What `pretrain` returns to the entrypoint and to tests."""
+
+    exit_code: int
+    state: TrainState
+    losses: list[float] = field(default_factory=list)
+    eval_losses: list[float] = field(default_factory=list)
+    grad_norms: list[float | None] = field(default_factory=list)
+    reason: str = ""
+
+
+def _any_rank(flag: bool) -> bool:
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _is_logging_rank() -> bool:
+    # Megatron-LM logs from the last rank: it is on the last pipeline stage, which has the loss.
+    return dist.get_rank() == dist.get_world_size() - 1
+
+
+def _data_position() -> tuple[int, int, int]:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_data_parallel_rank(), ps.get_data_parallel_world_size(),
+            ps.get_context_parallel_rank())
+
+
+def _prepare(batches: list[dict], cfg: PretrainConfig, eod: int) -> list[dict]:
+    from megatron.core import parallel_state as ps
+
+    cp_size = ps.get_context_parallel_world_size()
+    cp_rank = ps.get_context_parallel_rank()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else None
+    return [prepare_microbatch(b, cp_size=cp_size, cp_rank=cp_rank,
+                               seq_length=cfg.model.seq_length,
+                               document_masking=cfg.data.reset_attention_mask, eod=eod,
+                               device=device) for b in batches]
+
+
+def pretrain(cfg: PretrainConfig, *, world_size: int | None = None) -> RunResult:
+    """Run training as configured; process groups must already be initialised."""
+    world = world_size or dist.get_world_size()
+    gbs = cfg.global_batch_size(world)
+    n_micro = cfg.num_microbatches(world)
+    mbs = cfg.training.micro_batch_size
+    seq = cfg.model.seq_length
+    start_time = time.time()
+
+    tokenizer = resolve_tokenizer(cfg)
+    if not cfg.model.pad_vocab or cfg.model.vocab_size != tokenizer.vocab_size:
+        # The model's vocabulary is the tokenizer's, padded to a multiple of 128 x TP as
+        # Megatron-LM's --make-vocab-size-divisible-by does (a preset's vocab is a default).
+        cfg.model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size,
+                                        pad_vocab=True)
+    data = build_datasets(cfg, world, tokenizer)
+    chunks = build_training_model(cfg)
+    optimizer = build_optimizer(cfg, chunks)
+    scheduler = build_scheduler(cfg, optimizer, gbs)
+
+    state = TrainState()
+    if cfg.checkpoint.load:
+        loaded = load_checkpoint(cfg.checkpoint.load, chunks, optimizer, scheduler, cfg)
+        if loaded is not None:
+            state = loaded
+    dp_rank, dp_size, _ = _data_position()
+    train_sampler = BatchSampler(data.train, mbs, dp_rank, dp_size,
+                                 state.consumed_train_samples)
+    valid_sampler = BatchSampler(data.valid, mbs, dp_rank, dp_size,
+                                 state.consumed_valid_samples) if data.valid is not None else None
+
+    logging_rank = _is_logging_rank()
+    writer = metrics.MetricsWriter(cfg.logging.tensorboard_dir, logging_rank)
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    peak = metrics.peak_tflops(device_name, cfg.precision.params_dtype,
+                               cfg.precision.fp8 is not None, override=cfg.logging.peak_tflops)
+    meter = metrics.ThroughputMeter(gbs * seq, world, metrics.flops_per_token(cfg.model, seq),
+                                    peak)
+    flag = SignalFlag()
+    if cfg.training.exit_signal_handler:
+        flag.install()
+
+    result = RunResult(exit_code=0, state=state)
+    save = cfg.checkpoint.save
+    try:
+        while state.iteration < cfg.training.train_iters:
+            step_start = time.time()
+            batches = _prepare(train_sampler.next_step(n_micro), cfg, data.tokenizer.eod)
+            try:
+                step = train_step(chunks, optimizer, scheduler, batches, seq_length=seq,
+                                  micro_batch_size=mbs, global_batch_size=gbs,
+                                  domain_names=data.domain_names,
+                                  on_nan_loss=cfg.training.on_nan_loss)
+            except NonFiniteLossError as err:
+                log.error("iteration %d: %s; stopping", state.iteration + 1, err)
+                if logging_rank:
+                    print(f"[error] iteration {state.iteration + 1}: {err}", flush=True)
+                result.exit_code, result.reason = EXIT_NAN, "nan"
+                return result
+            state.iteration += 1
+            state.consumed_train_samples = train_sampler.consumed_samples
+            state.skipped_iterations += int(step.skipped)
+            state.nan_iterations += int(step.nan)
+            result.losses.append(step.loss)
+            result.grad_norms.append(step.grad_norm)
+            elapsed = time.time() - step_start
+
+            if state.iteration % cfg.logging.log_interval == 0 or \
+                    state.iteration == cfg.training.train_iters:
+                _log_step(writer, meter, state, step, scheduler, elapsed, gbs, cfg,
+                          logging_rank)
+
+            if valid_sampler is not None and cfg.training.eval_interval and \
+                    state.iteration % cfg.training.eval_interval == 0:
+                loss = _evaluate(chunks, valid_sampler, cfg, n_micro, data)
+                state.consumed_valid_samples = valid_sampler.consumed_samples
+                result.eval_losses.append(loss)
+                writer.add_scalars(state.iteration, {"lm loss validation": loss})
+                if logging_rank:
+                    print(f" validation loss at iteration {state.iteration} | lm loss: "
+                          f"{loss:.6E} |", flush=True)
+
+            signalled = _any_rank(flag.received is not None)
+            timed_out = cfg.training.exit_duration_in_mins is not None and _any_rank(
+                time.time() - start_time > 60 * cfg.training.exit_duration_in_mins)
+            interval = (cfg.training.exit_interval is not None
+                        and state.iteration % cfg.training.exit_interval == 0)
+            done = state.iteration >= cfg.training.train_iters
+            periodic = (save and cfg.checkpoint.save_interval
+                        and state.iteration % cfg.checkpoint.save_interval == 0)
+            if save and (periodic or signalled or timed_out or interval or done):
+                save_checkpoint(save, state, chunks, optimizer, scheduler, cfg)
+            if signalled or timed_out:
+                reason = "signal" if signalled else "exit-duration"
+                if logging_rank:
+                    print(f"[exit] {reason} at iteration {state.iteration}: checkpoint saved, "
+                          f"exit code {EXIT_REQUEUE} (requeue to continue)", flush=True)
+                result.exit_code, result.reason = EXIT_REQUEUE, reason
+                return result
+            if interval and not done:
+                result.reason = "exit-interval"
+                return result
+        result.reason = "done"
+        return result
+    finally:
+        flag.restore()
+        writer.close()
+        result.state = state
+
+
+def _evaluate(chunks: list[Any], sampler: BatchSampler, cfg: PretrainConfig, n_micro: int,
+              data: Any) -> float:
+    total, tokens = 0.0, 0
+    for _ in range(cfg.training.eval_iters):
+        batches = _prepare(sampler.next_step(n_micro), cfg, data.tokenizer.eod)
+        step = eval_step(chunks, batches, seq_length=cfg.model.seq_length,
+                         micro_batch_size=cfg.training.micro_batch_size,
+                         domain_names=data.domain_names)
+        total += step.loss * step.tokens
+        tokens += step.tokens
+    return total / tokens if tokens else float("nan")
+
+
+def _log_step(writer: Any, meter: Any, state: TrainState, step: Any, scheduler: Any,
+              elapsed: float, gbs: int, cfg: PretrainConfig, logging_rank: bool) -> None:
+    lr = scheduler.optimizer.param_groups[0]["lr"]
+    values: dict[str, Any] = {
+        metrics.TAG_LM_LOSS: step.loss,
+        metrics.TAG_LEARNING_RATE: lr,
+        metrics.TAG_GRAD_NORM: step.grad_norm,
+        metrics.TAG_ITERATION_TIME: elapsed,
+    }
+    throughput, memory = meter.update(elapsed), metrics.memory_stats()
+    for key, tag in metrics.THROUGHPUT_TAGS.items():
+        values[tag] = throughput.get(key)
+    for key, tag in metrics.MEMORY_TAGS.items():
+        values[tag] = memory.get(key)
+    for name, loss in step.domain_losses.items():
+        values[metrics.domain_loss_tag(name)] = loss
+    writer.add_scalars(state.iteration, values)
+    if logging_rank:
+        console = dict(values)
+        console[metrics.KEY_CONSUMED_SAMPLES] = state.consumed_train_samples
+        console[metrics.KEY_GLOBAL_BATCH_SIZE] = gbs
+        console[metrics.KEY_SKIPPED_ITERATIONS] = state.skipped_iterations
+        console[metrics.KEY_NAN_ITERATIONS] = state.nan_iterations
+        print(metrics.format_console_line(state.iteration, cfg.training.train_iters, console),
+              flush=True)

@@ -1,0 +1,114 @@
+"""Run the real trainer (`training.loop.pretrain`) in forked gloo ranks for equivalence tests.
+
+Every run starts from the same model-only checkpoint (`make_init_checkpoint`, TP1 in one
+process), so layouts whose initialisation would differ (pipeline stages seed differently) start
+from identical weights; this also exercises model-only resharded loading. Final weights are
+compared by loading each run's last checkpoint into one TP1 process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from megatron_longctx.config.model import ParallelConfig
+from megatron_longctx.config.training import (
+    CheckpointConfig,
+    DataConfig,
+    OptimConfig,
+    PretrainConfig,
+    TrainingConfig,
+)
+from megatron_longctx.model.presets import get_preset
+from tests.distributed.spawn import run_distributed
+
+SEQ = 64
+
+
+def tiny_model(num_layers: int = 4):
+    return dataclasses.replace(get_preset("tiny"), num_layers=num_layers, seq_length=SEQ,
+                               max_position_embeddings=SEQ, pad_vocab=True)
+
+
+def make_config(*, tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None,
+                sp: bool = False, distopt: bool = False, mbs: int = 2, gbs: int = 4,
+                iters: int = 3, load: str | None = None, save: str | None = None,
+                exit_interval: int | None = None, masking: bool = False,
+                lr: float = 1e-4, save_interval: int | None = None,
+                **training: Any) -> PretrainConfig:
+    return PretrainConfig(
+        model=tiny_model(),
+        parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                context_parallel_size=cp,
+                                virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp),
+        data=DataConfig(mock_data=True, tokenizer_type="NullTokenizer", vocab_size=512,
+                        reset_attention_mask=masking),
+        optim=OptimConfig(lr=lr, weight_decay=0.01, clip_grad=1.0,
+                          use_distributed_optimizer=distopt),
+        training=TrainingConfig(micro_batch_size=mbs, global_batch_size=gbs, train_iters=iters,
+                                exit_interval=exit_interval, **training),
+        checkpoint=CheckpointConfig(load=load, save=save, save_interval=save_interval),
+    )
+
+
+def _train_rank(rank: int, world: int, cfg: PretrainConfig) -> dict[str, Any]:
+    from megatron_longctx.parallel.init import initialize_model_parallel, set_seed
+    from megatron_longctx.training.loop import pretrain
+
+    cfg.validate(world)
+    initialize_model_parallel(cfg.parallel)
+    set_seed(cfg.training.seed)
+    result = pretrain(cfg)
+    return {"losses": result.losses, "exit_code": result.exit_code,
+            "iteration": result.state.iteration, "grad_norms": result.grad_norms,
+            "reason": result.reason}
+
+
+def train(cfg: PretrainConfig, world: int) -> dict[str, Any]:
+    """Run the trainer on `world` ranks; the last rank's result (all ranks agree on losses)."""
+    results = run_distributed(_train_rank, world, cfg, timeout=240.0)
+    losses = {tuple(r["losses"]) for r in results}
+    assert len(losses) == 1, f"ranks disagree on losses: {losses}"
+    return results[-1]
+
+
+def _init_rank(rank: int, world: int, root: str) -> None:
+    from megatron_longctx.convert.model_io import save_model_checkpoint
+    from megatron_longctx.model.build import build_model_chunks
+    from megatron_longctx.parallel.init import initialize_model_parallel, set_seed
+
+    parallel = ParallelConfig()
+    initialize_model_parallel(parallel)
+    set_seed(1234)
+    chunks = build_model_chunks(tiny_model(), parallel)
+    save_model_checkpoint(chunks, root, 0, tiny_model(), parallel, source="tests")
+
+
+def make_init_checkpoint(root: Path) -> str:
+    run_distributed(_init_rank, 1, str(root))
+    return str(root)
+
+
+def _weights_rank(rank: int, world: int, path: str) -> dict[str, Any]:
+    from megatron_longctx.convert.model_io import load_model_checkpoint
+    from megatron_longctx.model.build import build_model_chunks
+    from megatron_longctx.parallel.init import initialize_model_parallel, set_seed
+
+    parallel = ParallelConfig()
+    initialize_model_parallel(parallel)
+    set_seed(1234)
+    (model,) = build_model_chunks(tiny_model(), parallel)
+    load_model_checkpoint([model], path)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()
+            if not k.endswith("_extra_state")}
+
+
+def final_weights(path: str) -> dict[str, Any]:
+    """Full (TP1) weights of the latest checkpoint under `path`."""
+    return run_distributed(_weights_rank, 1, path)[0]
+
+
+def max_weight_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)

@@ -1,0 +1,196 @@
+"""pretrain_longctx.py flags -> PretrainConfig: Megatron names, presets, and every error naming
+its flag before any process group exists."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_longctx.config.training import (
+    EXIT_REQUEUE,
+    build_pretrain_parser,
+    config_from_args,
+    parse_pretrain_args,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+MOCK = ["--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512"]
+
+
+def cfg_of(*argv: str, preset: str | None = "tiny"):
+    args = list(argv)
+    if preset:
+        args = ["--model-preset", preset, *args]
+    if "--train-iters" not in args:
+        args += ["--train-iters", "3"]
+    if not any(a in args for a in ("--mock-data", "--data-path", "--mixture-plan",
+                                   "--data-args-path", "--per-split-data-args-path")):
+        args += MOCK
+    return config_from_args(build_pretrain_parser().parse_args(args))
+
+
+def test_megatron_architecture_flags():
+    cfg = cfg_of(
+        "--num-layers", "4", "--hidden-size", "128", "--ffn-hidden-size", "352",
+        "--num-attention-heads", "8", "--group-query-attention", "--num-query-groups", "2",
+        "--normalization", "RMSNorm", "--swiglu", "--untie-embeddings-and-output-weights",
+        "--disable-bias-linear", "--position-embedding-type", "rope", "--seq-length", "256",
+        "--max-position-embeddings", "1024", "--rotary-base", "500000", preset=None)
+    m = cfg.model
+    assert (m.num_layers, m.hidden_size, m.ffn_hidden_size, m.num_attention_heads) == \
+        (4, 128, 352, 8)
+    assert m.num_query_groups == 2 and m.untie_embeddings_and_output_weights
+    assert (m.seq_length, m.max_position_embeddings, m.rotary_base) == (256, 1024, 500000)
+    cfg.validate(world_size=1)
+
+
+def test_preset_with_long_context_overrides():
+    cfg = cfg_of("--seq-length", "8192", "--rotary-base", "5000000",
+                 "--rotary-seq-len-interpolation-factor", "2", preset="llama2-7b")
+    assert cfg.model.hidden_size == 4096 and cfg.model.seq_length == 8192
+    assert cfg.model.max_position_embeddings == 8192  # raised to cover the sequence
+    assert cfg.model.rotary_base == 5000000 and cfg.model.seq_len_interpolation_factor == 2
+
+
+def test_parallel_training_and_checkpoint_flags():
+    cfg = cfg_of("--num-layers", "4", "--tensor-model-parallel-size", "2", "--sequence-parallel",
+                 "--pipeline-model-parallel-size", "2",
+                 "--num-layers-per-virtual-pipeline-stage", "1", "--context-parallel-size", "2",
+                 "--cp-comm-type", "a2a", "--use-distributed-optimizer",
+                 "--micro-batch-size", "1", "--global-batch-size", "8", "--lr", "2e-5",
+                 "--min-lr", "1e-6", "--lr-warmup-iters", "10", "--lr-decay-style", "cosine",
+                 "--weight-decay", "0.1", "--clip-grad", "1.0", "--seed", "7",
+                 "--log-interval", "5", "--eval-interval", "10", "--eval-iters", "2",
+                 "--tensorboard-dir", "tb", "--save", "ck", "--load", "ck",
+                 "--save-interval", "50", "--exit-signal-handler", "--exit-duration-in-mins",
+                 "230", "--recompute-granularity", "full", "--recompute-method", "uniform",
+                 "--recompute-num-layers", "1", "--seq-length", "64")
+    p = cfg.parallel
+    assert (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+            p.virtual_pipeline_model_parallel_size, p.context_parallel_size) == (2, 2, 2, 2)
+    assert p.sequence_parallel and p.cp_comm_type == "a2a"
+    assert cfg.optim.use_distributed_optimizer and cfg.optim.lr_decay_style == "cosine"
+    assert cfg.training.exit_signal_handler and cfg.checkpoint.save_interval == 50
+    cfg.validate(world_size=16)
+    assert cfg.data_parallel_size(16) == 2 and cfg.num_microbatches(16) == 4
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size"),
+    (["--context-parallel-size", "2", "--seq-length", "66"], "--context-parallel-size"),
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel", "--seq-length", "63"],
+     "--sequence-parallel"),
+    (["--global-batch-size", "3", "--micro-batch-size", "2"], "--global-batch-size"),
+    (["--lr", "0"], "--lr"),
+    (["--min-lr", "1", "--lr", "0.1"], "--min-lr"),
+    (["--lr-decay-style", "exponential"], "--lr-decay-style"),
+    (["--clip-grad", "-1"], "--clip-grad"),
+    (["--recompute-granularity", "full"], "--recompute-method"),
+    (["--recompute-method", "uniform", "--recompute-num-layers", "1"],
+     "--recompute-granularity"),
+    (["--on-nan-loss", "ignore"], "--on-nan-loss"),
+    (["--save-interval", "10"], "--save"),
+    (["--log-interval", "0"], "--log-interval"),
+    (["--fp8-format", "hybrid", "--bf16"], "--fp8-format"),
+    (["--fp8-dot-product-attention"], "--fp8-dot-product-attention"),
+    (["--transformer-impl", "transformer_engine"], "--transformer-impl"),
+    (["--attention-backend", "flash"], "--attention-backend"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2",
+      "--num-layers-per-virtual-pipeline-stage", "1", "--global-batch-size", "3",
+      "--micro-batch-size", "1"],
+     "--pipeline-model-parallel-size"),
+    (["--train-iters", "0"], "--train-iters"),
+    (["--exit-duration-in-mins", "0"], "--exit-duration-in-mins"),
+])
+def test_config_errors_name_the_flag(argv, flag):
+    world = 4 if "--tensor-model-parallel-size" in argv and "3" in argv else 2
+    cfg = cfg_of(*argv)
+    with pytest.raises(ValueError, match=flag.replace("-", r"\-")):
+        cfg.validate(world_size=world, te_available=False)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--normalization", "LayerNorm"], "--normalization"),
+    (["--position-embedding-type", "learned_absolute"], "--position-embedding-type"),
+    (["--num-query-groups", "2"], "--group-query-attention"),
+    (["--num-layers-per-virtual-pipeline-stage", "3", "--pipeline-model-parallel-size", "2"],
+     "--num-layers-per-virtual-pipeline-stage"),
+    (["--bf16", "--fp16"], "--bf16"),
+])
+def test_translation_errors_name_the_flag(argv, flag):
+    with pytest.raises(ValueError, match=flag.replace("-", r"\-")):
+        cfg_of(*argv)
+
+
+def test_data_source_errors():
+    with pytest.raises(ValueError, match="exactly one data source"):
+        cfg_of("--mock-data", "--data-path", "x", "--tokenizer-type", "NullTokenizer",
+               "--vocab-size", "512").validate(world_size=1)
+    with pytest.raises(ValueError, match="--tokenizer-model"):
+        cfg_of("--data-path", "x").validate(world_size=1)
+    with pytest.raises(ValueError, match="--vocab-size"):
+        cfg_of("--mock-data", "--tokenizer-type", "NullTokenizer").validate(world_size=1)
+    with pytest.raises(ValueError, match="--split"):
+        cfg_of("--data-path", "x", "--tokenizer-model", "t", "--split", "a,b").validate(1)
+
+
+def test_architecture_required_without_preset():
+    with pytest.raises(ValueError, match="--model-preset"):
+        cfg_of("--hidden-size", "64", preset=None)
+
+
+def test_world_size_error_before_any_compute():
+    """The CLI fails in its own process in about a second, naming the flags, exit code 2."""
+    env = {"RANK": "0", "WORLD_SIZE": "3", "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "pretrain_longctx.py"), "--model-preset", "tiny",
+         "--tensor-model-parallel-size", "2", "--train-iters", "1", *MOCK],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "--tensor-model-parallel-size" in proc.stderr and "world size (3)" in proc.stderr
+
+
+def test_usage_error_exit_code():
+    with pytest.raises(SystemExit) as exc:
+        parse_pretrain_args(["--model-preset", "tiny"])  # --train-iters missing
+    assert exc.value.code == 2
+    assert EXIT_REQUEUE == 75
+
+
+def test_te_fp8_transformer_config_without_te():
+    """The TransformerConfig for the H100 recipe (TE spec, FP8 hybrid, FP8 attention) is built
+    and checked without TE: the fields the GPU run would get, and the spec choice."""
+    from megatron_longctx.model.build import build_transformer_config
+    from megatron_longctx.training.setup import transformer_overrides
+
+    cfg = cfg_of("--bf16", "--transformer-impl", "transformer_engine", "--fp8-format",
+                 "hybrid", "--fp8-recipe", "delayed", "--fp8-amax-history-len", "1024",
+                 "--fp8-amax-compute-algo", "max", "--fp8-dot-product-attention",
+                 "--context-parallel-size", "2", "--cp-comm-type", "a2a",
+                 "--attention-backend", "fused")
+    cfg.validate(world_size=2, te_available=True)
+    tc = build_transformer_config(cfg.model, cfg.parallel, cfg.precision, have_te=True,
+                                  **transformer_overrides(cfg))
+    assert tc.fp8 == "hybrid" and tc.fp8_recipe == "delayed"
+    assert tc.fp8_amax_history_len == 1024 and tc.fp8_amax_compute_algo == "max"
+    assert tc.fp8_dot_product_attention is True
+    assert tc.transformer_impl == "transformer_engine" and tc.bf16
+    assert tc.context_parallel_size == 2 and tc.cp_comm_type == "a2a"
+    assert tc.attention_backend.name == "fused"
+    assert tc.calculate_per_token_loss
+    # Without TE the same flags are rejected before any compute, naming the flag.
+    with pytest.raises(ValueError, match="--fp8-format"):
+        cfg.validate(world_size=2, te_available=False)
+
+
+def test_vpp_at_pp2_disables_batched_p2p():
+    from megatron_longctx.training.setup import transformer_overrides
+
+    cfg = cfg_of("--num-layers", "4", "--pipeline-model-parallel-size", "2",
+                 "--num-layers-per-virtual-pipeline-stage", "1")
+    assert transformer_overrides(cfg)["batch_p2p_comm"] is False
+    assert transformer_overrides(cfg_of("--pipeline-model-parallel-size", "2"))[
+        "batch_p2p_comm"] is True
