@@ -127,8 +127,14 @@ def _sharded_state(model_chunks: list[Any], optimizer: Any | None, scheduler: An
     return sharded
 
 
+#: longctx_meta.json keys carried from a loaded checkpoint into the ones this run saves
+#: (hf_config: the converted model's original config.json, so megatron-to-hf keeps token ids).
+CARRIED_META_KEYS = ("hf_config", "converted_from")
+
+
 def save_checkpoint(root: str, state: TrainState, model_chunks: list[Any], optimizer: Any,
-                    scheduler: Any, cfg: PretrainConfig) -> Path:
+                    scheduler: Any, cfg: PretrainConfig,
+                    extra_meta: dict[str, Any] | None = None) -> Path:
     """Save everything needed to resume at `state.iteration`; returns the iteration dir."""
     from megatron.core import dist_checkpointing
 
@@ -152,6 +158,7 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: list[Any], optim
             "saved_with": _layout(),
             "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
             "source": "pretrain_longctx.py",
+            **(extra_meta or {}),
         })
         checkpoint_meta.write_latest(root, state.iteration)
     dist.barrier()
@@ -233,11 +240,14 @@ def _ensure_optimizer_state(optimizer: Any) -> None:
 
 
 def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, scheduler: Any,
-                    cfg: PretrainConfig) -> TrainState | None:
+                    cfg: PretrainConfig) -> tuple[TrainState, dict[str, Any]] | None:
     """Restore from `load` (a root or an iter_ dir). Returns None when there is nothing yet.
 
     Full resume unless the checkpoint has no optimizer state or --finetune is given, which
     load only the model weights and return a TrainState at iteration 0.
+
+    Returns:
+        (state, meta keys to carry into later saves), or None.
     """
     from megatron.core import dist_checkpointing
 
@@ -248,13 +258,14 @@ def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, schedule
     ck = cfg.checkpoint
     full = meta.get("has_optimizer", False) and not ck.finetune
     same_layout = meta.get("saved_with") == _layout()
+    carried = {k: meta[k] for k in CARRIED_META_KEYS if k in meta}
     start = time.time()
     if not full:
         from megatron_longctx.convert.model_io import load_model_checkpoint
 
         load_model_checkpoint([unwrap_model(c) for c in model_chunks], directory)
         log.info("loaded model weights from %s (iteration 0 from here)", directory)
-        return TrainState()
+        return TrainState(), carried
     load_optim = not ck.no_load_optim
     saved_distopt = meta.get("use_distributed_optimizer")
     if load_optim and saved_distopt is not None and \
@@ -284,7 +295,7 @@ def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, schedule
     state = TrainState(**loaded["train_state"])
     log.info("resumed from %s at iteration %d in %.2f s", directory, state.iteration,
              time.time() - start)
-    return state
+    return state, carried
 
 
 def _load_model_state(model_chunks: list[Any], loaded: dict) -> None:

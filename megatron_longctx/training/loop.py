@@ -132,11 +132,11 @@ def pretrain(cfg: PretrainConfig, *, world_size: int | None = None) -> RunResult
     optimizer = build_optimizer(cfg, chunks)
     scheduler = build_scheduler(cfg, optimizer, gbs)
 
-    state = TrainState()
+    state, carried_meta = TrainState(), {}
     if cfg.checkpoint.load:
         loaded = load_checkpoint(cfg.checkpoint.load, chunks, optimizer, scheduler, cfg)
         if loaded is not None:
-            state = loaded
+            state, carried_meta = loaded
     dp_rank, dp_size, _ = _data_position()
     train_sampler = BatchSampler(data.train, mbs, dp_rank, dp_size,
                                  state.consumed_train_samples)
@@ -203,7 +203,7 @@ def pretrain(cfg: PretrainConfig, *, world_size: int | None = None) -> RunResult
             periodic = (save and cfg.checkpoint.save_interval
                         and state.iteration % cfg.checkpoint.save_interval == 0)
             if save and (periodic or signalled or timed_out or interval or done):
-                save_checkpoint(save, state, chunks, optimizer, scheduler, cfg)
+                save_checkpoint(save, state, chunks, optimizer, scheduler, cfg, carried_meta)
             if signalled or timed_out:
                 reason = "signal" if signalled else "exit-duration"
                 if logging_rank:
