@@ -328,10 +328,6 @@ class PretrainConfig:
                 "(--micro-batch-size x DP)) must be divisible by --pipeline-model-parallel-size "
                 f"({self.parallel.pipeline_model_parallel_size})"
             )
-        if self.data.vocab_size and self.data.tokenizer_type == "NullTokenizer" and \
-                self.data.vocab_size > self.model.vocab_size:
-            raise ValueError(f"--vocab-size ({self.data.vocab_size}) exceeds the model's "
-                             f"vocabulary ({self.model.vocab_size})")
         if self.training.recompute_num_layers and self.training.recompute_method == "block":
             per_stage = self.model.num_layers // (self.parallel.pipeline_model_parallel_size * vpp)
             if self.training.recompute_num_layers > per_stage:

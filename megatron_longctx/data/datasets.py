@@ -89,6 +89,17 @@ class LongCtxGPTDataset(GPTDataset):
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples,
                          index_split, config)
 
+    def _get_num_epochs(self, num_tokens_per_epoch: int) -> int:
+        # Upstream loops forever when a split of this dataset has no tokens but samples are
+        # requested from it (e.g. a small domain whose held-out share rounds to 0 documents).
+        if num_tokens_per_epoch <= 0 and self.num_samples:
+            raise ValueError(
+                f"{self.dataset_path}: the {self.index_split.name} split has no documents but "
+                f"{self.num_samples} samples are requested from it (raise --valid-fraction / "
+                "--split, or give this dataset more documents)"
+            )
+        return super()._get_num_epochs(num_tokens_per_epoch)
+
     @staticmethod
     def _key_config_attributes() -> list[str]:
         return [*GPTDataset._key_config_attributes(), "plan_key", "return_document_boundaries"]

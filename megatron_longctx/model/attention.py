@@ -50,6 +50,14 @@ Path 2 keeps per-segment contiguous K/V copies for backward (~2.5x one K/V at CP
 its memory above path 1.
 
 Attention dropout is supported on path 1 only (LLaMA trains with 0).
+
+KV-cache inference (megatron's `StaticInferenceContext`, used by megatron_longctx.eval): a step
+feeds sq new tokens against sk = cached + sq keys. Torch SDPA's `is_causal=True` is top-left
+aligned (query i sees keys 0..i), which is wrong when sq < sk; and megatron itself downgrades
+the mask to `no_mask` once the cache is non-empty, which is exact only for sq == 1. Path 1
+therefore treats sk > sq under a causal module as bottom-right causal (query i sees keys
+0..sk-sq+i): one unmasked SDPA call for a single decode token, `prefix_causal_attention`
+(no mask tensor on CPU) for a chunk of a chunked prefill. Paths 2 and 3 refuse a KV cache.
 """
 
 from __future__ import annotations
@@ -324,8 +332,15 @@ class SDPACoreAttention(MegatronModule):
         if cp == 1 and docs is None:
             k = _expand_kv(key.permute(1, 2, 0, 3), heads)
             v = _expand_kv(value.permute(1, 2, 0, 3), heads)
-            out = self._plain(q, k, v, attention_mask, mask_type)
+            if key.shape[0] > sq and self._cached_step(attention_mask, mask_type):
+                out = self._bottom_right_causal(q, k, v)
+            else:
+                out = self._plain(q, k, v, attention_mask, mask_type)
         else:
+            if key.shape[0] != sq:
+                raise NotImplementedError(
+                    "KV-cache inference (more keys than queries) is not supported with context "
+                    "parallelism or document masking")
             if not causal:
                 raise NotImplementedError(
                     "context parallelism / document masking support causal masks only "
@@ -359,6 +374,23 @@ class SDPACoreAttention(MegatronModule):
                 per_sample.append(torch.cat(pieces, dim=2))
             out = torch.cat(per_sample, dim=0)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+
+    def _cached_step(self, attention_mask: Tensor | None, mask_type: AttnMaskType) -> bool:
+        """Whether a call with more keys than queries is a KV-cache step of a causal module:
+        causal as given, or `no_mask`, which megatron substitutes for the module's causal mask
+        once its static KV cache is non-empty (transformer/attention.py,
+        `_adjust_key_value_for_inference`). Padding masks keep their own meaning."""
+        if attention_mask is not None or (self.training and self.attention_dropout > 0):
+            return False
+        return mask_type == AttnMaskType.causal or (
+            mask_type == AttnMaskType.no_mask and self.attn_mask_type == AttnMaskType.causal)
+
+    def _bottom_right_causal(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """The sq queries are the last sq positions of the sk keys (KV-cache step)."""
+        sq, sk = q.shape[2], k.shape[2]
+        if sq == 1:  # one new token sees every cached key: no mask at all
+            return F.scaled_dot_product_attention(q, k, v, scale=self.softmax_scale)
+        return prefix_causal_attention(q, k, v, sk - sq, self.softmax_scale)
 
     def _plain(self, q: Tensor, k: Tensor, v: Tensor, attention_mask: Tensor | None,
                mask_type: AttnMaskType) -> Tensor:

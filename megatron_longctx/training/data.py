@@ -166,7 +166,7 @@ def build_datasets(cfg: PretrainConfig, world_size: int,
         config.split_matrix = [rng if n > 0 else None
                                for rng, n in zip(config.split_matrix, sizes)]
     train, valid, _ = BlendedMegatronDatasetBuilder(
-        LongCtxGPTDataset, [n if n > 0 else None for n in sizes], lambda: True, config).build()
+        LongCtxGPTDataset, list(sizes), lambda: True, config).build()
     return TrainData(train, valid, tokenizer, names)
 
 

@@ -42,7 +42,12 @@ from megatron_longctx.training.setup import (
     build_scheduler,
     build_training_model,
 )
-from megatron_longctx.training.step import NonFiniteLossError, eval_step, train_step
+from megatron_longctx.training.step import (
+    NonFiniteLossError,
+    comm_device,
+    eval_step,
+    train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +87,7 @@ class RunResult:
 
 
 def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32)
+    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
 

@@ -77,6 +77,13 @@ def make_forward_step(num_domains: int) -> Any:
     return forward_step
 
 
+def comm_device() -> torch.device:
+    """Where small control tensors must live for collectives: CUDA under NCCL, else CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def reduce_losses(reports: list[dict], num_domains: int) -> tuple[float, int, torch.Tensor]:
     """(loss, tokens, per-domain sums) of the global batch, identical on every rank."""
     from megatron.core import parallel_state as ps
@@ -85,11 +92,13 @@ def reduce_losses(reports: list[dict], num_domains: int) -> tuple[float, int, to
     for report in reports or []:
         totals[:2] += report["lm loss"]
         totals[2:] += report["domain"].flatten()
+    totals = totals.to(comm_device())  # NCCL reduces CUDA tensors only
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:
         last = ps.get_pipeline_model_parallel_last_rank()
         dist.broadcast(totals, src=last, group=ps.get_pipeline_model_parallel_group())
+    totals = totals.cpu()
     loss_sum, count = float(totals[0]), int(totals[1])
     loss = loss_sum / count if count else float("nan")
     return loss, count, totals[2:].view(num_domains, 2)

@@ -1,0 +1,629 @@
+"""One causal-LM interface for the evaluation tools, over two backends.
+
+* `MegatronCausalLM`: a checkpoint of ours (trainer or converter, docs/checkpoint-format.md),
+  rebuilt from `longctx_meta.json` as megatron-core's GPTModel on the local layer spec and
+  loaded at any TP / CP (dist_checkpointing reshards).
+* `HFCausalLM`: a Hugging Face model directory through `transformers.AutoModelForCausalLM`.
+
+`load_causal_lm` tells them apart (`checkpoint_meta.is_longctx_checkpoint`).
+
+What a tool calls (`CausalLM`): `tokenizer` (an `EvalTokenizer`), `generate(ids, n)` (greedy,
+at most n new tokens, stops at EOS), `token_losses(ids)` (per-token negative log-likelihood)
+and `describe()`. Logits past the real vocabulary (Megatron pads it to a multiple of 128 x TP)
+are excluded from the argmax and from the softmax of the losses: a converted checkpoint has
+exactly-zero padded logits, which would otherwise add `log(1 + pad / sum(exp(logits)))` to
+every loss. (Megatron's training loss keeps them; after training they are very negative.)
+
+Generation never recomputes the context per new token:
+
+* Megatron: megatron-core's `StaticInferenceContext` KV cache. The prompt is prefilled in
+  chunks of `prefill_chunk` tokens (activation memory of one chunk instead of the whole
+  prompt), then one token per step. Each step attends over the cache: O(S) per layer instead of
+  a full O(S^2) recompute. Megatron marks every step after the first chunk `no_mask`;
+  `SDPACoreAttention` treats more keys than queries under a causal module as bottom-right
+  causal, which makes chunked prefill exact (model/attention.py). The cache holds K and V of
+  every layer for this TP rank's query groups: 2 x layers x S x groups/TP x head_dim x bytes
+  (LLaMA-2 7B at 128K in bf16: 64 GiB in all, 8 GiB per rank at TP8). Megatron keeps keys
+  unrotated and re-applies RoPE to the whole cached K each step (an extra O(S) elementwise
+  pass per layer).
+* HF: the model's own `past_key_values`, prefilled in the same chunks, `logits_to_keep=1`.
+
+`generate(..., use_cache=False)` runs the no-cache full recompute (one whole forward per new
+token): the reference the tests compare the cache against.
+
+Model parallelism (Megatron backend): one model replica spread over TP x CP ranks, world size
+= TP x CP, launched with torchrun or srun (one process: no launcher). Global rank 0 is the
+driver: it runs the tool and, for every model call, broadcasts the command to the other ranks,
+which sit in `serve()` until the driver's `close()`. TP splits weights and the KV cache.
+CP splits the sequence for `token_losses` (Megatron's load-balanced layout, as in training).
+CP does not apply to `generate`: a CP-split KV cache would need a ring/all-gather decode that
+megatron-core 0.16.1's static inference path does not have, so `generate` at CP > 1 raises.
+For 128K needle tests use TP (weights and cache split) with chunked prefill (activations of
+one chunk); CP is for the full-sequence forward of the perplexity tool.
+
+The HF backend runs in one process (one device); convert to our format for TP/CP
+(tools/convert_checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megatron_longctx.checkpoint_meta import is_longctx_checkpoint, read_meta, resolve_checkpoint
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+#: Prompt tokens per prefill forward; 0 prefills the whole prompt in one forward.
+DEFAULT_PREFILL_CHUNK = 4096
+#: Positions per output-layer call when the HF backend computes losses.
+_HF_LOSS_CHUNK = 4096
+
+
+class EvalTokenizer:
+    """Text <-> token ids for evaluation: a fast Hugging Face tokenizer (directory or
+    tokenizer.json), with character offsets and the tokenizer's own BOS prefix.
+
+    Loaded through `megatron_longctx.data.tokenizers` (Megatron's special-token fix-ups), so
+    ids are those the preprocessing wrote. `encode` adds no special tokens; `bos_ids` is what
+    the tokenizer's post-processor would put in front of a text (LLaMA: `[1]`; the demo's BPE:
+    `[]`), found by encoding one word with and without special tokens.
+
+    Attributes:
+        path: the tokenizer directory or file.
+        vocab_size: `len(tokenizer)`.
+        eos_id: end-of-text id (generation stops there), or None.
+        bos_ids: ids prepended to every prompt.
+    """
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        from tokenizers import Tokenizer
+
+        from megatron_longctx.data.tokenizers import (
+            HFBackendTokenizer,
+            TokenizerSpec,
+            build_tokenizer,
+        )
+
+        tok = build_tokenizer(TokenizerSpec("HuggingFaceTokenizer", str(path)))
+        if not isinstance(tok, HFBackendTokenizer):
+            raise ValueError(f"--tokenizer-model {path}: evaluation needs a fast tokenizer "
+                             "(tokenizer.json); this one only has a slow Python implementation")
+        self.path = str(path)
+        self.vocab_size = int(tok.vocab_size)
+        self.eos_id = None if tok.eod is None else int(tok.eod)
+        self._tok = Tokenizer.from_str(tok.backend_json)
+        plain = self._tok.encode("a", add_special_tokens=False).ids
+        full = self._tok.encode("a", add_special_tokens=True).ids
+        start = next((i for i in range(len(full) - len(plain) + 1)
+                      if full[i:i + len(plain)] == plain), 0)
+        self.bos_ids: list[int] = list(full[:start])
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of `text`, no special tokens."""
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def encode_with_offsets(self, text: str) -> tuple[list[int], np.ndarray]:
+        """Token ids and an int64 [n, 2] array of (start, end) character offsets into `text`."""
+        enc = self._tok.encode(text, add_special_tokens=False)
+        offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+        return list(enc.ids), offsets
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """Text of `ids`, special tokens dropped."""
+        return self._tok.decode(list(ids), skip_special_tokens=True)
+
+
+class CausalLM:
+    """Interface of an evaluation model (subclasses implement the `_` methods).
+
+    Attributes:
+        kind: "megatron" or "hf".
+        path: the model directory as given.
+        vocab_size: real vocabulary; logits at and above it are padding and ignored.
+        max_position_embeddings: positions the model was configured for (None if unknown).
+        training_length: sequence length it was trained at (ours: the checkpoint's
+            `seq_length`; None for HF directories).
+        is_driver: True on the rank that runs the tool (global rank 0).
+    """
+
+    kind = "base"
+    path: str
+    vocab_size: int
+    max_position_embeddings: int | None = None
+    training_length: int | None = None
+    is_driver: bool = True
+    prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+
+    def __init__(self, tokenizer_model: str | None) -> None:
+        self._tokenizer_model = tokenizer_model
+        self._tokenizer: EvalTokenizer | None = None
+
+    # -- tokenizer --------------------------------------------------------------------------
+    @property
+    def tokenizer(self) -> EvalTokenizer:
+        """The model's tokenizer (loaded on first use; --tokenizer-model when none is known)."""
+        if self._tokenizer is None:
+            if not self._tokenizer_model:
+                raise ValueError(f"{self.path}: no tokenizer recorded with the model; pass "
+                                 "--tokenizer-model DIR")
+            tok = EvalTokenizer(self._tokenizer_model)
+            if tok.vocab_size > self.vocab_size:
+                raise ValueError(
+                    f"tokenizer {tok.path} has {tok.vocab_size} tokens but the model only "
+                    f"{self.vocab_size}: not the model's tokenizer (--tokenizer-model)")
+            self._tokenizer = tok
+        return self._tokenizer
+
+    def stop_ids(self) -> list[int]:
+        """Ids that end generation: the tokenizer's EOS when it has one."""
+        if self._tokenizer_model is None:
+            return []
+        eos = self.tokenizer.eos_id
+        return [] if eos is None else [eos]
+
+    # -- public calls (collective for multi-rank models) -------------------------------------
+    def generate(self, ids: Sequence[int], max_new_tokens: int, *,
+                 stop_ids: Sequence[int] | None = None, use_cache: bool = True) -> list[int]:
+        """Greedy continuation of `ids`: at most `max_new_tokens` new ids, ending before the
+        first stop id (default: EOS). `use_cache=False` recomputes the whole sequence for every
+        new token (reference only)."""
+        if max_new_tokens < 1:
+            return []
+        stop = list(self.stop_ids() if stop_ids is None else stop_ids)
+        return self._call("generate", [int(i) for i in ids], int(max_new_tokens), stop,
+                          bool(use_cache))
+
+    def token_losses(self, ids: Sequence[int]) -> np.ndarray:
+        """Negative log-likelihood (nats, float64) of ids[j] given ids[:j], for j = 1..n-1."""
+        if len(ids) < 2:
+            raise ValueError("token_losses needs at least 2 tokens")
+        return self._call("token_losses", [int(i) for i in ids])
+
+    def describe(self) -> dict[str, Any]:
+        """What results files record about the model."""
+        return {"kind": self.kind, "path": str(Path(self.path).resolve()),
+                "vocab_size": self.vocab_size,
+                "max_position_embeddings": self.max_position_embeddings,
+                "training_length": self.training_length,
+                "tokenizer": self._tokenizer_model}
+
+    def serve(self) -> None:
+        """Non-driver ranks: execute the driver's calls until it closes (no-op on rank 0)."""
+
+    def close(self) -> None:
+        """Release the model (and, for multi-rank models, stop the serving ranks)."""
+
+    def __enter__(self) -> CausalLM:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # -- shared implementation --------------------------------------------------------------
+    def _call(self, name: str, *args: Any) -> Any:
+        return getattr(self, f"_do_{name}")(*args)
+
+    def _do_generate(self, ids: list[int], max_new: int, stop: list[int],
+                     use_cache: bool) -> list[int]:
+        with torch.inference_mode():
+            if use_cache:
+                state, logits = self._prefill(ids, len(ids) + max_new)
+            else:
+                state, logits = None, self._last_logits(ids)
+            out: list[int] = []
+            while True:
+                token = int(torch.argmax(logits[: self.vocab_size]))
+                if token in stop:
+                    break
+                out.append(token)
+                if len(out) == max_new:
+                    break
+                logits = (self._step(state, token, len(ids) + len(out) - 1) if use_cache
+                          else self._last_logits(ids + out))
+        return out
+
+    def _prefill(self, ids: list[int], total: int) -> tuple[Any, torch.Tensor]:
+        raise NotImplementedError
+
+    def _step(self, state: Any, token: int, position: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _last_logits(self, ids: list[int]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _do_token_losses(self, ids: list[int]) -> np.ndarray:
+        raise NotImplementedError
+
+    def _chunks(self, n: int) -> list[tuple[int, int]]:
+        step = self.prefill_chunk if self.prefill_chunk > 0 else n
+        return [(a, min(a + step, n)) for a in range(0, n, step)]
+
+
+def _resolve_dtype(dtype: str, saved: str | None) -> str:
+    """auto: fp32 without CUDA (this kind of CPU has no bf16 units), else the saved dtype."""
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+        return dtype
+    if not torch.cuda.is_available():
+        return "fp32"
+    return saved if saved in DTYPES else "fp32"
+
+
+class MegatronCausalLM(CausalLM):
+    """A checkpoint of ours as megatron-core GPTModel (local spec) at TP x CP ranks.
+
+    Call on every rank of the launch (collective construction). See the module docstring for
+    the driver/serve protocol, the KV cache and what CP covers.
+
+    Args:
+        path: checkpoint root (its latest marker is followed) or iteration directory.
+        tensor_model_parallel_size: TP.
+        context_parallel_size: CP (`token_losses` only).
+        dtype: auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, the checkpoint's dtype on GPU).
+        tokenizer_model: tokenizer directory; default the checkpoint's recorded one.
+        prefill_chunk: prompt tokens per prefill forward (0 = the whole prompt at once).
+    """
+
+    kind = "megatron"
+
+    def __init__(self, path: str | os.PathLike, *, tensor_model_parallel_size: int = 1,
+                 context_parallel_size: int = 1, dtype: str = "auto",
+                 tokenizer_model: str | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        from megatron_longctx.config.model import ModelConfig, ParallelConfig, PrecisionConfig
+        from megatron_longctx.convert.model_io import (
+            checkpoint_params_dtype,
+            load_model_checkpoint,
+        )
+        from megatron_longctx.model.build import build_model_chunks
+
+        directory = resolve_checkpoint(path)
+        if directory is None:
+            raise FileNotFoundError(f"{path}: no complete checkpoint (no longctx_meta.json and "
+                                    "no latest_checkpointed_iteration.txt)")
+        meta = read_meta(directory)
+        recorded = (meta.get("tokenizer") or {}).get("model")
+        super().__init__(tokenizer_model or recorded)
+        self.path = str(path)
+        self.directory = directory
+        self.meta = meta
+        self.config = ModelConfig(**meta["model"])
+        self.vocab_size = self.config.vocab_size
+        self.max_position_embeddings = self.config.max_position_embeddings
+        self.training_length = self.config.seq_length
+        self.prefill_chunk = int(prefill_chunk)
+        self.tp = int(tensor_model_parallel_size)
+        self.cp = int(context_parallel_size)
+        self.parallel = ParallelConfig(tensor_model_parallel_size=self.tp,
+                                       context_parallel_size=self.cp)
+        self._stack = contextlib.ExitStack()
+        self._closed = False
+        try:
+            self._init_distributed()
+            saved = (checkpoint_params_dtype(directory)
+                     if dtype == "auto" and torch.cuda.is_available() else None)
+            self.dtype = _resolve_dtype(dtype, saved)
+            precision = PrecisionConfig(params_dtype=self.dtype)
+            chunks = build_model_chunks(self.config, self.parallel, precision,
+                                        perform_initialization=False)
+            load_model_checkpoint(chunks, directory)
+            model = chunks[0]
+            if self.dtype != "fp32":
+                from megatron.core.transformer.module import Float16Module
+
+                model = Float16Module(model.config, model)
+            self.model = model.eval()
+        except BaseException:
+            self._stack.close()
+            raise
+        self.device = (torch.device("cuda", torch.cuda.current_device())
+                       if torch.cuda.is_available() else torch.device("cpu"))
+
+    def _init_distributed(self) -> None:
+        from megatron_longctx.convert.model_io import single_process_group
+        from megatron_longctx.parallel.init import (
+            destroy_distributed,
+            initialize_distributed,
+            read_dist_env,
+            release_model_parallel,
+        )
+
+        self.parallel.validate()
+        world = dist.get_world_size() if dist.is_initialized() else read_dist_env().world_size
+        need = self.parallel.model_parallel_size
+        if world != need:
+            raise ValueError(
+                f"evaluation runs one model replica: the world size ({world}) must equal "
+                f"--tensor-model-parallel-size ({self.tp}) x --context-parallel-size "
+                f"({self.cp}) = {need}; launch with e.g. torchrun --nproc-per-node {need}")
+        if world == 1:
+            self._stack.enter_context(single_process_group())
+        else:
+            created = not dist.is_initialized()
+            initialize_distributed(self.parallel)
+            self._stack.callback(destroy_distributed if created else release_model_parallel)
+        self.rank = dist.get_rank()
+        self.world_size = world
+        self.is_driver = self.rank == 0
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "checkpoint": str(self.directory.resolve()),
+                "iteration": self.meta.get("iteration"), "dtype": self.dtype,
+                "tensor_model_parallel_size": self.tp, "context_parallel_size": self.cp,
+                "prefill_chunk": self.prefill_chunk}
+
+    # -- driver / serving ranks -------------------------------------------------------------
+    def _call(self, name: str, *args: Any) -> Any:
+        if not self.is_driver:
+            raise RuntimeError("only rank 0 calls the model; other ranks run serve()")
+        if name == "generate" and self.cp > 1:
+            raise NotImplementedError(
+                "generation with --context-parallel-size > 1 is not supported (megatron-core "
+                "0.16.1's KV cache is not context-parallel); use --tensor-model-parallel-size "
+                "with chunked prefill (--prefill-chunk) for long needle tests")
+        if self.world_size > 1:
+            dist.broadcast_object_list([(name, args)], src=0)
+        return getattr(self, f"_do_{name}")(*args)
+
+    def serve(self) -> None:
+        if self.is_driver:
+            return
+        while True:
+            box: list[Any] = [None]
+            dist.broadcast_object_list(box, src=0)
+            name, args = box[0]
+            if name == "stop":
+                return
+            getattr(self, f"_do_{name}")(*args)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            if self.is_driver and self.world_size > 1:
+                dist.broadcast_object_list([("stop", ())], src=0)
+        finally:
+            self.model = None
+            self._stack.close()
+
+    # -- forward passes ---------------------------------------------------------------------
+    def _forward(self, ids: list[int], start: int, context: Any = None) -> torch.Tensor:
+        """Logits [s, padded vocab] (only the last position with a KV-cache context)."""
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, start + len(ids), device=self.device).unsqueeze(0)
+        logits = self.model(tokens, positions, None, inference_context=context,
+                            runtime_gather_output=True)
+        return logits[0].float()
+
+    def _prefill(self, ids: list[int], total: int) -> tuple[Any, torch.Tensor]:
+        from megatron.core.inference.contexts import StaticInferenceContext
+
+        context = StaticInferenceContext(max_batch_size=1, max_sequence_length=total)
+        logits = None
+        for a, b in self._chunks(len(ids)):
+            logits = self._forward(ids[a:b], a, context)[-1]
+            context.increment_sequence_len_offset(b - a)
+        return context, logits
+
+    def _step(self, state: Any, token: int, position: int) -> torch.Tensor:
+        logits = self._forward([token], position, state)[-1]
+        state.increment_sequence_len_offset(1)
+        return logits
+
+    def _last_logits(self, ids: list[int]) -> torch.Tensor:
+        return self._forward(ids, 0)[-1]
+
+    def _do_token_losses(self, ids: list[int]) -> np.ndarray:
+        from megatron.core import parallel_state, tensor_parallel
+
+        from megatron_longctx.parallel.context_parallel import (
+            cp_chunk_ids,
+            cp_token_positions,
+            split_for_cp,
+        )
+
+        n = len(ids) - 1
+        pad = (-n) % (2 * self.cp) if self.cp > 1 else 0
+        inputs = torch.tensor([ids[:-1] + [0] * pad], dtype=torch.long, device=self.device)
+        labels = torch.tensor([ids[1:] + [0] * pad], dtype=torch.long, device=self.device)
+        cp_rank = parallel_state.get_context_parallel_rank() if self.cp > 1 else 0
+        positions = cp_token_positions(n + pad, self.cp, cp_rank, device=self.device)
+        inputs = split_for_cp(inputs, self.cp, cp_rank)
+        labels = split_for_cp(labels, self.cp, cp_rank)
+        with torch.inference_mode():
+            # This TP rank's vocabulary shard [1, s, V/TP]; padded entries masked out.
+            logits = self.model(inputs, positions.unsqueeze(0), None,
+                                runtime_gather_output=False).float()
+            shard = logits.shape[-1]
+            first = parallel_state.get_tensor_model_parallel_rank() * shard
+            real = self.vocab_size - first
+            if real < shard:
+                logits[..., max(real, 0):] = float("-inf")
+            losses = tensor_parallel.vocab_parallel_cross_entropy(logits, labels)[0]
+            if self.cp > 1:
+                parts = [torch.empty_like(losses) for _ in range(self.cp)]
+                dist.all_gather(parts, losses.contiguous(),
+                                group=parallel_state.get_context_parallel_group())
+                chunk = (n + pad) // (2 * self.cp)
+                full = torch.empty(n + pad, dtype=losses.dtype, device=losses.device)
+                for rank, part in enumerate(parts):
+                    for slot, c in enumerate(cp_chunk_ids(self.cp, rank)):
+                        full[c * chunk:(c + 1) * chunk] = part[slot * chunk:(slot + 1) * chunk]
+                losses = full
+        return losses[:n].double().cpu().numpy()
+
+
+class HFCausalLM(CausalLM):
+    """A Hugging Face causal LM directory (one process, one device).
+
+    Args:
+        path: directory with config.json and weights.
+        dtype: auto | fp32 | bf16 | fp16 (auto: fp32 on CPU, config.json's dtype on GPU).
+        tokenizer_model: tokenizer directory; default `path` when it holds tokenizer files.
+        prefill_chunk: prompt tokens per prefill forward (0 = all at once).
+    """
+
+    kind = "hf"
+
+    def __init__(self, path: str | os.PathLike, *, dtype: str = "auto",
+                 tokenizer_model: str | None = None,
+                 prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        from transformers import AutoModelForCausalLM
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError("a Hugging Face model is evaluated in one process; convert it "
+                             "(tools/convert_checkpoint.py hf-to-megatron) for TP/CP")
+        root = Path(path)
+        has_tokenizer = any((root / name).is_file()
+                            for name in ("tokenizer.json", "tokenizer_config.json"))
+        super().__init__(tokenizer_model or (str(root) if has_tokenizer else None))
+        self.path = str(path)
+        cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda") if cuda else torch.device("cpu")
+        # auto: fp32 on CPU, config.json's dtype on GPU
+        torch_dtype: Any = ("auto" if dtype == "auto" and cuda
+                            else DTYPES[_resolve_dtype(dtype, None)])
+        self.model = AutoModelForCausalLM.from_pretrained(root, dtype=torch_dtype)
+        self.model.to(self.device).eval()
+        config = self.model.config
+        self.vocab_size = int(config.vocab_size)
+        self.max_position_embeddings = getattr(config, "max_position_embeddings", None)
+        self.prefill_chunk = int(prefill_chunk)
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "dtype": str(self.model.dtype).replace("torch.", ""),
+                "prefill_chunk": self.prefill_chunk}
+
+    def close(self) -> None:
+        self.model = None
+
+    def _tensor(self, ids: list[int]) -> torch.Tensor:
+        return torch.tensor([ids], dtype=torch.long, device=self.device)
+
+    def _prefill(self, ids: list[int], total: int) -> tuple[Any, torch.Tensor]:
+        past, out = None, None
+        for a, b in self._chunks(len(ids)):
+            out = self.model(input_ids=self._tensor(ids[a:b]), past_key_values=past,
+                             use_cache=True, logits_to_keep=1)
+            past = out.past_key_values
+        state = {"past": past}
+        return state, out.logits[0, -1].float()
+
+    def _step(self, state: Any, token: int, position: int) -> torch.Tensor:
+        out = self.model(input_ids=self._tensor([token]), past_key_values=state["past"],
+                         use_cache=True, logits_to_keep=1)
+        state["past"] = out.past_key_values
+        return out.logits[0, -1].float()
+
+    def _last_logits(self, ids: list[int]) -> torch.Tensor:
+        out = self.model(input_ids=self._tensor(ids), use_cache=False, logits_to_keep=1)
+        return out.logits[0, -1].float()
+
+    def _do_token_losses(self, ids: list[int]) -> np.ndarray:
+        """Last hidden states once, then the output layer and the loss in chunks of positions
+        (full-vocabulary fp32 logits of a 128K sequence would be 16 GB for LLaMA-2). Assumes
+        a LLaMA-style head: logits = lm_head(final hidden state), no extra scaling."""
+        import torch.nn.functional as F
+
+        base = getattr(self.model, self.model.base_model_prefix)
+        head = self.model.get_output_embeddings()
+        labels = torch.tensor(ids[1:], dtype=torch.long, device=self.device)
+        out = []
+        with torch.inference_mode():
+            hidden = base(input_ids=self._tensor(ids[:-1]), use_cache=False).last_hidden_state[0]
+            for a in range(0, hidden.shape[0], _HF_LOSS_CHUNK):
+                logits = head(hidden[a:a + _HF_LOSS_CHUNK]).float()[:, : self.vocab_size]
+                out.append(F.cross_entropy(logits, labels[a:a + _HF_LOSS_CHUNK],
+                                           reduction="none"))
+        return torch.cat(out).double().cpu().numpy()
+
+
+def load_causal_lm(path: str | os.PathLike, *, tensor_model_parallel_size: int = 1,
+                   context_parallel_size: int = 1, dtype: str = "auto",
+                   tokenizer_model: str | None = None,
+                   prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> CausalLM:
+    """Open `path` as the right backend: a checkpoint of ours or an HF model directory.
+
+    Collective for our checkpoints (call on every rank). HF directories need TP = CP = 1.
+
+    Raises:
+        FileNotFoundError: neither a checkpoint of ours nor a directory with config.json.
+        ValueError: bad parallel sizes for the backend or the world size.
+    """
+    if is_longctx_checkpoint(path):
+        return MegatronCausalLM(path, tensor_model_parallel_size=tensor_model_parallel_size,
+                                context_parallel_size=context_parallel_size, dtype=dtype,
+                                tokenizer_model=tokenizer_model, prefill_chunk=prefill_chunk)
+    if (Path(path) / "config.json").is_file():
+        if tensor_model_parallel_size != 1 or context_parallel_size != 1:
+            raise ValueError(
+                f"{path} is a Hugging Face directory, evaluated in one process: "
+                "--tensor-model-parallel-size/--context-parallel-size need a checkpoint of ours "
+                "(tools/convert_checkpoint.py hf-to-megatron)")
+        return HFCausalLM(path, dtype=dtype, tokenizer_model=tokenizer_model,
+                          prefill_chunk=prefill_chunk)
+    raise FileNotFoundError(f"--model {path}: neither a megatron-longctx checkpoint "
+                            "(longctx_meta.json / latest_checkpointed_iteration.txt) nor a "
+                            "Hugging Face directory (config.json)")
+
+
+# --------------------------------------------------------------------------------------------
+# CLI helpers shared by tools/eval_needle.py and tools/eval_ppl.py
+# --------------------------------------------------------------------------------------------
+def add_model_arguments(parser: Any, *, tokenizer: bool = True) -> None:
+    """--model, --tokenizer-model, --tensor-model-parallel-size, --context-parallel-size,
+    --dtype, --prefill-chunk."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", required=True,
+                       help="checkpoint of ours (root or iter_ directory) or a Hugging Face "
+                       "model directory; told apart automatically")
+    if tokenizer:
+        group.add_argument("--tokenizer-model", default=None,
+                           help="tokenizer directory when the model has none (default: the "
+                           "checkpoint's recorded tokenizer / the HF directory)")
+    group.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                       help="TP ranks (ours only); world size must be TP x CP")
+    group.add_argument("--context-parallel-size", type=int, default=1,
+                       help="CP ranks (ours only; loss evaluation, not generation)")
+    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+                       help="auto: fp32 on CPU, the saved dtype on GPU")
+    group.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
+                       help=f"prompt tokens per prefill forward (default "
+                       f"{DEFAULT_PREFILL_CHUNK}; 0 = whole prompt at once)")
+
+
+def model_from_args(args: Any) -> CausalLM:
+    """`load_causal_lm` from the flags of `add_model_arguments`."""
+    if args.prefill_chunk < 0:
+        raise ValueError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
+    return load_causal_lm(args.model,
+                          tensor_model_parallel_size=args.tensor_model_parallel_size,
+                          context_parallel_size=args.context_parallel_size, dtype=args.dtype,
+                          tokenizer_model=getattr(args, "tokenizer_model", None),
+                          prefill_chunk=args.prefill_chunk)
+
+
+def drive(model: CausalLM, job: Any) -> Any:
+    """Run `job(model)` on the driver rank while the other ranks serve its model calls; close
+    the model on every rank afterwards (also when the job raises). Returns the job's result on
+    the driver, None elsewhere."""
+    try:
+        if model.is_driver:
+            return job(model)
+        model.serve()
+        return None
+    finally:
+        model.close()
