@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """`make demo`: the whole recipe on the embedded synthetic corpus, through the tools' own CLIs.
 
-Stages that later work builds say "not yet" and produce nothing; no result here is faked.
+Stage 3 is the paper in miniature: a tiny LLaMA pretrained from scratch at a short length
+(stage 1), then continually pretrained at 4x that length with the RoPE base raised on the
+per-source mixture (stage 2), both with the real trainer (pretrain_longctx.py, megatron-core,
+CPU + gloo here). Stages not built yet say so and produce nothing; no result here is faked.
 """
 
 from __future__ import annotations
@@ -24,11 +27,28 @@ def run(step: str, args: list[str]) -> None:
     print(f"   ({time.time() - start:.1f} s)", flush=True)
 
 
+def _batch(seq_length: int, tokens_per_step: int) -> list[str]:
+    """Micro/global batch giving `tokens_per_step` tokens per step (micro-batch = global)."""
+    gbs = max(tokens_per_step // seq_length, 1)
+    return ["--micro-batch-size", str(gbs), "--global-batch-size", str(gbs)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="demo_output")
     parser.add_argument("--total-words", type=int, default=2_000_000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--model-preset", default="tiny-demo")
+    parser.add_argument("--short-length", type=int, default=256,
+                        help="stage-1 sequence length")
+    parser.add_argument("--long-length", type=int, default=1024,
+                        help="stage-2 sequence length (the extension)")
+    parser.add_argument("--short-rotary-base", type=int, default=10000)
+    parser.add_argument("--long-rotary-base", type=int, default=160000,
+                        help="raised RoPE base for stage 2 (Fu et al.: raise it, then train)")
+    parser.add_argument("--stage1-iters", type=int, default=150)
+    parser.add_argument("--stage2-iters", type=int, default=60)
+    parser.add_argument("--tokens-per-step", type=int, default=8192)
     args = parser.parse_args(argv)
     out = Path(args.output_dir).resolve()
     corpus, tok, data = out / "corpus", out / "tokenizer", out / "data" / "slimpajama"
@@ -62,9 +82,25 @@ def main(argv: list[str] | None = None) -> int:
          "--long-threshold", "1024", "--train-tokens", "2e6", "--seq-length", "2048",
          "--valid-fraction", "0.01", "--audit"])
 
-    for stage in ("3. pretraining stage 1 and context extension (pretrain_longctx.py)",
-                  "4. evaluation: needle heatmap, loss by position"):
-        print(f"\n== {stage}: not yet built; nothing produced")
+    ckpt, tb = out / "checkpoints", out / "tensorboard"
+    common = ["pretrain_longctx.py", "--model-preset", args.model_preset,
+              "--mixture-plan", str(mix / "mixture_plan.json"), "--tokenizer-model", str(tok),
+              "--data-cache-path", str(mix / "cache"), "--weight-decay", "0.1",
+              "--log-interval", "10", "--clip-grad", "1.0"]
+    run(f"3a. stage 1: pretrain {args.model_preset} from scratch at {args.short_length} tokens",
+        [*common, *_batch(args.short_length, args.tokens_per_step),
+         "--seq-length", str(args.short_length), "--rotary-base", str(args.short_rotary_base),
+         "--train-iters", str(args.stage1_iters), "--lr", "2e-3", "--min-lr", "2e-4",
+         "--lr-warmup-iters", "10", "--lr-decay-style", "cosine",
+         "--save", str(ckpt / "stage1"), "--tensorboard-dir", str(tb / "stage1")])
+    run(f"3b. stage 2: continue at {args.long_length} tokens, RoPE base "
+        f"{args.short_rotary_base} -> {args.long_rotary_base}, per-source mixture",
+        [*common, *_batch(args.long_length, args.tokens_per_step),
+         "--seq-length", str(args.long_length), "--rotary-base", str(args.long_rotary_base),
+         "--train-iters", str(args.stage2_iters), "--lr", "5e-4",
+         "--lr-decay-style", "constant", "--load", str(ckpt / "stage1"), "--finetune",
+         "--save", str(ckpt / "stage2"), "--tensorboard-dir", str(tb / "stage2")])
+    print("\n== 4. evaluation: needle heatmap, loss by position: not yet built; nothing produced")
     print(f"\ndemo outputs: {out}")
     return 0
 

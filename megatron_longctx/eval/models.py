@@ -603,12 +603,19 @@ def add_model_arguments(parser: Any, *, tokenizer: bool = True) -> None:
     group.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                        help=f"prompt tokens per prefill forward (default "
                        f"{DEFAULT_PREFILL_CHUNK}; 0 = whole prompt at once)")
+    group.add_argument("--num-threads", type=int, default=None,
+                       help="torch CPU threads per process (default: torch's); 1 is fastest "
+                       "for tiny models on a busy machine (docs/evaluation.md)")
 
 
 def model_from_args(args: Any) -> CausalLM:
     """`load_causal_lm` from the flags of `add_model_arguments`."""
     if args.prefill_chunk < 0:
         raise ValueError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
+    if args.num_threads is not None:
+        if args.num_threads < 1:
+            raise ValueError(f"--num-threads must be >= 1, got {args.num_threads}")
+        torch.set_num_threads(args.num_threads)
     return load_causal_lm(args.model,
                           tensor_model_parallel_size=args.tensor_model_parallel_size,
                           context_parallel_size=args.context_parallel_size, dtype=args.dtype,

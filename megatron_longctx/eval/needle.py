@@ -588,7 +588,8 @@ def plot_heatmap(results: dict[str, Any], path: str | Path, *,
                  training_length: int | None = None, title: str | None = None) -> Path:
     """The paper's heatmap: grid lengths on x, depths on y (0% at the top), score colour
     (red 0 -> yellow -> green 100, missing cells blank), a dashed vertical line at
-    `training_length` (interpolated between the columns it falls between)."""
+    `training_length` (interpolated between the columns it falls between; outside the grid's
+    lengths the legend says so instead)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -605,8 +606,8 @@ def plot_heatmap(results: dict[str, Any], path: str | Path, *,
         j = col.get(int(cell["length"]))
         if i is not None and j is not None:
             grid[i, j] = cell["score"]
-    cmap = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
-    cmap.set_bad("white")
+    cmap = LinearSegmentedColormap.from_list(
+        "needle", ["#F0496E", "#EBB839", "#0CD79F"]).with_extremes(bad="white")
     width = min(max(6.0, 0.32 * len(lengths) + 3.0), 18.0)
     fig, ax = plt.subplots(figsize=(width, 0.35 * len(depths) + 2.5))
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto",
@@ -621,13 +622,15 @@ def plot_heatmap(results: dict[str, Any], path: str | Path, *,
     ax.set_xlabel("Token Limit")
     ax.set_ylabel("Depth Percent")
     if training_length is not None and lengths:
-        if len(lengths) == 1:
-            x = 0.0 if training_length <= lengths[0] else 0.5
-        else:
-            x = float(np.interp(training_length, lengths, range(len(lengths)),
-                                left=-0.5, right=len(lengths) - 0.5))
-        ax.axvline(x, color="black", linestyle="--", linewidth=1.5,
-                   label=f"training length {training_length:,}")
+        inside = lengths[0] <= training_length <= lengths[-1]
+        if inside:
+            x = (float(np.interp(training_length, lengths, range(len(lengths))))
+                 if len(lengths) > 1 else 0.0)
+            ax.axvline(x, color="black", linestyle="--", linewidth=1.5,
+                       label=f"training length {training_length:,}")
+        else:  # no line outside the grid: say where it is instead
+            side = "above" if training_length > lengths[-1] else "below"
+            ax.plot([], [], " ", label=f"training length {training_length:,} ({side} the grid)")
         ax.legend(loc="upper left", bbox_to_anchor=(1.12, 1.0), frameon=False, fontsize=8)
     overall = results.get("overall")
     name = Path(str(results.get("model", {}).get("path", "model"))).name

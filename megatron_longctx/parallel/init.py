@@ -41,12 +41,21 @@ def _first_slurm_host(nodelist: str) -> str:
     return match.group(1) + (match.group(2) or "")
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def read_dist_env(env: dict[str, str] | None = None) -> DistEnv:
     """Rank and rendezvous from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or SLURM (SLURM_PROCID/
     SLURM_NTASKS/SLURM_LOCALID); neither means a single process.
 
     MASTER_ADDR defaults to the first host of SLURM_JOB_NODELIST (or localhost); MASTER_PORT to
-    29500 (SLURM: 20000 + job id % 10000, so concurrent jobs on a node do not collide).
+    29500 for torchrun, a free port for a single process (SLURM: 20000 + job id % 10000, so
+    concurrent jobs on a node do not collide).
     """
     env = dict(os.environ if env is None else env)
     if "RANK" in env and "WORLD_SIZE" in env:
@@ -62,8 +71,10 @@ def read_dist_env(env: dict[str, str] | None = None) -> DistEnv:
         default_addr = _first_slurm_host(nodes)
         default_port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 10000
     else:
+        # One process: any free port (no peer needs to find it), so concurrent single-process
+        # runs on a machine (tests, demo, tools) never collide on a fixed one.
         rank, world, local, source = 0, 1, 0, "single"
-        default_addr, default_port = "127.0.0.1", 29500
+        default_addr, default_port = "127.0.0.1", _free_port() if "MASTER_PORT" not in env else 0
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world size {world} ({source} environment)")
     return DistEnv(
