@@ -578,10 +578,10 @@ def run_needle(model: Any, settings: NeedleSettings, output_dir: str | Path, *,
 
 
 def _length_label(length: int) -> str:
-    if length < 1000:
+    """Exact below 10,000 tokens (1000, 4256, 2048), else thousands (128K, 13.0K -> 13K)."""
+    if length < 10000:
         return str(length)
-    text = f"{length / 1000:.1f}".rstrip("0").rstrip(".")
-    return f"{text}K"
+    return f"{length / 1000:.0f}K"
 
 
 def plot_heatmap(results: dict[str, Any], path: str | Path, *,

@@ -16,7 +16,7 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
         [sys.executable, str(REPO / "tools" / "demo.py"), "--output-dir", str(out),
          "--total-words", "400000", "--workers", "2", "--model-preset", "tiny",
          "--stage1-iters", "3", "--stage2-iters", "2", "--tokens-per-step", "1024",
-         "--short-length", "128", "--long-length", "512"],
+         "--short-length", "128", "--long-length", "512", "--needle-depths", "2"],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "max |diff|" in proc.stdout and ": OK" in proc.stdout
@@ -28,6 +28,12 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
             checkpoint_meta.resolve_checkpoint(out / "checkpoints" / stage))
         assert meta["iteration"] == iters and meta["model"]["seq_length"] == seq
     assert "lm loss" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    for key in ("needle_before", "needle_after", "needle_short_before", "needle_short_after"):
+        assert 0.0 <= report[key] <= 100.0
+    assert report["settings"]["long_length"] == 512
+    assert len(list((out / "eval").glob("needle_*/heatmap.png"))) == 4
+    assert str(out / "report.md") in proc.stdout
     plan = json.loads((out / "mixture" / "mixture_plan.json").read_text())
     assert plan["strategy"] == "per-source" and len(plan["domains"]) == 7
     assert (out / "mixture" / "report.md").exists()
