@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         run(f"4. loss by position and domain ({stage} checkpoint, held-out documents)",
             ["tools/eval_ppl.py", "--model", str(ckpt / stage), "--mixture-plan",
              str(mix / "mixture_plan.json"), "--seq-length", str(args.long_length),
-             "--max-docs-per-domain", "2", "--output-dir", str(evals / f"ppl_{stage}")])
+             "--max-docs-per-domain", "2", "--min-doc-length", str(args.short_length),
+             "--output-dir", str(evals / f"ppl_{stage}")])
     report = {
         **scores,
         "settings": {k: v for k, v in vars(args).items() if k != "output_dir"},

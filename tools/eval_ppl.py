@@ -29,7 +29,8 @@ from megatron_longctx.eval.ppl import (
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 for _pattern in (r".*(Transformer Engine and )?Apex (is|are) not installed.*",
-                 r".*deprecating ShardedTensor.*", r".*`load_state_dict` is deprecated.*"):
+                 r".*deprecating ShardedTensor.*", r".*`load_state_dict` is deprecated.*",
+                 r".*all_gather_into_tensor` is deprecated.*"):
     warnings.filterwarnings("ignore", message=_pattern)
 
 

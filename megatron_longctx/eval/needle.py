@@ -210,6 +210,7 @@ class NeedleSettings:
         for name in ("lengths", "depths", "training_length"):
             out.pop(name)
         out["template"] = self.resolved_template()
+        out["haystack"] = str(Path(self.haystack).resolve()) if self.haystack else None
         return out
 
 

@@ -286,12 +286,17 @@ def test_cli_grid_flags() -> None:
 # --------------------------------------------------------------------------------------------
 # end to end: trainer checkpoint and HF directory
 # --------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def trainer_checkpoint(tmp_path_factory, hf_tokenizer_dir) -> Path:
-    """Two steps of the real trainer (tiny preset, mock data, the test tokenizer recorded)."""
+_TRAINED: dict[str, Path] = {}
+
+
+def trained_checkpoint(tmp_path_factory, tokenizer_dir: str) -> Path:
+    """Two steps of the real trainer (tiny preset, mock data, the test tokenizer recorded);
+    made once per session (test_eval_ppl.py uses it too)."""
     import os
     import socket
 
+    if tokenizer_dir in _TRAINED:
+        return _TRAINED[tokenizer_dir]
     out = tmp_path_factory.mktemp("trained") / "ckpt"
     with socket.socket() as sock:  # the trainer's default port may be taken on a shared host
         sock.bind(("127.0.0.1", 0))
@@ -299,11 +304,17 @@ def trainer_checkpoint(tmp_path_factory, hf_tokenizer_dir) -> Path:
     proc = subprocess.run(
         [sys.executable, str(REPO / "pretrain_longctx.py"), "--model-preset", "tiny",
          "--mock-data", "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
-         hf_tokenizer_dir, "--seq-length", "64", "--train-iters", "2",
+         tokenizer_dir, "--seq-length", "64", "--train-iters", "2",
          "--micro-batch-size", "1", "--global-batch-size", "1", "--save", str(out)],
         capture_output=True, text=True, cwd=REPO, env={**os.environ, "MASTER_PORT": str(port)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    _TRAINED[tokenizer_dir] = out
     return out
+
+
+@pytest.fixture(scope="module")
+def trainer_checkpoint(tmp_path_factory, hf_tokenizer_dir) -> Path:
+    return trained_checkpoint(tmp_path_factory, hf_tokenizer_dir)
 
 
 def test_cli_end_to_end_on_trainer_checkpoint_and_hf_dir(trainer_checkpoint, hf_tokenizer_dir,
@@ -333,3 +344,25 @@ def test_cli_end_to_end_on_trainer_checkpoint_and_hf_dir(trainer_checkpoint, hf_
     assert cli.main(["--model", str(hf), "--output-dir", str(tmp_path / "x"), "--lengths",
                      "20", "--num-threads", "1"]) == 2
     assert "without haystack" in capsys.readouterr().err
+
+
+def test_bos_prefix_of_the_tokenizer_starts_every_prompt(hf_tokenizer_dir, tmp_path) -> None:
+    """A LLaMA-style tokenizer (post-processor adding BOS): prompts start with it, offsets and
+    the insertion index still line up."""
+    from tokenizers import Tokenizer, processors
+
+    from megatron_longctx.eval.models import EvalTokenizer
+
+    shutil.copytree(hf_tokenizer_dir, tmp_path / "tok")
+    backend = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
+    bos = backend.token_to_id("<|pad|>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|pad|> $A", special_tokens=[("<|pad|>", bos)])
+    backend.save(str(tmp_path / "tok" / "tokenizer.json"))
+    tok = EvalTokenizer(tmp_path / "tok")
+    assert tok.bos_ids == [bos] and tok.encode("a b")[0] != bos
+    hay = build_haystack(NeedleSettings(lengths=[400], depths=[0.0]), tok, 400)
+    prompt = build_prompt(hay, tok, Needle(PAPER_NEEDLE, PAPER_QUESTION, PAPER_ANSWER),
+                          PAPER_TEMPLATE, 400, 50.0)
+    assert prompt.ids[0] == bos and len(prompt.ids) <= 400
+    assert tok.decode(prompt.ids[prompt.insertion_token:]).lstrip().startswith(PAPER_NEEDLE)

@@ -22,7 +22,7 @@ from megatron_longctx.eval.ppl import (
     sources_from_data_paths,
     sources_from_mixture_plan,
 )
-from tests.unit.test_eval_needle import _cli, make_tiny_hf
+from tests.unit.test_eval_needle import _cli, make_tiny_hf, trained_checkpoint
 
 
 def write_dataset(prefix: Path, lengths: list[int], vocab: int, seed: int = 0) -> str:
@@ -122,9 +122,10 @@ def test_run_ppl_with_known_losses(tmp_path) -> None:
 
 
 def test_cli_end_to_end_hf_and_converted_checkpoint_agree(hf_tokenizer_dir, tmp_path,
-                                                          capsys) -> None:
+                                                          tmp_path_factory, capsys) -> None:
     """The same weights as an HF directory and as our checkpoint give the same losses per
-    bucket; bucket losses (token-weighted) average to the overall loss."""
+    bucket; bucket losses (token-weighted) average to the overall loss; a trainer checkpoint
+    runs too."""
     from megatron_longctx.convert.hf_llama import convert_hf_to_megatron
 
     cli = _cli("eval_ppl")
@@ -135,7 +136,8 @@ def test_cli_end_to_end_hf_and_converted_checkpoint_agree(hf_tokenizer_dir, tmp_
                 for seed, (name, lengths) in enumerate(
                     (("Book", [700, 100, 520, 600]), ("C4", [90, 513, 800])))]
     results = {}
-    for name, model in (("hf", hf), ("ours", ours)):
+    trained = trained_checkpoint(tmp_path_factory, hf_tokenizer_dir)
+    for name, model in (("hf", hf), ("ours", ours), ("trained", trained)):
         out = tmp_path / f"ppl-{name}"
         assert cli.main(["--model", str(model), "--data-path", *prefixes, "--seq-length", "512",
                          "--buckets", "0,64,256", "--output-dir", str(out),
@@ -143,13 +145,14 @@ def test_cli_end_to_end_hf_and_converted_checkpoint_agree(hf_tokenizer_dir, tmp_
         results[name] = json.loads((out / "ppl.json").read_text())
         assert (out / "loss_by_position.png").is_file()
     assert "all: loss" in capsys.readouterr().out
+    assert results["trained"]["model"]["training_length"] == 64
     hf_res, ours_res = results["hf"], results["ours"]
     assert hf_res["overall"]["tokens"] == 5 * 511
     assert {d: v["documents"] for d, v in hf_res["domains"].items()} == {"sp_Book": 3,
                                                                          "sp_C4": 2}
     for a, b in zip(hf_res["buckets"], ours_res["buckets"]):
         assert a["tokens"] == b["tokens"] and abs(a["loss"] - b["loss"]) < 1e-4
-    for res in (hf_res, ours_res):
+    for res in results.values():
         weighted = sum(b["loss"] * b["tokens"] for b in res["buckets"]) / sum(
             b["tokens"] for b in res["buckets"])
         assert weighted == pytest.approx(res["overall"]["loss"], rel=1e-12)
