@@ -129,9 +129,15 @@ _STREAM_TEXT = 2
 #: How a fact is stated in a document.
 FACT_TEMPLATE = "the secret code of {key} is {value} ."
 #: How a fact is asked about later in the same document (the answer follows in the text).
-QUESTION_TEMPLATE = "question : what is the secret code of {key} ? answer : {value} ."
+#: The answer restates the fact, so the tokens right before the value repeat the statement's
+#: ("the secret code of {key} is"): the copy is the plain induction pattern (find the earlier
+#: occurrence of the current context, copy what followed) that small models learn in a few
+#: hundred steps, instead of a key lookup from a distant question word.
+QUESTION_TEMPLATE = ("question : what is the secret code of {key} ? answer : the secret code of "
+                     "{key} is {value} .")
 #: The question up to the answer, for building retrieval prompts whose completion is the value.
-QUESTION_PROMPT_TEMPLATE = "question : what is the secret code of {key} ? answer :"
+QUESTION_PROMPT_TEMPLATE = ("question : what is the secret code of {key} ? answer : the secret "
+                            "code of {key} is")
 
 
 #: The 100 fact keys. None of them occurs anywhere else in the vocabulary.

@@ -257,7 +257,8 @@ def _fact_patterns() -> list[re.Pattern[str]]:
     from megatron_longctx.data.synthetic import FACT_TEMPLATE, QUESTION_TEMPLATE
 
     out = []
-    for template in (FACT_TEMPLATE, QUESTION_TEMPLATE):
+    # Questions first: their answers restate the fact, which the fact pattern would eat.
+    for template in (QUESTION_TEMPLATE, FACT_TEMPLATE):
         pattern = re.escape(template)
         pattern = pattern.replace(re.escape("{key}"), "[a-z]+")
         pattern = pattern.replace(re.escape("{value}"), "[0-9]+")

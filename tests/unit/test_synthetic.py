@@ -38,8 +38,10 @@ from megatron_longctx.data.synthetic import (
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = CorpusConfig(total_words=200_000, seed=7, num_files=3)
-QUESTION_RE = re.compile(r"question : what is the secret code of (\w+) \? answer : (\d+) \.")
-FACT_RE = re.compile(r"the secret code of (\w+) is (\d+) \.")
+QUESTION_RE = re.compile(r"question : what is the secret code of (\w+) \? answer : "
+                         r"the secret code of \1 is (\d+) \.")
+# A statement, not the restatement inside an answer.
+FACT_RE = re.compile(r"(?<!answer : )the secret code of (\w+) is (\d+) \.")
 CODE = "RedPajamaGithub"
 
 
@@ -84,7 +86,8 @@ def test_constants() -> None:
     assert MEDIAN_TOKENS["RedPajamaBook"] == 121602 and MEDIAN_TOKENS["RedPajamaC4"] == 315
     assert len(FACT_KEYS) == 100 and len(set(FACT_KEYS)) == 100
     assert FACT_TEMPLATE == "the secret code of {key} is {value} ."
-    assert QUESTION_TEMPLATE == "question : what is the secret code of {key} ? answer : {value} ."
+    assert QUESTION_TEMPLATE == ("question : what is the secret code of {key} ? answer : "
+                                 "the secret code of {key} is {value} .")
     assert QUESTION_TEMPLATE.format(key="k", value="1").startswith(
         QUESTION_PROMPT_TEMPLATE.format(key="k")
     )
@@ -266,7 +269,7 @@ def test_punkt_splits_facts(records: list[dict]) -> None:
     sentences = splitter.tokenize(text)
     key, value = FACT_RE.search(text).groups()
     assert FACT_TEMPLATE.format(key=key, value=value) in sentences
-    assert f"answer : {value} ." in sentences
+    assert f"answer : {FACT_TEMPLATE.format(key=key, value=value)}" in sentences
     assert len(sentences) >= text.count(". ")
 
 
@@ -311,7 +314,7 @@ def test_questions_follow_their_facts(records: list[dict]) -> None:
 def test_fact_keys_only_in_facts(records: list[dict]) -> None:
     keys = set(FACT_KEYS)
     for record in records[:3000]:
-        text = QUESTION_RE.sub(" ", FACT_RE.sub(" ", record["text"]))
+        text = FACT_RE.sub(" ", QUESTION_RE.sub(" ", record["text"]))
         assert not keys.intersection(w.rstrip(".") for w in text.split())
 
 
