@@ -38,6 +38,7 @@ demo: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_preprocess.py
 	$(PY) benchmarks/bench_index.py
+	$(PY) benchmarks/bench_decode.py
 
 clean:
 	rm -rf build *.egg-info megatron_longctx/_csrc*.so $(DEMO_DIR)

@@ -14,20 +14,16 @@ atomically (temporary directory renamed at the end). See docs/conversion.md.
 
 import argparse
 import sys
-import warnings
 
 from megatron_longctx.convert.hf_llama import (
     ConversionError,
     convert_hf_to_megatron,
     convert_megatron_to_hf,
 )
+from megatron_longctx.tool_env import quiet_tool_warnings
 
 DTYPES = ["fp32", "bf16", "fp16"]
-# Import-time notices from megatron (no TE/apex on CPU) and torch's ShardedTensor deprecation
-# inside dist_checkpointing: expected here, and they would bury the progress bar.
-for _pattern in (r".*(Transformer Engine and )?Apex (is|are) not installed.*",
-                 r".*deprecating ShardedTensor.*", r".*`load_state_dict` is deprecated.*"):
-    warnings.filterwarnings("ignore", message=_pattern)
+quiet_tool_warnings()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,9 +15,7 @@ and docs/evaluation.md. Exit codes: 0 done, 2 bad flags or inputs.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import warnings
 
 from megatron_longctx.eval.models import add_model_arguments, drive, model_from_args
 from megatron_longctx.eval.needle import (
@@ -27,12 +25,9 @@ from megatron_longctx.eval.needle import (
     paper_lengths,
     run_needle,
 )
+from megatron_longctx.tool_env import quiet_tool_warnings
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-for _pattern in (r".*(Transformer Engine and )?Apex (is|are) not installed.*",
-                 r".*deprecating ShardedTensor.*", r".*`load_state_dict` is deprecated.*",
-                 r".*all_gather_into_tensor` is deprecated.*"):
-    warnings.filterwarnings("ignore", message=_pattern)
+quiet_tool_warnings()
 
 
 def build_parser() -> argparse.ArgumentParser:

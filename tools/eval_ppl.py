@@ -15,9 +15,7 @@ megatron_longctx/eval/ppl.py and docs/evaluation.md. Exit codes: 0 done, 2 bad f
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import warnings
 
 from megatron_longctx.eval.models import add_model_arguments, drive, model_from_args
 from megatron_longctx.eval.ppl import (
@@ -26,12 +24,9 @@ from megatron_longctx.eval.ppl import (
     sources_from_data_paths,
     sources_from_mixture_plan,
 )
+from megatron_longctx.tool_env import quiet_tool_warnings
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-for _pattern in (r".*(Transformer Engine and )?Apex (is|are) not installed.*",
-                 r".*deprecating ShardedTensor.*", r".*`load_state_dict` is deprecated.*",
-                 r".*all_gather_into_tensor` is deprecated.*"):
-    warnings.filterwarnings("ignore", message=_pattern)
+quiet_tool_warnings()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -56,11 +56,17 @@ _ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_h
 _TORCH_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
+def model_state_keys(num_chunks: int) -> list[str]:
+    """Top-level checkpoint keys of the model: `model`, or `model0`, `model1`, ... with
+    virtual pipeline stages (Megatron-LM's names)."""
+    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
+
+
 def model_sharded_state_dict(model_chunks: Sequence[Any]) -> dict[str, Any]:
-    """`{"model": ...}` for one chunk, `{"model0": ..., "model1": ...}` for virtual stages."""
-    if len(model_chunks) == 1:
-        return {"model": model_chunks[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model_chunks)}
+    """`{"model": ...}` for one chunk, `{"model0": ..., "model1": ...}` for virtual stages;
+    the unwrapped GPTModel's keys (no DDP / Float16Module `module.` prefixes)."""
+    return {key: unwrap_model(chunk).sharded_state_dict()
+            for key, chunk in zip(model_state_keys(len(model_chunks)), model_chunks)}
 
 
 def _rank() -> int:
@@ -245,9 +251,7 @@ def load_model_checkpoint(model_chunks: Sequence[Any], ckpt_path: str | Path) ->
     request = model_sharded_state_dict(model_chunks)
     _prepare_request(request, directory)
     state = dist_checkpointing.load(request, str(directory))
-    names = ["model"] if len(model_chunks) == 1 else [f"model{i}"
-                                                      for i in range(len(model_chunks))]
-    for name, chunk in zip(names, model_chunks):
+    for name, chunk in zip(model_state_keys(len(model_chunks)), model_chunks):
         result = unwrap_model(chunk).load_state_dict(state[name], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
         unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]

@@ -117,6 +117,23 @@ def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
+def domain_of_prefix(prefix: str) -> str:
+    """A dataset's domain: its stats file's `domain`, else its name without `_text_document`
+    (or `_document`). Used to name per-domain losses and evaluation rows."""
+    try:
+        with open(prefix + ".stats.json", encoding="utf-8") as handle:
+            domain = json.load(handle).get("domain")
+        if domain:
+            return str(domain)
+    except (OSError, ValueError):
+        pass
+    name = os.path.basename(prefix)
+    for suffix in ("_text_document", "_document"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
 def load_stats(path: str) -> dict[str, Any]:
     with open(path) as fh:
         stats = json.load(fh)

@@ -26,7 +26,6 @@ perplexity; per document: length and mean loss; settings and model) and
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -38,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from megatron_longctx.data.indexed import read_document, read_index
-from megatron_longctx.data.stats import write_json_atomic
+from megatron_longctx.data.stats import domain_of_prefix, write_json_atomic
 
 FORMAT = "megatron-longctx-ppl/1"
 RESULTS_NAME = "ppl.json"
@@ -115,23 +114,6 @@ class EvalDocument:
     tokens: np.ndarray
 
 
-def _domain_of(prefix: str) -> str:
-    stats = prefix + ".stats.json"
-    if os.path.isfile(stats):
-        try:
-            with open(stats, encoding="utf-8") as handle:
-                domain = json.load(handle).get("domain")
-            if domain:
-                return str(domain)
-        except (OSError, ValueError):
-            pass
-    name = os.path.basename(prefix)
-    for suffix in ("_text_document", "_document"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
 def sources_from_data_paths(items: Sequence[str],
                             valid_fraction: float | None = None) -> list[DocumentSource]:
     """`--data-path p1 p2` or Megatron's weighted `w1 p1 w2 p2` (weights ignored). Domain: the
@@ -151,7 +133,7 @@ def sources_from_data_paths(items: Sequence[str],
         n = len(read_index(prefix).document_lengths())
         docs = (np.arange(n, dtype=np.int64) if valid_fraction is None
                 else _split_docs(n, valid_fraction)[1])
-        out.append(DocumentSource(_domain_of(prefix), prefix, docs))
+        out.append(DocumentSource(domain_of_prefix(prefix), prefix, docs))
     return out
 
 

@@ -41,7 +41,8 @@ def _first_slurm_host(nodelist: str) -> str:
     return match.group(1) + (match.group(2) or "")
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on right now (bind to port 0 and release it)."""
     import socket
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -74,7 +75,7 @@ def read_dist_env(env: dict[str, str] | None = None) -> DistEnv:
         # One process: any free port (no peer needs to find it), so concurrent single-process
         # runs on a machine (tests, demo, tools) never collide on a fixed one.
         rank, world, local, source = 0, 1, 0, "single"
-        default_addr, default_port = "127.0.0.1", _free_port() if "MASTER_PORT" not in env else 0
+        default_addr, default_port = "127.0.0.1", free_port() if "MASTER_PORT" not in env else 0
     if not 0 <= rank < world:
         raise ValueError(f"rank {rank} outside world size {world} ({source} environment)")
     return DistEnv(

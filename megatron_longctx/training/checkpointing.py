@@ -39,6 +39,11 @@ import torch.distributed as dist
 
 from megatron_longctx import checkpoint_meta
 from megatron_longctx.config.training import PretrainConfig
+from megatron_longctx.convert.model_io import (
+    load_model_checkpoint,
+    model_sharded_state_dict,
+    model_state_keys,
+)
 from megatron_longctx.model.build import unwrap_model
 
 log = logging.getLogger(__name__)
@@ -71,10 +76,6 @@ def _layout() -> dict[str, Any]:
         "virtual_pipeline_model_parallel_size": vpp,
         "world_size": dist.get_world_size(),
     }
-
-
-def _model_keys(n_chunks: int) -> list[str]:
-    return ["model"] if n_chunks == 1 else [f"model{i}" for i in range(n_chunks)]
 
 
 def _rng_state() -> dict[str, Any]:
@@ -111,13 +112,10 @@ def _rng_sharded_object() -> Any:
 
 def _sharded_state(model_chunks: list[Any], optimizer: Any | None, scheduler: Any | None,
                    state: TrainState | None, *, is_loading: bool, with_rng: bool) -> dict:
-    sharded: dict[str, Any] = {}
-    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
-        sharded[key] = unwrap_model(chunk).sharded_state_dict()
+    sharded = model_sharded_state_dict(model_chunks)
     if optimizer is not None:
-        model_sd = {k: v for k, v in sharded.items()}
         sharded["optimizer"] = optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading, metadata=_DISTOPT_METADATA)
+            dict(sharded), is_loading=is_loading, metadata=_DISTOPT_METADATA)
     if scheduler is not None:
         sharded["opt_param_scheduler"] = scheduler.state_dict()
     if state is not None:
@@ -261,9 +259,7 @@ def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, schedule
     carried = {k: meta[k] for k in CARRIED_META_KEYS if k in meta}
     start = time.time()
     if not full:
-        from megatron_longctx.convert.model_io import load_model_checkpoint
-
-        load_model_checkpoint([unwrap_model(c) for c in model_chunks], directory)
+        load_model_checkpoint(model_chunks, directory)
         log.info("loaded model weights from %s (iteration 0 from here)", directory)
         return TrainState(), carried
     load_optim = not ck.no_load_optim
@@ -299,8 +295,7 @@ def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, schedule
 
 
 def _load_model_state(model_chunks: list[Any], loaded: dict) -> None:
-    keys = _model_keys(len(model_chunks))
-    for key, chunk in zip(keys, model_chunks):
+    for key, chunk in zip(model_state_keys(len(model_chunks)), model_chunks):
         unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
 
 

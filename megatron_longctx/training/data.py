@@ -29,6 +29,7 @@ import torch
 
 from megatron_longctx.config.training import PretrainConfig
 from megatron_longctx.data.datasets import DatasetTokenizer
+from megatron_longctx.data.stats import domain_of_prefix
 
 
 @dataclass
@@ -60,30 +61,23 @@ def resolve_tokenizer(cfg: PretrainConfig) -> DatasetTokenizer:
     return DatasetTokenizer(int(tok.vocab_size), int(tok.eod), tok.identity()["sha256"])
 
 
-def _blend_from_list(items: list[str], flag: str) -> tuple[list[str], list[float] | None]:
-    if len(items) == 1:
-        return items, None
-    if len(items) % 2:
-        raise ValueError(f"{flag}: expected a prefix or weight/prefix pairs, got {len(items)} "
-                         "items")
-    try:
-        weights = [float(w) for w in items[0::2]]
-    except ValueError:
-        raise ValueError(f"{flag}: weights must be numbers (w1 p1 w2 p2 ...)") from None
-    return list(items[1::2]), weights
+def _blend(items: list[str], flag: str) -> tuple[list[str], list[float] | None]:
+    """Megatron's blend list (`p1 p2 ...` or `w1 p1 w2 p2 ...`) via its own parser; every
+    prefix must exist (the error names the flag, not a later megatron assertion)."""
+    from megatron.core.datasets.utils import get_blend_from_list
+
+    if not items:
+        raise ValueError(f"{flag}: no dataset prefixes given")
+    prefixes, weights = get_blend_from_list(items)
+    for prefix in prefixes:
+        if not os.path.exists(prefix + ".idx"):
+            raise FileNotFoundError(f"{flag}: dataset {prefix}.idx not found")
+    return list(prefixes), weights
 
 
 def _read_args_file(path: str) -> list[str]:
     with open(path, encoding="utf-8") as handle:
         return handle.read().split()
-
-
-def _domain_name(prefix: str) -> str:
-    name = os.path.basename(prefix)
-    for suffix in ("_text_document", "_document"):
-        if name.endswith(suffix):
-            name = name[: -len(suffix)]
-    return name
 
 
 def num_samples_needed(cfg: PretrainConfig, world_size: int) -> tuple[int, int, int]:
@@ -144,17 +138,13 @@ def build_datasets(cfg: PretrainConfig, world_size: int,
         for split in ("train", "valid", "test"):
             items = spec.get(split)
             blend_per_split.append(
-                _blend_from_list(items if isinstance(items, list) else items.split(),
-                                 "--per-split-data-args-path") if items else None)
-        names = [_domain_name(p) for p in blend_per_split[0][0]]
+                _blend(items if isinstance(items, list) else items.split(),
+                       "--per-split-data-args-path") if items else None)
+        names = [domain_of_prefix(p) for p in blend_per_split[0][0]]
     else:
         items = data.data_path or _read_args_file(data.data_args_path or "")
-        blend = _blend_from_list(items, "--data-path" if data.data_path else "--data-args-path")
-        names = [_domain_name(p) for p in blend[0]]
-    for prefix in (blend or blend_per_split[0])[0]:
-        if not os.path.exists(prefix + ".idx"):
-            raise FileNotFoundError(f"dataset {prefix}.idx not found (from --data-path / "
-                                    "--data-args-path / --per-split-data-args-path)")
+        blend = _blend(items, "--data-path" if data.data_path else "--data-args-path")
+        names = [domain_of_prefix(p) for p in blend[0]]
     config = LongCtxGPTDatasetConfig(
         random_seed=cfg.training.seed, sequence_length=seq, blend=blend,
         blend_per_split=blend_per_split, split=None if blend_per_split else data.split,

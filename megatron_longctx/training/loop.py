@@ -86,10 +86,11 @@ class RunResult:
     reason: str = ""
 
 
-def _any_rank(flag: bool) -> bool:
-    value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=comm_device())
+def _any_rank(*flags: bool) -> list[bool]:
+    """Each flag OR-ed over all ranks, in one small all-reduce."""
+    value = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=comm_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())
+    return [bool(v) for v in value.tolist()]
 
 
 def _is_logging_rank() -> bool:
@@ -142,6 +143,9 @@ def pretrain(cfg: PretrainConfig, *, world_size: int | None = None) -> RunResult
         loaded = load_checkpoint(cfg.checkpoint.load, chunks, optimizer, scheduler, cfg)
         if loaded is not None:
             state, carried_meta = loaded
+        elif dist.get_rank() == 0:
+            print(f"[load] no checkpoint in --load {cfg.checkpoint.load}; starting from "
+                  "scratch", flush=True)
     dp_rank, dp_size, _ = _data_position()
     train_sampler = BatchSampler(data.train, mbs, dp_rank, dp_size,
                                  state.consumed_train_samples)
@@ -199,9 +203,10 @@ def pretrain(cfg: PretrainConfig, *, world_size: int | None = None) -> RunResult
                     print(f" validation loss at iteration {state.iteration} | lm loss: "
                           f"{loss:.6E} |", flush=True)
 
-            signalled = _any_rank(flag.received is not None)
-            timed_out = cfg.training.exit_duration_in_mins is not None and _any_rank(
-                time.time() - start_time > 60 * cfg.training.exit_duration_in_mins)
+            limit = cfg.training.exit_duration_in_mins
+            signalled, timed_out = _any_rank(
+                flag.received is not None,
+                limit is not None and time.time() - start_time > 60 * limit)
             interval = (cfg.training.exit_interval is not None
                         and state.iteration % cfg.training.exit_interval == 0)
             done = state.iteration >= cfg.training.train_iters

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import socket
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -21,15 +20,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_longctx.parallel.cpu_compat import apply_cpu_patches
+from megatron_longctx.parallel.init import free_port  # noqa: F401  (tests import it from here)
 
 apply_cpu_patches()
-
-
-def free_port() -> int:
-    """A TCP port nothing listens on right now (bind to port 0 and release it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, queue: Any,

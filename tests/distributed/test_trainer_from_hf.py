@@ -7,13 +7,13 @@ import sys
 from pathlib import Path
 
 from megatron_longctx import checkpoint_meta
-from tests.distributed.trainer_harness import make_config, make_init_checkpoint, train
+from tests.distributed.trainer_harness import make_config, train
 from tests.unit.test_convert import make_hf
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_training_starts_from_converted_hf(tmp_path):
+def test_training_starts_from_converted_hf(tmp_path, init_ckpt):
     # The harness's tiny LLaMA shape: 4 layers, hidden 64, GQA 4/2, SwiGLU 176, vocab 512.
     make_hf(tmp_path / "hf", num_hidden_layers=4, vocab_size=512)
     proc = subprocess.run(
@@ -31,7 +31,7 @@ def test_training_starts_from_converted_hf(tmp_path):
     assert one["iteration"] == 2 and one["exit_code"] == 0
     assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-5
     # The converted weights were used: a random init gives a clearly different loss.
-    fresh = train(make_config(load=make_init_checkpoint(tmp_path / "init"), iters=1), 1)
+    fresh = train(make_config(load=init_ckpt, iters=1), 1)
     assert abs(one["losses"][0] - fresh["losses"][0]) > 0.1
     # The run's own checkpoint is a full training checkpoint at iteration 2.
     meta = checkpoint_meta.read_meta(checkpoint_meta.resolve_checkpoint(tmp_path / "run1"))

@@ -15,15 +15,9 @@ from tests.distributed.trainer_harness import (
     _train_rank,
     final_weights,
     make_config,
-    make_init_checkpoint,
     max_weight_diff,
     train,
 )
-
-
-@pytest.fixture(scope="module")
-def init_ckpt(tmp_path_factory):
-    return make_init_checkpoint(tmp_path_factory.mktemp("init"))
 
 
 @pytest.fixture(scope="module")
