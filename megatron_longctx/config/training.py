@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -96,6 +97,11 @@ class DataConfig:
                 "--data-args-path, --per-split-data-args-path or --mock-data"
                 + (f" (given: {' '.join(chosen)})" if chosen else " (none given)")
             )
+        for flag, path in (("--mixture-plan", self.mixture_plan),
+                           ("--data-args-path", self.data_args_path),
+                           ("--per-split-data-args-path", self.per_split_data_args_path)):
+            if path and not os.path.isfile(path):
+                raise ValueError(f"{flag} {path}: no such file")
         if self.tokenizer_type not in TOKENIZER_TYPES:
             raise ValueError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got "
                              f"{self.tokenizer_type!r}")

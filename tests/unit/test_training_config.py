@@ -137,6 +137,13 @@ def test_data_source_errors():
         cfg_of("--data-path", "x", "--tokenizer-model", "t", "--split", "a,b").validate(1)
 
 
+def test_missing_data_files_name_their_flag(tmp_path):
+    for flag in ("--mixture-plan", "--data-args-path", "--per-split-data-args-path"):
+        cfg = cfg_of(flag, str(tmp_path / "absent.json"), "--tokenizer-model", "t")
+        with pytest.raises(ValueError, match=f"{flag} .*absent.json: no such file"):
+            cfg.validate(world_size=1)
+
+
 def test_architecture_required_without_preset():
     with pytest.raises(ValueError, match="--model-preset"):
         cfg_of("--hidden-size", "64", preset=None)
