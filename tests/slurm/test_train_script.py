@@ -148,6 +148,10 @@ def test_full_recipe_flags_with_fake_trainer(slurm_cluster, tmp_path):
         from megatron_longctx.config.training import parse_pretrain_args
 
         cfg = parse_pretrain_args(argv)
+        # The plan path is the cluster's; validation checks that the file exists.
+        plan = tmp_path / "mixture_plan.json"
+        plan.write_text("{}")
+        cfg.data.mixture_plan = str(plan)
         for world_size in (8, 32):
             cfg.validate(world_size, te_available=True)
 
