@@ -11,7 +11,8 @@ from --save) be tested now and in milliseconds per step. It honours, like the tr
   DIR/iter_0000010/ then latest_checkpointed_iteration.txt once every rank's part exists;
   `--save-interval`, `--train-iters`, `--log-interval`;
 * `--exit-signal-handler`: SIGTERM or SIGUSR1 -> finish the step, save, exit 75; also 75 once
-  `--exit-duration-in-mins` elapsed; 0 after the last iteration;
+  `--exit-duration-in-mins` elapsed; 0 after the last iteration; the stop decision is agreed
+  by all ranks every step (`agree`), so every rank saves the same iteration;
 * rank 0 prints ` iteration N/ M | lm loss: X |` lines; the "loss" is a deterministic
   recurrence carried in the checkpoint, so a resumed run prints the same numbers as an
   uninterrupted one only if it resumed from the right state.
@@ -35,26 +36,45 @@ from pathlib import Path
 EXIT_RESUMABLE = 75
 
 
-def rendezvous(rank: int, world: int, addr: str, port: int, timeout: float = 60) -> None:
+def rendezvous(rank: int, world: int, addr: str, port: int,
+               timeout: float = 60) -> list[socket.socket]:
+    """Connect every rank to rank 0; the sockets stay open for `agree` (rank 0 gets one per
+    peer, the others one to rank 0)."""
     deadline = time.monotonic() + timeout
     if rank == 0:
         with socket.create_server(("", port), reuse_port=False) as server:
             server.settimeout(timeout)
             peers = [server.accept()[0] for _ in range(world - 1)]
-            for peer in peers:
-                peer.sendall(b"go")
-                peer.close()
-        return
+        for peer in peers:
+            peer.settimeout(timeout)
+            peer.sendall(b"go")
+        return peers
     while True:
         try:
-            with socket.create_connection((addr, port), timeout=5) as conn:
-                conn.settimeout(timeout)
-                if conn.recv(2) == b"go":
-                    return
+            conn = socket.create_connection((addr, port), timeout=5)
         except OSError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)
+            continue
+        conn.settimeout(timeout)
+        if conn.recv(2) == b"go":
+            return [conn]
+        conn.close()
+
+
+def agree(links: list[socket.socket], rank: int, flag: bool) -> bool:
+    """OR of every rank's flag, the same on all ranks (the trainer's per-step all-reduce of its
+    stop flags). Without it, ranks that see a signal at different steps save different
+    iterations and wait for each other's parts forever."""
+    if rank == 0:
+        flags = [flag] + [link.recv(1) == b"1" for link in links]
+        verdict = b"1" if any(flags) else b"0"
+        for link in links:
+            link.sendall(verdict)
+        return verdict == b"1"
+    links[0].sendall(b"1" if flag else b"0")
+    return links[0].recv(1) == b"1"
 
 
 def save(save_dir: Path, iteration: int, rank: int, world: int, state: dict) -> None:
@@ -109,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.exit_signal_handler:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, lambda signum, _frame: stop.append(signum))
-    rendezvous(rank, world, addr, port)
+    links = rendezvous(rank, world, addr, port)
 
     start_iter, state = 0, {"loss": 10.0}
     if args.load and (args.load / "latest_checkpointed_iteration.txt").exists():
@@ -129,8 +149,8 @@ def main(argv: list[str] | None = None) -> int:
         elapsed_mins = (time.monotonic() - started) / 60
         timed_out = args.exit_duration_in_mins is not None and \
             elapsed_mins > args.exit_duration_in_mins
-        if stop or timed_out:
-            why = f"signal {stop[0]}" if stop else "exit duration"
+        if agree(links, rank, bool(stop) or timed_out):
+            why = f"signal {stop[0]}" if stop else "exit duration" if timed_out else "a peer"
             if args.save:
                 save(args.save, iteration, rank, world, state)
             if rank == 0:
