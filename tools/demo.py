@@ -4,7 +4,8 @@
 Stage 3 is the paper in miniature: a tiny LLaMA pretrained from scratch at a short length
 (stage 1), then continually pretrained at 4x that length with the RoPE base raised on the
 per-source mixture (stage 2), both with the real trainer (pretrain_longctx.py, megatron-core,
-CPU + gloo here). Stages not built yet say so and produce nothing; no result here is faked.
+CPU + gloo here). Stage 4 evaluates both checkpoints with the real eval tools; no
+result here is faked.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from megatron_longctx.data.stats import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         "paths": {"checkpoints": str(ckpt), "tensorboard": str(tb), "eval": str(evals),
                   "mixture_report": str(mix / "report.md")},
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2))
+    write_json_atomic(str(out / "report.json"), report)
     lines = ["# megatron-longctx demo", "",
              f"Stage 1: {args.model_preset} at {args.short_length} tokens, RoPE base "
              f"{args.short_rotary_base}, {args.stage1_iters} steps. Stage 2: "
@@ -142,7 +145,9 @@ def main(argv: list[str] | None = None) -> int:
              f"{_fmt(scores['needle_short_after'])} |", "",
              "Heatmaps: eval/needle_*/heatmap.png; loss by position: "
              "eval/ppl_*/loss_by_position.png; mixture: mixture/report.md."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    tmp = out / "report.md.tmp"
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out / "report.md")
     print("\n" + "\n".join(lines[4:8]))
     print(f"\nreport: {out / 'report.md'} (numbers: {out / 'report.json'})")
     print(f"\ndemo outputs: {out}")
