@@ -360,7 +360,7 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model (defaults from --model-preset)")
     g.add_argument("--model-preset", default=None,
-                   help="llama2-7b | llama2-13b | llama3-8b | tiny | tiny-demo")
+                   help="llama2-7b | llama2-13b | llama3-8b | tiny | tiny-demo | demo")
     for flag in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
                  "--num-query-groups", "--max-position-embeddings", "--seq-length",
                  "--rotary-base", "--padded-vocab-size"):

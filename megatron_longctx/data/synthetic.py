@@ -22,11 +22,16 @@ that looks like SlimPajama without downloading it. This module writes such a cor
   defines one-line functions and later asserts correct results of calling them. Each document
   keeps a topic (a noun subset), Books keep a cast of characters, Wikipedia an entity name,
   ArXiv numbers its theorems in order.
-* **Long-range retrieval.** Documents of at least about 110 words carry 1-3 facts
-  (`FACT_TEMPLATE`) stated in their first 15% and asked about (`QUESTION_TEMPLATE`, the answer
-  included) at 1-3 later points, the last one in the final 15%, so the dependency distance
-  scales with the document length. `make_fact` and `QUESTION_PROMPT_TEMPLATE` let an evaluation
-  build needle prompts in the same phrasing.
+* **Long-range retrieval.** Every document of at least `_FACT_MIN_WORDS` words states one
+  fact (`FACT_TEMPLATE`: a key and a code word from `FACT_VALUES`) in its first 10% and asks
+  about it (`QUESTION_TEMPLATE`, the answer included) once per ~24 words of a near zone after
+  the statement (a dense retrieval signal for a short training window) and, in documents of
+  160 words or more, again after each of a chain of log-uniform gaps of 48-1024 words
+  (retrieval over hundreds of tokens with no mention in between, for the extended length). One
+  fact
+  per document makes the test the needle test's: find the one code word in the context and
+  copy it. `make_fact` and `QUESTION_PROMPT_TEMPLATE` let an evaluation build needle prompts
+  in the same phrasing.
 
 Everything is a function of the `CorpusConfig`: numpy generators are seeded from
 ``(seed, stream, domain)`` so lengths, order and text are independent streams, and
@@ -58,6 +63,7 @@ __all__ = [
     "DOMAINS",
     "FACT_KEYS",
     "FACT_TEMPLATE",
+    "FACT_VALUES",
     "LENGTH_SIGMA",
     "MEDIAN_TOKENS",
     "QUESTION_PROMPT_TEMPLATE",
@@ -126,25 +132,19 @@ _STREAM_TEXT = 2
 # Facts (long-range retrieval)
 # --------------------------------------------------------------------------------------------
 
-#: How a fact is stated in a document.
+#: How a fact is stated in a document: a key and its code word (one of `FACT_VALUES`).
 FACT_TEMPLATE = "the secret code of {key} is {value} ."
 #: How a fact is asked about later in the same document (the answer follows in the text).
-#: The answer restates the fact, so the tokens right before the value repeat the statement's
-#: ("the secret code of {key} is"): the copy is the plain induction pattern (find the earlier
-#: occurrence of the current context, copy what followed) that small models learn in a few
-#: hundred steps, instead of a key lookup from a distant question word.
-QUESTION_TEMPLATE = ("question : what is the secret code of {key} ? answer : the secret code of "
-                     "{key} is {value} .")
+QUESTION_TEMPLATE = "question : what is the secret code of {key} ? answer : {value} ."
 #: The question up to the answer, for building retrieval prompts whose completion is the value.
-QUESTION_PROMPT_TEMPLATE = ("question : what is the secret code of {key} ? answer : the secret "
-                            "code of {key} is")
+QUESTION_PROMPT_TEMPLATE = "question : what is the secret code of {key} ? answer :"
 
 
-#: The 100 fact keys. None of them occurs anywhere else in the vocabulary.
 def _words(text: str) -> tuple[str, ...]:
     return tuple(text.split())
 
 
+#: The 100 fact keys. None of them occurs anywhere else in the vocabulary.
 FACT_KEYS: tuple[str, ...] = _words(
     """
     falcon tiger eagle otter badger heron lynx panther cobra raven sparrow beaver bison camel
@@ -158,29 +158,67 @@ FACT_KEYS: tuple[str, ...] = _words(
     """
 )
 
-_FACT_MIN_VALUE = 1000
-_FACT_MAX_VALUE = 9999
-_MAX_FACTS = 3
-# Facts (statement plus its questions) may use at most this fraction of a document's words.
-_FACT_BUDGET = 0.2
-# Statements fall in the first _FACT_HEAD of the body, the last question in the final _FACT_TAIL.
-_FACT_HEAD = 0.15
-_FACT_TAIL = 0.15
+#: The 122 code words (fact values). None of them occurs anywhere else in the vocabulary, and
+#: each is frequent enough in the corpus to become one token of the demo's BPE (4,096 types).
+#: A value that is one distinctive token can be retrieved by a single attention head that
+#: finds it wherever it is and copies it; 4-digit values were one or two tokens shared with
+#: the prose's numbers, and the demo's tiny model never learned to copy them
+#: (docs/demo-experiments, session 3).
+FACT_VALUES: tuple[str, ...] = _words(
+    """
+    amber azure beige bronze cobalt copper coral crimson cyan ebony emerald fuchsia garnet
+    ginger gold indigo ivory jade khaki lavender lemon lilac lime magenta maroon mauve mint navy
+    ochre onyx opal orchid peach pearl plum quartz ruby rust saffron sapphire scarlet sepia
+    silver slate tan teal topaz turquoise umber vanilla violet walnut wheat zinc agate basil
+    brass cedar chrome citrine clove cocoa cotton denim flax granite graphite hazel honey iron
+    jasper kelp linen lotus marble mustard nickel nutmeg obsidian oak pewter pine platinum
+    poppy sable sage sienna steel suede tin titan tulip velvet willow wool almond anise cinder
+    dune ember fern frost glacier juniper kiwi lagoon maple mocha nectar orbit pebble prism
+    quill raisin reef sorrel spruce thistle tundra vapor zephyr acorn
+    """
+)
+
+# One fact per document of at least this many words (statement plus one question: 21 words).
+_FACT_MIN_WORDS = 32
+# The statement falls in the first _FACT_HEAD of the body.
+_FACT_HEAD = 0.1
+# Near questions: one per _WORDS_PER_QUESTION words of the near zone, which follows the
+# statement: the rest of a short document, at most _NEAR_SHARE of a long one and at most
+# _NEAR_MAX_WORDS words. This dense signal is what lets a 64-token stage 1 learn retrieval in
+# ~2M tokens: with one question per 48 words it had not begun at 3.3M (docs/demo-experiments).
+_WORDS_PER_QUESTION = 24
+_NEAR_SHARE = 0.4
+_NEAR_MAX_WORDS = 240
+# Far questions: after the near zone, a chain of questions with log-uniform gaps of
+# _FAR_MIN_GAP to _FAR_MAX_GAP words to the previous mention of the value, up to the end of the
+# document: retrieval over hundreds of tokens with no mention in between, in every window of a
+# long document, which is what the extended-length stage trains and the needle test measures.
+_FAR_MIN_WORDS = 160
+_FAR_MIN_GAP = 64
+_FAR_MAX_GAP = 448
+# The first near question comes at least this many words after the statement.
+_MIN_DISTANCE = 4
+
+
+def _near_zone(n_words: int) -> float:
+    """Words of the near zone of a document of `n_words` words (the rest of a short one)."""
+    if n_words < _FAR_MIN_WORDS:
+        return float(n_words)
+    return min(_NEAR_SHARE * n_words, _NEAR_MAX_WORDS)
 
 
 def make_fact(rng: np.random.Generator) -> tuple[str, str]:
-    """Draw one fact: a key from `FACT_KEYS` and a 4-digit value.
+    """Draw one fact: a key from `FACT_KEYS` and a code word from `FACT_VALUES`.
 
     Args:
         rng: numpy generator to draw from (two draws).
 
     Returns:
-        ``(key, value)`` with ``value`` a string of four digits (1000-9999), exactly as it is
-        written in the text, e.g. ``("falcon", "4821")``. Use
+        ``(key, value)`` exactly as written in the text, e.g. ``("falcon", "amber")``. Use
         ``FACT_TEMPLATE.format(key=key, value=value)`` to state it.
     """
     key = FACT_KEYS[int(rng.integers(len(FACT_KEYS)))]
-    value = str(int(rng.integers(_FACT_MIN_VALUE, _FACT_MAX_VALUE + 1)))
+    value = FACT_VALUES[int(rng.integers(len(FACT_VALUES)))]
     return key, value
 
 
@@ -795,15 +833,16 @@ _N_CHARS = len(_CATEGORIES["char"].split())
 
 
 def vocabulary() -> frozenset[str]:
-    """Every word type the generator can write, except fact values and code tokens.
+    """Every word type the generator can write, except code tokens.
 
     Returns:
         Word types without a trailing period (prose writes ``"mat."`` for the word ``mat`` at
-        the end of a sentence). Fact values (``1000``-``9999``), code identifiers such as
-        ``f_12(x):`` and small numbers in code are not included.
+        the end of a sentence). Code identifiers such as ``f_12(x):`` and small numbers in
+        code are not included.
     """
     words = {w.rstrip(".") or w for w in _LEX.words}
     words.update(FACT_KEYS)
+    words.update(FACT_VALUES)
     for text in (FACT_TEMPLATE, QUESTION_TEMPLATE):
         words.update(t for t in text.split() if not t.startswith("{"))
     words.update(_CODE_MODULES)
@@ -854,47 +893,54 @@ class _DocumentWriter:
 
     # -- facts ---------------------------------------------------------------------------------
 
-    def _plan_facts(self, n_words: int) -> tuple[list[tuple[str, str, int]], int]:
-        """Choose facts as (key, value, number of questions); return them and their words."""
-        questions = 1 if n_words < 512 else 2 if n_words < 2048 else 3
-        prefix = len(self.fact_prefix.split())
-        cost = _FACT_WORDS + prefix + questions * (_QUESTION_WORDS + prefix)
-        most = min(_MAX_FACTS, int(_FACT_BUDGET * n_words) // cost)
-        if most < 1:
+    def _plan_facts(self, n_words: int) -> tuple[list[tuple[str, str, int, list[float]]], int]:
+        """Choose the document's fact as (key, value, near questions, far question offsets);
+        return it (nothing for documents under `_FACT_MIN_WORDS` words) and the words it takes.
+
+        Far offsets are words after the near zone, as fractions of the document's length."""
+        if n_words < _FACT_MIN_WORDS:
             return [], 0
-        count = int(self.rng.integers(1, most + 1))
-        facts: list[tuple[str, str, int]] = []
-        keys: set[str] = set()
-        while len(facts) < count:
-            key, value = make_fact(self.rng)
-            if key not in keys:
-                keys.add(key)
-                facts.append((key, value, questions))
-        return facts, count * cost
+        zone = _near_zone(n_words)
+        near = max(int(zone // _WORDS_PER_QUESTION), 1)
+        far: list[float] = []
+        if n_words >= _FAR_MIN_WORDS:
+            at = _FACT_HEAD * n_words / 2 + zone
+            while True:
+                at += math.exp(self.rng.uniform(math.log(_FAR_MIN_GAP), math.log(_FAR_MAX_GAP)))
+                if at >= n_words:
+                    break
+                far.append(at / n_words)
+        prefix = len(self.fact_prefix.split())
+        key, value = make_fact(self.rng)
+        return [(key, value, near, far)], _FACT_WORDS + prefix + (near + len(far)) * (
+            _QUESTION_WORDS + prefix)
 
     def _insert_facts(
         self,
         units: list[str],
         starts: list[bool],
         glued: list[bool],
-        facts: list[tuple[str, str, int]],
+        facts: list[tuple[str, str, int, list[float]]],
         body_words: int,
     ) -> None:
-        """Insert statements early and questions later, at sentence (line) boundaries.
+        """Insert the statement early and the questions after it, at sentence (line) boundaries.
 
-        A fact never goes right after a unit glued to its successor (a heading, a comment and
-        ``def`` line of a function); it moves past the glued run instead.
+        The statement falls in the first `_FACT_HEAD` of the body, the near questions at
+        uniform positions of the near zone after it, the far ones where `_plan_facts` put them
+        (see the constants). A fact never goes right after a unit glued to its successor (a
+        heading, a comment and ``def`` line of a function); it moves past the glued run instead.
         """
         ends = np.cumsum([len(u.split()) for u in units]) if units else np.zeros(0)
         inserts: list[tuple[int, int, int, str]] = []
-        for j, (key, value, questions) in enumerate(facts):
-            u = self.rng.random(questions + 1)
-            stated = u[0] * _FACT_HEAD * body_words
-            asked = [stated + x * (body_words - stated) for x in u[1:-1]]
-            asked.append(body_words * (1 - _FACT_TAIL * u[-1]))
+        for j, (key, value, near, far) in enumerate(facts):
+            stated = self.rng.random() * _FACT_HEAD * body_words
+            zone = min(_near_zone(body_words), body_words - stated)
+            asked = list(stated + _MIN_DISTANCE + self.rng.random(near) * max(
+                zone - _MIN_DISTANCE, 0))
+            asked += [f * body_words for f in far]
             inserts.append((int(stated), 0, j, FACT_TEMPLATE.format(key=key, value=value)))
             question = QUESTION_TEMPLATE.format(key=key, value=value)
-            inserts.extend((int(pos), 1, j, question) for pos in asked)
+            inserts.extend((int(min(pos, body_words)), 1, j, question) for pos in asked)
         # Index = number of units that end at or before the position; statements of a fact come
         # before its questions at the same index (positions are never smaller). Moving indices
         # past glued units is monotone, so that order survives.

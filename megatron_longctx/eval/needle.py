@@ -230,7 +230,7 @@ def _cell_rng(seed: int, length: int, depth: float) -> np.random.Generator:
 
 def make_needle(settings: NeedleSettings, length: int, depth: float) -> Needle:
     """The needle of cell (length, depth): fixed for paper/custom, drawn from the cell's seed
-    for passkey (5 digits) and synthetic-fact (`make_fact`: a key and a 4-digit code)."""
+    for passkey (5 digits) and synthetic-fact (`make_fact`: a key and a code word)."""
     if settings.needle_type == "passkey":
         key = str(int(_cell_rng(settings.seed, length, depth).integers(10000, 100000)))
         return Needle(PASSKEY_NEEDLE.format(key=key), PASSKEY_QUESTION, key)
@@ -257,11 +257,11 @@ def _fact_patterns() -> list[re.Pattern[str]]:
     from megatron_longctx.data.synthetic import FACT_TEMPLATE, QUESTION_TEMPLATE
 
     out = []
-    # Questions first: their answers restate the fact, which the fact pattern would eat.
+    # Questions first (the fact pattern cannot match inside them, but keep the order safe).
     for template in (QUESTION_TEMPLATE, FACT_TEMPLATE):
         pattern = re.escape(template)
         pattern = pattern.replace(re.escape("{key}"), "[a-z]+")
-        pattern = pattern.replace(re.escape("{value}"), "[0-9]+")
+        pattern = pattern.replace(re.escape("{value}"), "[a-z]+")
         out.append(re.compile(r"(?:# )?" + pattern + r"[ \t]*"))
     return out
 

@@ -16,6 +16,7 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
         [sys.executable, str(REPO / "tools" / "demo.py"), "--output-dir", str(out),
          "--total-words", "400000", "--workers", "2", "--model-preset", "tiny",
          "--stage1-iters", "3", "--stage2-iters", "2", "--tokens-per-step", "1024",
+         "--stage1-tokens-per-step", "512",
          "--short-length", "128", "--long-length", "512", "--needle-depths", "2"],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -36,5 +37,11 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     assert str(out / "report.md") in proc.stdout
     plan = json.loads((out / "mixture" / "mixture_plan.json").read_text())
     assert plan["strategy"] == "per-source" and len(plan["domains"]) == 7
+    # Stage 1 trains on the natural mixture, stage 2 on the per-source one.
+    plan1 = json.loads((out / "mixture_stage1" / "mixture_plan.json").read_text())
+    assert plan1["strategy"] == "original"
+    assert report["settings"]["strategy"] == "per-source"
+    cells = json.loads((out / "eval" / "needle_stage1_512" / "results.json").read_text())
+    assert cells["settings"]["max_new_tokens"] == 2 and len(cells["cells"]) == 2
     assert (out / "mixture" / "report.md").exists()
     assert len(list((out / "data").glob("slimpajama_*_text_document.idx"))) == 7

@@ -21,6 +21,7 @@ from megatron_longctx.data.synthetic import (
     DOMAINS,
     FACT_KEYS,
     FACT_TEMPLATE,
+    FACT_VALUES,
     MEDIAN_TOKENS,
     QUESTION_PROMPT_TEMPLATE,
     QUESTION_TEMPLATE,
@@ -38,10 +39,8 @@ from megatron_longctx.data.synthetic import (
 
 REPO = Path(__file__).resolve().parents[2]
 SMALL = CorpusConfig(total_words=200_000, seed=7, num_files=3)
-QUESTION_RE = re.compile(r"question : what is the secret code of (\w+) \? answer : "
-                         r"the secret code of \1 is (\d+) \.")
-# A statement, not the restatement inside an answer.
-FACT_RE = re.compile(r"(?<!answer : )the secret code of (\w+) is (\d+) \.")
+QUESTION_RE = re.compile(r"question : what is the secret code of (\w+) \? answer : (\w+) \.")
+FACT_RE = re.compile(r"the secret code of (\w+) is (\w+) \.")
 CODE = "RedPajamaGithub"
 
 
@@ -85,11 +84,13 @@ def test_constants() -> None:
     assert sum(SLIMPAJAMA_SHARES.values()) == pytest.approx(1.0, abs=1e-3)
     assert MEDIAN_TOKENS["RedPajamaBook"] == 121602 and MEDIAN_TOKENS["RedPajamaC4"] == 315
     assert len(FACT_KEYS) == 100 and len(set(FACT_KEYS)) == 100
+    assert len(FACT_VALUES) == 122 and len(set(FACT_VALUES)) == 122
+    assert not set(FACT_KEYS) & set(FACT_VALUES)
     assert FACT_TEMPLATE == "the secret code of {key} is {value} ."
     assert QUESTION_TEMPLATE == ("question : what is the secret code of {key} ? answer : "
-                                 "the secret code of {key} is {value} .")
-    assert QUESTION_TEMPLATE.format(key="k", value="1").startswith(
-        QUESTION_PROMPT_TEMPLATE.format(key="k")
+                                 "{value} .")
+    assert QUESTION_TEMPLATE.format(key="k", value="v") == (
+        QUESTION_PROMPT_TEMPLATE.format(key="k") + " v ."
     )
     # The default config does not share its dict with the module constant.
     config = CorpusConfig()
@@ -102,8 +103,8 @@ def test_make_fact() -> None:
     assert a[0] == a[1]  # deterministic given the generator state
     rng = np.random.default_rng(0)
     facts = [make_fact(rng) for _ in range(500)]
-    assert all(k in FACT_KEYS and re.fullmatch(r"[1-9]\d{3}", v) for k, v in facts)
-    assert len({k for k, _ in facts}) > 80 and len({v for _, v in facts}) > 400
+    assert all(k in FACT_KEYS and v in FACT_VALUES for k, v in facts)
+    assert len({k for k, _ in facts}) > 80 and len({v for _, v in facts}) > 100
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +270,8 @@ def test_punkt_splits_facts(records: list[dict]) -> None:
     sentences = splitter.tokenize(text)
     key, value = FACT_RE.search(text).groups()
     assert FACT_TEMPLATE.format(key=key, value=value) in sentences
-    assert f"answer : {FACT_TEMPLATE.format(key=key, value=value)}" in sentences
+    assert f"question : what is the secret code of {key} ?" in sentences
+    assert f"answer : {value} ." in sentences
     assert len(sentences) >= text.count(". ")
 
 
@@ -279,43 +281,48 @@ def test_punkt_splits_facts(records: list[dict]) -> None:
 
 
 def test_questions_follow_their_facts(records: list[dict]) -> None:
+    """One fact per document of >= 32 words: a question per ~24 words of the near zone after
+    it, then in documents of >= 160 words a chain of far questions up to the end, each 64-448
+    words (plus the question itself) after the previous mention of the value."""
     questions = 0
     with_facts = Counter()
+    far_gaps = []
     for record in records:
         text = record["text"]
         length = n_words(text)
-        stated = {}
-        for match in FACT_RE.finditer(text):
-            assert match.group(1) not in stated  # one statement per key and document
-            stated[match.group(1)] = (match.group(2), match.start())
+        stated = list(FACT_RE.finditer(text))
         asked = list(QUESTION_RE.finditer(text))
+        if length < 32:
+            assert not stated and not asked
+            continue
+        assert len(stated) == 1, text[:200]
+        key, value = stated[0].groups()
+        assert key in FACT_KEYS and value in FACT_VALUES
+        assert n_words(text[:stated[0].start()]) <= 0.1 * length + 40  # early (a sentence late)
+        near = max(int(synthetic._near_zone(length) // 24), 1)
+        assert len(asked) >= near
         for match in asked:
-            key, value = match.groups()
-            assert key in stated and stated[key][0] == value
-            assert stated[key][1] < match.start()
-            questions += 1
-        assert set(stated) == {m.group(1) for m in asked}  # every fact is asked about
-        assert len(stated) <= 3
-        if length >= 200:
-            assert len(stated) >= 1, text[:200]
-        if length < 100:
-            assert not stated
-        if stated:
-            with_facts[record["meta"]["redpajama_set_name"]] += 1
-        # Dependencies span the document: statement early, a question near the end.
+            assert match.groups() == (key, value)
+            assert stated[0].end() <= match.start()
+        questions += len(asked)
+        with_facts[record["meta"]["redpajama_set_name"]] += 1
         if length >= 1000:
-            for key, (_, start) in stated.items():
-                last = max(m.start() for m in asked if m.group(1) == key)
-                assert n_words(text[start:last]) > 0.5 * length
-    assert questions > 300
+            starts = [m.start() for m in asked]
+            gaps = [n_words(text[a:b]) for a, b in zip(starts[near:], starts[near + 1:])]
+            assert gaps and max(gaps) <= 448 + 80, gaps  # + question words and sentence rounding
+            assert n_words(text[starts[-1]:]) <= 448 + 80  # the chain reaches the end
+            far_gaps += gaps
+    assert questions > 1000
     assert set(with_facts) == set(DOMAINS)
+    # Log-uniform gaps between 64 and 448 words: a third of them over ~200 words.
+    assert len(far_gaps) > 50 and 0.2 < np.mean(np.array(far_gaps) > 200) < 0.6
 
 
-def test_fact_keys_only_in_facts(records: list[dict]) -> None:
-    keys = set(FACT_KEYS)
+def test_fact_words_only_in_facts(records: list[dict]) -> None:
+    words = set(FACT_KEYS) | set(FACT_VALUES)
     for record in records[:3000]:
         text = FACT_RE.sub(" ", QUESTION_RE.sub(" ", record["text"]))
-        assert not keys.intersection(w.rstrip(".") for w in text.split())
+        assert not words.intersection(w.rstrip(".") for w in text.split())
 
 
 # ---------------------------------------------------------------------------------------------
