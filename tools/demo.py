@@ -94,8 +94,11 @@ def main(argv: list[str] | None = None) -> int:
 
     # Stage 1 trains on the natural mixture (the base model's pretraining data); stage 2 on
     # the chosen one, "long" meaning a document that fills the extended window.
-    stage1_tokens = args.stage1_iters * args.stage1_tokens_per_step
-    stage2_tokens = args.stage2_iters * args.tokens_per_step
+    # Plans are sized for at least 2M tokens: with a few thousand (the reduced test run) the
+    # audit of the tiny corpus finds an empty train split in ArXiv (7 documents); the trainer
+    # reads only what its steps need either way.
+    stage1_tokens = max(args.stage1_iters * args.stage1_tokens_per_step, 2_000_000)
+    stage2_tokens = max(args.stage2_iters * args.tokens_per_step, 2_000_000)
     mix1 = out / "mixture_stage1"
     run("2a. stage-1 mixture plan: the natural (original) mixture",
         ["tools/blend_mixture.py", "--data-prefix", f"{data}_*_text_document",
