@@ -106,8 +106,10 @@ def main(argv: list[str] | None = None) -> int:
          "--train-tokens", str(stage1_tokens), "--seq-length", str(args.short_length),
          "--valid-fraction", "0.01"])
     # The long fraction applies to the upsampling strategies only (per-source, global).
+    # "cut" cuts every document at the stage-1 length, the paper's "cut at 4K" baseline.
     upsample = (["--long-fraction", str(args.long_fraction)]
-                if args.strategy in ("per-source", "global") else [])
+                if args.strategy in ("per-source", "global") else
+                ["--cut-length", str(args.short_length)] if args.strategy == "cut" else [])
     run(f"2b. stage-2 mixture plan ({args.strategy}) + audit of the realized training index",
         ["tools/blend_mixture.py", "--data-prefix", f"{data}_*_text_document",
          "--output-dir", str(mix), "--strategy", args.strategy, *upsample,
