@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_longctx.config.mixture import STRATEGIES
 from megatron_longctx.data.stats import write_json_atomic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokens-per-step", type=int, default=8192,
                         help="stage-2 tokens per step")
     parser.add_argument("--strategy", default="per-source",
-                        choices=("per-source", "global", "original", "cut", "domain-upsample"),
+                        choices=STRATEGIES,
                         help="stage-2 data mixture (tools/blend_mixture.py --strategy)")
     parser.add_argument("--long-fraction", type=float, default=0.9,
                         help="stage-2 share of long documents' tokens within each domain")

@@ -26,11 +26,10 @@ that looks like SlimPajama without downloading it. This module writes such a cor
   fact (`FACT_TEMPLATE`: a key and a code word from `FACT_VALUES`) in its first 10% and asks
   about it (`QUESTION_TEMPLATE`, the answer included) once per ~24 words of a near zone after
   the statement (a dense retrieval signal for a short training window) and, in documents of
-  160 words or more, again after each of a chain of log-uniform gaps of 48-1024 words
+  160 words or more, again after each of a chain of log-uniform gaps of 64-448 words
   (retrieval over hundreds of tokens with no mention in between, for the extended length). One
-  fact
-  per document makes the test the needle test's: find the one code word in the context and
-  copy it. `make_fact` and `QUESTION_PROMPT_TEMPLATE` let an evaluation build needle prompts
+  fact per document makes the test the needle test's: find the one code word in the context
+  and copy it. `make_fact` and `QUESTION_PROMPT_TEMPLATE` let an evaluation build needle prompts
   in the same phrasing.
 
 Everything is a function of the `CorpusConfig`: numpy generators are seeded from

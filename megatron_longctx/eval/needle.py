@@ -257,7 +257,7 @@ def _fact_patterns() -> list[re.Pattern[str]]:
     from megatron_longctx.data.synthetic import FACT_TEMPLATE, QUESTION_TEMPLATE
 
     out = []
-    # Questions first (the fact pattern cannot match inside them, but keep the order safe).
+    # Questions first, so each is removed whole.
     for template in (QUESTION_TEMPLATE, FACT_TEMPLATE):
         pattern = re.escape(template)
         pattern = pattern.replace(re.escape("{key}"), "[a-z]+")
