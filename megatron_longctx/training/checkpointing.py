@@ -260,6 +260,7 @@ def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, schedule
     start = time.time()
     if not full:
         load_model_checkpoint(model_chunks, directory)
+        _refresh_main_params(optimizer)
         log.info("loaded model weights from %s (iteration 0 from here)", directory)
         return TrainState(), carried
     load_optim = not ck.no_load_optim
@@ -282,6 +283,8 @@ def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, schedule
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
+    else:
+        _refresh_main_params(optimizer)
     scheduler.load_state_dict(loaded["opt_param_scheduler"])
     if load_rng:
         _set_rng_state(loaded["rng_state"])
@@ -292,6 +295,23 @@ def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, schedule
     log.info("resumed from %s at iteration %d in %.2f s", directory, state.iteration,
              time.time() - start)
     return state, carried
+
+
+def _refresh_main_params(optimizer: Any) -> None:
+    """Copy freshly loaded model weights into the optimizer's fp32 main parameters.
+
+    With --bf16/--fp16 the optimizer keeps fp32 main copies of the parameters (the Float16
+    optimizer's `fp32_from_float16_groups`, the distributed optimizer's main shards), taken
+    when it is built, i.e. from the random initialisation. A load that does not restore the
+    optimizer (model-only checkpoint, --finetune, --no-load-optim) changes only the model
+    parameters; without this refresh the first step computes `main - lr * update` from the
+    random copies and writes them back, discarding the loaded weights (a converted HF model
+    moved by 0.13 after one bf16 step at lr 1e-9). Megatron-LM calls the same
+    `reload_model_params()` in that case. In fp32 the optimizer steps the model parameters
+    themselves (or views of them), so this is a no-op there.
+    """
+    if optimizer is not None:
+        optimizer.reload_model_params()
 
 
 def _load_model_state(model_chunks: list[Any], loaded: dict) -> None:

@@ -1,4 +1,5 @@
-"""A training run starts from an HF LLaMA converted by tools/convert_checkpoint.py (issue 6)."""
+"""A training run starts from an HF LLaMA converted by tools/convert_checkpoint.py (issue 6),
+in fp32 and in bf16, and keeps the converted weights (issue 14)."""
 
 from __future__ import annotations
 
@@ -6,34 +7,73 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from megatron_longctx import checkpoint_meta
-from tests.distributed.trainer_harness import make_config, train
+from tests.distributed.trainer_harness import (
+    assert_moved_only_by_updates,
+    final_weights,
+    make_config,
+    train,
+)
 from tests.unit.test_convert import make_hf
 
 REPO = Path(__file__).resolve().parents[2]
+#: TP1 vs TP2 loss agreement over 2 steps. bf16 measured 1.0e-3 here (7e-5 from the harness's
+#: own init in test_trainer_parallel.py): TP2's row-parallel outputs are all-reduced in bf16,
+#: and the converted model's larger activations make the rounding show more in the loss.
+LOSS_TOL = {"fp32": 1e-5, "bf16": 3e-3}
 
 
-def test_training_starts_from_converted_hf(tmp_path, init_ckpt):
-    # The harness's tiny LLaMA shape: 4 layers, hidden 64, GQA 4/2, SwiGLU 176, vocab 512.
-    make_hf(tmp_path / "hf", num_hidden_layers=4, vocab_size=512)
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory) -> str:
+    """A random HF LLaMA of the harness's tiny shape (4 layers, hidden 64, GQA 4/2, SwiGLU
+    176, vocab 512) converted to a TP2 model-only checkpoint."""
+    root = tmp_path_factory.mktemp("hf")
+    make_hf(root / "hf", num_hidden_layers=4, vocab_size=512)
     proc = subprocess.run(
         [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "hf-to-megatron",
-         "--hf-dir", str(tmp_path / "hf"), "--save", str(tmp_path / "converted"),
+         "--hf-dir", str(root / "hf"), "--save", str(root / "converted"),
          "--tensor-model-parallel-size", "2"],
         capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    converted = str(tmp_path / "converted")
+    return str(root / "converted")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_training_starts_from_converted_hf(dtype, converted, tmp_path, init_ckpt):
     assert not checkpoint_meta.read_meta(
         checkpoint_meta.resolve_checkpoint(converted))["has_optimizer"]
 
-    one = train(make_config(load=converted, save=str(tmp_path / "run1"), iters=2), 1)
-    two = train(make_config(load=converted, save=str(tmp_path / "run2"), iters=2, tp=2), 2)
+    one = train(make_config(load=converted, save=str(tmp_path / "run1"), iters=2, dtype=dtype),
+                1)
+    two = train(make_config(load=converted, save=str(tmp_path / "run2"), iters=2, tp=2,
+                            dtype=dtype), 2)
     assert one["iteration"] == 2 and one["exit_code"] == 0
-    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-5
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < LOSS_TOL[dtype]
     # The converted weights were used: a random init gives a clearly different loss.
-    fresh = train(make_config(load=init_ckpt, iters=1), 1)
+    fresh = train(make_config(load=init_ckpt, iters=1, dtype=dtype), 1)
     assert abs(one["losses"][0] - fresh["losses"][0]) > 0.1
     # The run's own checkpoint is a full training checkpoint at iteration 2.
     meta = checkpoint_meta.read_meta(checkpoint_meta.resolve_checkpoint(tmp_path / "run1"))
     assert meta["iteration"] == 2 and meta["has_optimizer"]
     assert meta["hf_config"]["num_hidden_layers"] == 4  # carried for megatron-to-hf
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("distopt,world", [(False, 1), (True, 2)],
+                         ids=["optimizer", "distributed-optimizer"])
+def test_steps_move_converted_weights_only_by_the_updates(dtype, distopt, world, converted,
+                                                          tmp_path):
+    """Continual pretraining from a converted checkpoint: after N steps every weight is within
+    N Adam updates (plus bf16 rounding) of its loaded value. Before the fix the bf16
+    optimizer's fp32 main copies still held the random initialisation and the first step wrote
+    it back (max change 0.13 for this model), for both optimizers."""
+    iters, lr = 2, 1e-5
+    save = str(tmp_path / "run")
+    result = train(make_config(load=converted, save=save, iters=iters, lr=lr, dtype=dtype,
+                               distopt=distopt), world)
+    assert result["iteration"] == iters
+    moved = assert_moved_only_by_updates(final_weights(converted), final_weights(save),
+                                         iters=iters, lr=lr, dtype=dtype)
+    assert moved > 0.0  # the steps did update the weights

@@ -2,7 +2,10 @@
 
 Every run starts from the same model-only checkpoint (`make_init_checkpoint`, TP1 in one
 process), so layouts whose initialisation would differ (pipeline stages seed differently) start
-from identical weights; this also exercises model-only resharded loading. Final weights are
+from identical weights; this also exercises model-only resharded loading. The checkpoint is
+initialised with INIT_SEED, not the trainer's seed: a run that ignored the loaded weights and
+kept its own random initialisation (the bf16 optimizer's stale fp32 main copies did) would
+otherwise train from the very same numbers and pass unnoticed. Final weights are
 compared by loading each run's last checkpoint into one TP1 process.
 """
 
@@ -12,7 +15,7 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from megatron_longctx.config.model import ParallelConfig
+from megatron_longctx.config.model import ParallelConfig, PrecisionConfig
 from megatron_longctx.config.training import (
     CheckpointConfig,
     DataConfig,
@@ -24,6 +27,8 @@ from megatron_longctx.model.presets import get_preset
 from tests.distributed.spawn import run_distributed
 
 SEQ = 64
+#: Seed of the initial checkpoint; differs from TrainingConfig.seed (1234) on purpose.
+INIT_SEED = 4321
 
 
 def tiny_model(num_layers: int = 4):
@@ -36,6 +41,7 @@ def make_config(*, tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None
                 iters: int = 3, load: str | None = None, save: str | None = None,
                 exit_interval: int | None = None, masking: bool = False,
                 lr: float = 1e-4, save_interval: int | None = None,
+                dtype: str = "fp32", no_load_optim: bool = False, finetune: bool = False,
                 **training: Any) -> PretrainConfig:
     return PretrainConfig(
         model=tiny_model(),
@@ -48,7 +54,9 @@ def make_config(*, tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None
                           use_distributed_optimizer=distopt),
         training=TrainingConfig(micro_batch_size=mbs, global_batch_size=gbs, train_iters=iters,
                                 exit_interval=exit_interval, **training),
-        checkpoint=CheckpointConfig(load=load, save=save, save_interval=save_interval),
+        checkpoint=CheckpointConfig(load=load, save=save, save_interval=save_interval,
+                                    no_load_optim=no_load_optim, finetune=finetune),
+        precision=PrecisionConfig(params_dtype=dtype),
     )
 
 
@@ -80,7 +88,7 @@ def _init_rank(rank: int, world: int, root: str) -> None:
 
     parallel = ParallelConfig()
     initialize_model_parallel(parallel)
-    set_seed(1234)
+    set_seed(INIT_SEED)
     chunks = build_model_chunks(tiny_model(), parallel)
     save_model_checkpoint(chunks, root, 0, tiny_model(), parallel, source="tests")
 
@@ -107,6 +115,52 @@ def _weights_rank(rank: int, world: int, path: str) -> dict[str, Any]:
 def final_weights(path: str) -> dict[str, Any]:
     """Full (TP1) weights of the latest checkpoint under `path`."""
     return run_distributed(_weights_rank, 1, path)[0]
+
+
+def max_bf16_excess(a: dict[str, Any], b: dict[str, Any], ulps: float = 2.0) -> float:
+    """Largest elementwise |a - b| beyond `ulps` bf16 spacings of b (0.0 when all within).
+
+    bf16 weights compare in units of their own spacing (2^-7 relative): a fixed absolute
+    tolerance is below bf16 resolution at the norm weights (1.0 has ulp 7.8e-3) and far above
+    it at small projection weights. What remains beyond the ulps is compared against the
+    optimizer's step size: Adam normalises each gradient, so an element whose gradient is
+    rounding noise may step +lr in one layout and -lr in another (2 lr per step)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    worst = 0.0
+    for key in a:
+        ref = b[key].float()
+        _, exponent = torch.frexp(ref)
+        ulp = torch.ldexp(torch.ones_like(ref), exponent - 8)
+        excess = (a[key].float() - ref).abs() - ulps * ulp
+        worst = max(worst, float(excess.max()))
+    return max(worst, 0.0)
+
+
+def assert_moved_only_by_updates(loaded: dict[str, Any], trained: dict[str, Any], *,
+                                 iters: int, lr: float, dtype: str) -> float:
+    """Every trained weight lies within `iters` Adam updates of its loaded value, plus (bf16)
+    one ulp of rounding of the stored weight; returns the largest change (> 0 expected).
+
+    Adam's per-element update is lr * m_hat / (sqrt(v_hat) + eps): exactly <= lr at step 1 and
+    a small multiple of it in the first few steps (bound used: 3 lr per step; weight decay adds
+    lr * wd * |w|, negligible here). A run that kept a stale copy of other weights (the bf16
+    optimizer's fp32 main parameters from the random init, issue 14) moves them by ~0.1."""
+    import torch
+
+    assert loaded.keys() == trained.keys()
+    moved = 0.0
+    for key, start in loaded.items():
+        start = start.float()
+        delta = (trained[key].float() - start).abs()
+        bound = torch.full_like(start, iters * lr * 3.0)
+        if dtype != "fp32":
+            _, exponent = torch.frexp(start)
+            bound = bound + torch.ldexp(torch.ones_like(start), exponent - 8)
+        assert bool((delta <= bound).all()), (key, float(delta.max()))
+        moved = max(moved, float(delta.max()))
+    return moved
 
 
 def max_weight_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
