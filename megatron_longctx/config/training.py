@@ -339,6 +339,13 @@ class PretrainConfig:
             if self.training.recompute_num_layers > per_stage:
                 raise ValueError(f"--recompute-num-layers ({self.training.recompute_num_layers})"
                                  f" exceeds the layers per pipeline stage ({per_stage})")
+        if self.data.reset_attention_mask and \
+                self.precision.transformer_impl == "transformer_engine":
+            # TE's attention forwards only the base PackedSeqParams fields (our document
+            # starts would be dropped: plain causal attention), and at CP > 1 it multiplies
+            # max_seqlen by the CP size again. THD packing for TE is not built yet.
+            raise ValueError("--reset-attention-mask needs --transformer-impl local (document "
+                             "masking is not wired into Transformer Engine's attention yet)")
         if (self.attention_backend not in (None, "auto", "local")
                 and self.precision.transformer_impl != "transformer_engine"):
             raise ValueError(f"--attention-backend {self.attention_backend} needs "
@@ -427,7 +434,14 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--cp-comm-type", default="p2p")
+    g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs="+", default=None,
+                   help="with --cp-comm-type a2a+p2p: a2a and p2p group sizes (product = CP)")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", dest="overlap_grad_reduce", action="store_true",
+                   default=None, help="overlap the DP gradient reduction with the backward "
+                   "pass (default: on with CUDA, off on CPU)")
+    g.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce",
+                   action="store_false")
 
     g = p.add_argument_group("precision and kernels")
     g.add_argument("--bf16", action="store_true")
@@ -440,6 +454,12 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
     g.add_argument("--fp8-amax-compute-algo", default="most_recent")
     g.add_argument("--fp8-dot-product-attention", action="store_true")
     g.add_argument("--attention-backend", default=None)
+    g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false",
+                   default=None, help="unfused RoPE (fused is the default with CUDA + TE)")
+    g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
+                   action="store_false", default=None,
+                   help="unfused weight-gradient accumulation (fused is the default with CUDA "
+                   "where the kernel exists)")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--save", default=None)
@@ -545,7 +565,11 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
             virtual_pipeline_model_parallel_size=vpp,
             context_parallel_size=a.context_parallel_size,
             cp_comm_type=a.cp_comm_type,
+            hierarchical_context_parallel_sizes=(
+                tuple(a.hierarchical_context_parallel_sizes)
+                if a.hierarchical_context_parallel_sizes else None),
             sequence_parallel=a.sequence_parallel,
+            overlap_grad_reduce=a.overlap_grad_reduce,
         ),
         precision=PrecisionConfig(
             params_dtype="bf16" if a.bf16 else "fp16" if a.fp16 else "fp32",
@@ -555,6 +579,8 @@ def config_from_args(a: argparse.Namespace) -> PretrainConfig:
             fp8_amax_history_len=a.fp8_amax_history_len,
             fp8_amax_compute_algo=a.fp8_amax_compute_algo,
             fp8_dot_product_attention=a.fp8_dot_product_attention,
+            apply_rope_fusion=a.apply_rope_fusion,
+            gradient_accumulation_fusion=a.gradient_accumulation_fusion,
         ),
         data=DataConfig(
             mixture_plan=a.mixture_plan, data_path=a.data_path, data_args_path=a.data_args_path,

@@ -563,7 +563,7 @@ def build_conversion_model(cfg: ModelConfig, dtype: str, padded_vocab: int | Non
     build_cfg = cfg if padded_vocab is None else dataclasses.replace(
         cfg, vocab_size=padded_vocab, pad_vocab=False)
     return build_model(build_cfg, ParallelConfig(), PrecisionConfig(params_dtype=dtype),
-                       perform_initialization=False, use_cpu_initialization=True)
+                       perform_initialization=False, use_cpu_initialization=True, device="cpu")
 
 
 def convert_hf_to_megatron(

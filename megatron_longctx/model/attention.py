@@ -49,6 +49,19 @@ faster forward and needs 43% less memory, and the gap grows with length (mask by
 Path 2 keeps per-segment contiguous K/V copies for backward (~2.5x one K/V at CP2), which is
 its memory above path 1.
 
+Kernels per path and device (no path builds a dense mask on CUDA):
+
+    path                          CPU                                 CUDA
+    1 causal, no CP/documents     SDPA is_causal (flash for CPU)      SDPA is_causal (flash)
+    2 CP chunk vs prefix+diagonal flash + LSE merge (2 calls)         SDPA, lower-right CausalBias
+    3 document pieces             as path 2, one call per piece       as path 2, one per piece
+    KV-cache decode (1 token)     SDPA, no mask                       SDPA, no mask
+    chunked prefill (sq < sk)     flash + LSE merge                   SDPA, lower-right CausalBias
+    explicit padding mask         SDPA with the caller's mask         same (the caller's tensor)
+
+The lower-right CausalBias is a mask type the CUDA flash / memory-efficient kernels take
+directly; on CPU torch would materialise it, hence the flash/LSE merge there.
+
 Attention dropout is supported on path 1 only (LLaMA trains with 0).
 
 KV-cache inference (megatron's `StaticInferenceContext`, used by megatron_longctx.eval): a step
@@ -221,22 +234,36 @@ def prefix_causal_attention(q: Tensor, k: Tensor, v: Tensor, prefix: int,
     Returns:
         [B, H, L, d].
 
-    Prefix 0 is plain `is_causal=True` SDPA. Otherwise the flash/LSE merge runs on CPU; on
-    other devices (where TE attention is the production path) it falls back to SDPA with an
-    L x (prefix + L) boolean mask, built from two aranges.
+    Prefix 0 is plain `is_causal=True` SDPA. Otherwise, on CPU, the flash/LSE merge of
+    `_PrefixCausalFlash`; on CUDA, `lower_right_causal_attention` (one SDPA call with a
+    lower-right CausalBias, run by the flash or memory-efficient kernel). Neither builds a
+    mask tensor.
     """
     length = q.shape[2]
     if k.shape[2] != prefix + length:
         raise ValueError(f"keys ({k.shape[2]}) must be prefix ({prefix}) + queries ({length})")
     if prefix == 0:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    scale = q.shape[-1] ** -0.5 if scale is None else scale
     if q.device.type == "cpu" and _FLASH_CPU is not None and _FLASH_CPU_BWD is not None:
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
         return _PrefixCausalFlash.apply(q.contiguous(), k.contiguous(), v.contiguous(),
                                         prefix, scale)
-    rows = torch.arange(length, device=q.device).unsqueeze(1) + prefix
-    cols = torch.arange(prefix + length, device=q.device).unsqueeze(0)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=cols <= rows, scale=scale)
+    return lower_right_causal_attention(q, k, v, scale)
+
+
+def lower_right_causal_attention(q: Tensor, k: Tensor, v: Tensor,
+                                 scale: float | None = None) -> Tensor:
+    """Query i of L sees keys [0, S - L + i] (S = keys): SDPA with torch's lower-right
+    `CausalBias`, which the CUDA flash and memory-efficient kernels take as a mask *type*
+    (no L x S tensor; a dense boolean mask for one 16K CP chunk against 128K keys would be
+    2 GiB per layer, kept for backward). On CPU torch materialises the bias (math kernel),
+    which is why `prefix_causal_attention` uses the flash/LSE merge there; the tests run this
+    function on CPU to check it against that merge."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2],
+                                                                                k.shape[2]),
+                                          scale=scale)
 
 
 def _expand_kv(x: Tensor, heads: int) -> Tensor:

@@ -43,6 +43,14 @@ def te_available() -> bool:
     return True
 
 
+def default_device() -> torch.device:
+    """The device a built model lives on: this process's current CUDA device when there is
+    one (torchrun/srun give each rank its own; parallel.init sets it), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
     """Megatron-LM's --make-vocab-size-divisible-by padding (multiple of divisible_by * TP)."""
     multiple = divisible_by * tp
@@ -225,12 +233,19 @@ def build_model(
     *,
     vp_stage: int | None = None,
     config: Any = None,
+    device: torch.device | str | None = None,
     **config_overrides: Any,
 ) -> Any:
     """Build this rank's GPTModel (one virtual stage when `vp_stage` is given).
 
     Needs megatron's parallel state (parallel.init.initialize_distributed). pre_process /
     post_process (embedding / output layer) follow the PP stage (and virtual stage).
+
+    Every parameter and buffer ends on `device` (default `default_device()`), as Megatron-LM's
+    get_model moves each chunk with `.cuda()`: megatron allocates its linear layers on the GPU
+    only without --use-cpu-initialization, and nothing else would move a CPU-initialised
+    model (the distributed optimizer's parameter remapping used to hide this; bf16 with the
+    plain optimizer then failed megatron's CUDA type check). The converter passes "cpu".
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -243,7 +258,7 @@ def build_model(
     stage = vp_stage if vpp_on else None
     vocab = (padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
              if model.pad_vocab else model.vocab_size)
-    return GPTModel(
+    gpt = GPTModel(
         config=config,
         transformer_layer_spec=get_block_spec(config, use_te, vp_stage=stage),
         vocab_size=vocab,
@@ -261,6 +276,7 @@ def build_model(
         seq_len_interpolation_factor=model.seq_len_interpolation_factor,
         vp_stage=stage,
     )
+    return gpt.to(default_device() if device is None else torch.device(device))
 
 
 def build_model_chunks(

@@ -45,7 +45,12 @@ class RMSNorm(torch.nn.Module):
         self.eps = eps
         self.hidden_size = hidden_size
         dtype = getattr(config, "params_dtype", torch.float32)
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype))
+        # Where megatron's own layers put their weights: the current CUDA device unless
+        # --use-cpu-initialization (build_model then moves the whole model to its device).
+        on_gpu = torch.cuda.is_available() and not getattr(config, "use_cpu_initialization",
+                                                            True)
+        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else None
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=dtype, device=device))
         self.sequence_parallel = bool(getattr(config, "sequence_parallel", False))
         # finalize_model_grads all-reduces grads of params tagged like this over TP.
         self.weight.sequence_parallel = self.sequence_parallel

@@ -13,6 +13,7 @@ import os
 import re
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -111,14 +112,12 @@ def initialize_distributed(
     """
     denv = read_dist_env(env)
     parallel.validate(world_size=denv.world_size)
+    # before set_device creates the CUDA context
+    set_cuda_connections(parallel.tensor_model_parallel_size, parallel.context_parallel_size)
     apply_cpu_patches()
     use_cuda = torch.cuda.is_available()
     if use_cuda:
         torch.cuda.set_device(denv.local_rank % torch.cuda.device_count())
-        if parallel.tensor_model_parallel_size > 1 or parallel.context_parallel_size > 1:
-            # TE asserts one hardware queue with TP/CP comm overlap; Megatron-LM's launch
-            # scripts export it. Set here so a forgotten export does not fail at step 1.
-            os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if not dist.is_initialized():
         dist.init_process_group(
             backend=backend or ("nccl" if use_cuda else "gloo"),
@@ -130,6 +129,21 @@ def initialize_distributed(
     initialize_model_parallel(parallel)
     set_seed(seed)
     return denv
+
+
+def set_cuda_connections(tensor_model_parallel_size: int, context_parallel_size: int,
+                         environ: Any = None) -> None:
+    """Export CUDA_DEVICE_MAX_CONNECTIONS=1 with TP > 1 or CP > 1 (unless already set).
+
+    TE asserts one hardware work queue when it overlaps TP/CP communication with GEMMs, and
+    Megatron-LM's launch scripts export it. The driver reads the variable when the CUDA
+    context is created, so this must run before any CUDA call of the process (torch.cuda.
+    set_device, importing Transformer Engine): the entrypoint calls it right after parsing the
+    flags, and `initialize_distributed` again for library users (a no-op the second time).
+    """
+    environ = os.environ if environ is None else environ
+    if tensor_model_parallel_size > 1 or context_parallel_size > 1:
+        environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
 
 
 def initialize_model_parallel(parallel: ParallelConfig) -> None:
@@ -144,6 +158,9 @@ def initialize_model_parallel(parallel: ParallelConfig) -> None:
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
         virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
         context_parallel_size=parallel.context_parallel_size,
+        hierarchical_context_parallel_sizes=(list(parallel.hierarchical_context_parallel_sizes)
+                                             if parallel.hierarchical_context_parallel_sizes
+                                             else None),
     )
 
 

@@ -11,12 +11,21 @@ import logging
 import os
 import sys
 
-from megatron_longctx.config.training import parse_pretrain_args
+from megatron_longctx.config.training import build_pretrain_parser, config_from_args
+from megatron_longctx.parallel.init import set_cuda_connections
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the trainer; returns the process exit code (see pretrain_longctx.py)."""
-    cfg = parse_pretrain_args(argv)
+    parser = build_pretrain_parser()
+    args = parser.parse_args(argv)
+    # First, before anything can create a CUDA context: resolving the default
+    # --transformer-impl and te_available() below import Transformer Engine.
+    set_cuda_connections(args.tensor_model_parallel_size, args.context_parallel_size)
+    try:
+        cfg = config_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
     from megatron_longctx.model.build import te_available
     from megatron_longctx.parallel.init import read_dist_env
 

@@ -10,6 +10,12 @@ One function per concern, in the order the entrypoint calls them:
   micro-batches, DP and CP when ranks hold different numbers of unmasked tokens, and the one
   that gives 0 rather than NaN for a rank with none), `batch_p2p_comm=False` for virtual PP at
   PP=2 (FACTS.md: batched p2p swaps tensors when the previous and next peer are the same rank).
+* GPU performance defaults (`performance_settings`), as Megatron-LM's: TE's fused RoPE,
+  gradient-accumulation fusion into `main_grad` and overlapped DP gradient reduction are on
+  with CUDA wherever their kernels exist, and off on CPU (no kernels; overlap buys nothing on
+  gloo and the equivalence tests want the plain order). `--no-rope-fusion`,
+  `--no-gradient-accumulation-fusion`, `--no-overlap-grad-reduce` turn them off;
+  `--overlap-grad-reduce` turns overlap on anywhere (tested on CPU for equivalence).
 * `build_optimizer`: megatron-core's Adam (torch AdamW off-GPU, TE/apex fused on GPU),
   decoupled weight decay, gradient clipping, distributed optimizer.
 * `build_scheduler`: OptimizerParamScheduler counted in samples, as Megatron-LM does.
@@ -26,6 +32,45 @@ from megatron_longctx.config.training import PretrainConfig
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def grad_accum_fusion_kernel_available(transformer_impl: str) -> bool:
+    """Whether a fused weight-gradient accumulation kernel exists for this layer spec: TE's
+    linear layers bring their own; megatron's local ColumnParallelLinear needs apex's
+    `fused_weight_gradient_mlp_cuda` (it raises at the first backward without it)."""
+    if not torch.cuda.is_available():
+        return False
+    if transformer_impl == "transformer_engine":
+        return True
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def performance_settings(cfg: PretrainConfig, *, cuda: bool | None = None,
+                         have_te: bool | None = None,
+                         grad_fusion_kernel: bool | None = None) -> dict[str, bool]:
+    """The GPU performance switches after their defaults are resolved (None = auto).
+
+    Returns apply_rope_fusion, gradient_accumulation_fusion and overlap_grad_reduce. The
+    keyword arguments override detection (tests)."""
+    from megatron_longctx.model.build import te_available
+
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    have_te = te_available() if have_te is None else have_te
+    if grad_fusion_kernel is None:
+        grad_fusion_kernel = grad_accum_fusion_kernel_available(cfg.precision.transformer_impl)
+    prec, par = cfg.precision, cfg.parallel
+    rope = prec.apply_rope_fusion
+    grad = prec.gradient_accumulation_fusion
+    overlap = par.overlap_grad_reduce
+    return {
+        "apply_rope_fusion": (cuda and have_te) if rope is None else rope,
+        "gradient_accumulation_fusion": grad_fusion_kernel if grad is None else grad,
+        "overlap_grad_reduce": cuda if overlap is None else overlap,
+    }
+
+
 def transformer_overrides(cfg: PretrainConfig) -> dict[str, Any]:
     """TransformerConfig fields the trainer sets on top of model/build.py's."""
     par = cfg.parallel
@@ -37,6 +82,9 @@ def transformer_overrides(cfg: PretrainConfig) -> dict[str, Any]:
         "batch_p2p_comm": not (vpp > 1 and par.pipeline_model_parallel_size == 2),
         "deallocate_pipeline_outputs": True,
     }
+    perf = performance_settings(cfg)
+    overrides["apply_rope_fusion"] = perf["apply_rope_fusion"]
+    overrides["gradient_accumulation_fusion"] = perf["gradient_accumulation_fusion"]
     t = cfg.training
     if t.recompute_granularity:
         overrides["recompute_granularity"] = t.recompute_granularity
@@ -66,9 +114,10 @@ def build_training_model(cfg: PretrainConfig) -> list[Any]:
     config = chunks[0].config
     if cfg.precision.params_dtype != "fp32":
         chunks = [Float16Module(config, chunk) for chunk in chunks]
+    overlap = performance_settings(cfg)["overlap_grad_reduce"]
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap,
         use_distributed_optimizer=cfg.optim.use_distributed_optimizer,
         check_for_nan_in_grad=False,
     )
@@ -81,6 +130,11 @@ def build_training_model(cfg: PretrainConfig) -> list[Any]:
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ([w.no_sync for w in wrapped] if len(wrapped) > 1
                            else wrapped[0].no_sync)
+    if overlap:
+        # Megatron-LM's align_grad_reduce: the pipeline schedule starts each chunk's gradient
+        # reduction when its last micro-batch's backward is done.
+        config.grad_sync_func = ([w.start_grad_sync for w in wrapped] if len(wrapped) > 1
+                                 else wrapped[0].start_grad_sync)
     return wrapped
 
 

@@ -9,6 +9,7 @@ A failing rank's traceback is re-raised in the test; hung ranks are killed after
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
 import traceback
@@ -25,6 +26,20 @@ from megatron_longctx.parallel.init import free_port  # noqa: F401  (tests impor
 apply_cpu_patches()
 
 
+def _pack(result: Any) -> bytes:
+    """The result as bytes. Tensors put on a multiprocessing queue directly travel as shared-
+    memory file descriptors that the parent fetches from the child's resource-sharer thread
+    when it unpickles: if the child has exited by then (it exits right after putting), the
+    parent gets ConnectionResetError (seen under load). torch.save copies the data instead."""
+    buffer = io.BytesIO()
+    torch.save(result, buffer)
+    return buffer.getvalue()
+
+
+def _unpack(payload: bytes) -> Any:
+    return torch.load(io.BytesIO(payload), weights_only=False)
+
+
 def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, queue: Any,
            args: tuple, kwargs: dict) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
@@ -34,7 +49,7 @@ def _child(fn: Callable[..., Any], rank: int, world_size: int, port: int, queue:
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 init_method=f"tcp://127.0.0.1:{port}")
         result = fn(rank, world_size, *args, **kwargs)
-        queue.put((rank, True, result))
+        queue.put((rank, True, _pack(result)))
     except BaseException:
         queue.put((rank, False, traceback.format_exc()))
     finally:
@@ -84,7 +99,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any,
                 ) from err
             if not ok:
                 raise RuntimeError(f"rank {rank} of {world_size} failed:\n{payload}")
-            results[rank] = payload
+            results[rank] = _unpack(payload)
     finally:
         for proc in procs:
             proc.join(timeout=5)

@@ -177,3 +177,54 @@ def test_document_masking_equals_separate_documents() -> None:
     assert result["loss_err"] < 1e-5
     assert result["grad_err"] < 1e-5
     assert result["unmasked_diff"] > 1e-3  # without the mask documents do see each other
+
+
+@pytest.mark.parametrize("prefix,length", [(12, 8), (1, 5), (40, 24)])
+def test_cuda_prefix_path_equals_cpu_merge(prefix: int, length: int) -> None:
+    """The CUDA kernel choice for CP chunks, document pieces and chunked prefill (SDPA with a
+    lower-right CausalBias) computes what the CPU flash/LSE merge computes, values and
+    gradients (run here on CPU, where torch materialises the bias)."""
+    from megatron_longctx.model.attention import (
+        lower_right_causal_attention,
+        prefix_causal_attention,
+    )
+
+    g = torch.Generator().manual_seed(prefix)
+    q = torch.randn(2, 4, length, 16, generator=g, requires_grad=True)
+    k = torch.randn(2, 4, prefix + length, 16, generator=g, requires_grad=True)
+    v = torch.randn(2, 4, prefix + length, 16, generator=g, requires_grad=True)
+    merged = prefix_causal_attention(q, k, v, prefix, scale=0.2)
+    biased = lower_right_causal_attention(q, k, v, scale=0.2)
+    assert torch.allclose(merged, biased, atol=1e-5)
+    grads_m = torch.autograd.grad(merged.square().sum(), (q, k, v))
+    grads_b = torch.autograd.grad(biased.square().sum(), (q, k, v))
+    for a, b in zip(grads_m, grads_b):
+        assert torch.allclose(a, b, atol=1e-5)
+    # The reference: query i sees keys 0..prefix+i, computed densely in float64.
+    scores = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) * 0.2
+    allowed = (torch.arange(prefix + length)[None, :]
+               <= torch.arange(length)[:, None] + prefix)
+    want = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ v.double()
+    assert torch.allclose(merged.double(), want, atol=1e-5)
+
+
+def test_no_dense_mask_off_cpu(monkeypatch) -> None:
+    """Off the CPU, prefix attention hands SDPA a CausalBias (a mask type the CUDA kernels take
+    directly), never a boolean/float tensor: at 128K with CP4 such a mask was 2-4 GiB per
+    layer, kept for backward."""
+    from torch.nn.attention.bias import CausalBias
+
+    from megatron_longctx.model import attention
+
+    seen = []
+    real = attention.F.scaled_dot_product_attention
+
+    def spy(q, k, v, attn_mask=None, **kwargs):
+        seen.append(attn_mask)
+        return real(q, k, v, attn_mask=attn_mask, **kwargs)
+
+    monkeypatch.setattr(attention.F, "scaled_dot_product_attention", spy)
+    monkeypatch.setattr(attention, "_FLASH_CPU", None)  # what a CUDA tensor sees
+    q, k, v = torch.randn(1, 2, 4, 8), torch.randn(1, 2, 10, 8), torch.randn(1, 2, 10, 8)
+    attention.prefix_causal_attention(q, k, v, 6)
+    assert len(seen) == 1 and isinstance(seen[0], CausalBias)

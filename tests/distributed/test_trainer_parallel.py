@@ -83,7 +83,12 @@ def test_reference_learns(reference):
     (dict(cp=2), 2),
     (dict(distopt=True), 2),
     (dict(tp=2, cp=2), 4),
-], ids=["tp2", "tp2-sp", "pp2", "pp2-vpp2", "cp2", "dp2-distopt", "tp2xcp2"])
+    # --overlap-grad-reduce (the CUDA default): bucketed reduction launched from backward
+    # hooks, 2 micro-batches per rank so the no_sync / last-micro-batch logic is exercised.
+    (dict(distopt=True, overlap=True, mbs=1), 2),
+    (dict(pp=2, overlap=True, mbs=1), 4),
+], ids=["tp2", "tp2-sp", "pp2", "pp2-vpp2", "cp2", "dp2-distopt", "tp2xcp2",
+        "dp2-distopt-overlap", "pp2xdp2-overlap"])
 def test_layout_matches_one_process(layout, world, dtype, init_ckpt, reference, tmp_path):
     save = str(tmp_path / "ckpt")
     result = train(make_config(load=init_ckpt, save=save, dtype=dtype, **layout), world)

@@ -42,12 +42,14 @@ def make_config(*, tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None
                 exit_interval: int | None = None, masking: bool = False,
                 lr: float = 1e-4, save_interval: int | None = None,
                 dtype: str = "fp32", no_load_optim: bool = False, finetune: bool = False,
+                overlap: bool | None = None,
                 **training: Any) -> PretrainConfig:
     return PretrainConfig(
         model=tiny_model(),
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                 context_parallel_size=cp,
-                                virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp),
+                                virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp,
+                                overlap_grad_reduce=overlap),
         data=DataConfig(mock_data=True, tokenizer_type="NullTokenizer", vocab_size=512,
                         reset_attention_mask=masking),
         optim=OptimConfig(lr=lr, weight_decay=0.01, clip_grad=1.0,

@@ -125,7 +125,8 @@ def test_transformer_config_fp8_fields_without_te() -> None:
     from megatron_longctx.model.build import build_transformer_config, te_available
 
     assert te_available() is False  # CPU CI never installs Transformer Engine
-    model = get_preset("tiny")
+    # FP8 attention needs LLaMA's head dim 128 (TE's fused FP8 attention on sm90).
+    model = replace(get_preset("tiny"), hidden_size=256, num_attention_heads=2)
     parallel = ParallelConfig(tensor_model_parallel_size=2, context_parallel_size=2,
                               sequence_parallel=True, cp_comm_type="a2a")
     precision = PrecisionConfig(params_dtype="bf16", transformer_impl="transformer_engine",
@@ -138,7 +139,7 @@ def test_transformer_config_fp8_fields_without_te() -> None:
     assert (cfg.tensor_model_parallel_size, cfg.context_parallel_size, cfg.sequence_parallel,
             cfg.cp_comm_type) == (2, 2, True, "a2a")
     assert (cfg.num_query_groups, cfg.kv_channels, cfg.normalization, cfg.gated_linear_unit,
-            cfg.add_bias_linear) == (2, 16, "RMSNorm", True, False)
+            cfg.add_bias_linear) == (2, 128, "RMSNorm", True, False)
     with pytest.raises(ValueError, match="--fp8-format e4m3 needs --transformer-impl"):
         build_transformer_config(model, parallel, precision)  # real detection: no TE here
 
@@ -158,3 +159,45 @@ def test_model_config_rejects_nonpositive() -> None:
     with pytest.raises(ValueError, match="--num-layers must be positive"):
         ModelConfig(num_layers=0, hidden_size=64, ffn_hidden_size=1,
                     num_attention_heads=4).validate()
+
+
+# --- issue 14: GPU-only combinations that used to run silently wrong -------------------------
+@pytest.mark.parametrize("parallel,message", [
+    (ParallelConfig(context_parallel_size=4, cp_comm_type="a2a+p2p"),
+     r"--cp-comm-type a2a\+p2p needs --hierarchical-context-parallel-sizes"),
+    (ParallelConfig(context_parallel_size=4, cp_comm_type="a2a+p2p",
+                    hierarchical_context_parallel_sizes=(2, 4)),
+     r"--hierarchical-context-parallel-sizes 2 4 must be two sizes .* "
+     r"--context-parallel-size \(4\)"),
+    (ParallelConfig(context_parallel_size=4, cp_comm_type="p2p",
+                    hierarchical_context_parallel_sizes=(2, 2)),
+     r"--hierarchical-context-parallel-sizes is only used with --cp-comm-type a2a\+p2p"),
+], ids=["a2a+p2p-without-sizes", "sizes-product", "sizes-without-a2a+p2p"])
+def test_hierarchical_cp_needs_its_sizes(parallel: ParallelConfig, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parallel.validate()
+
+
+def test_hierarchical_cp_sizes_accepted() -> None:
+    ParallelConfig(context_parallel_size=4, cp_comm_type="a2a+p2p",
+                   hierarchical_context_parallel_sizes=(2, 2)).validate(world_size=8)
+
+
+def test_fp8_attention_needs_llama_head_dim_and_a_fp8_cp_path() -> None:
+    te_fp8 = PrecisionConfig(params_dtype="bf16", transformer_impl="transformer_engine",
+                             fp8="hybrid", fp8_dot_product_attention=True)
+    llama = get_preset("llama2-7b")  # head dim 128
+    validate_all(llama, ParallelConfig(context_parallel_size=2), te_fp8, te_available=True)
+    with pytest.raises(ValueError, match=r"--fp8-dot-product-attention needs head dim 128 "
+                                         r"\(--hidden-size / --num-attention-heads = 16\)"):
+        validate_all(get_preset("tiny"), ParallelConfig(), te_fp8, te_available=True)
+    with pytest.raises(ValueError, match="--fp8-dot-product-attention does not run in FP8 "
+                                         "with --cp-comm-type all_gather"):
+        validate_all(llama, ParallelConfig(context_parallel_size=2, cp_comm_type="all_gather"),
+                     te_fp8, te_available=True)
+
+
+def test_rope_fusion_needs_te() -> None:
+    with pytest.raises(ValueError, match="RoPE fusion needs Transformer Engine"):
+        PrecisionConfig(apply_rope_fusion=True).validate(te_available=False)
+    PrecisionConfig(apply_rope_fusion=True).validate(te_available=True)

@@ -174,7 +174,8 @@ def test_te_fp8_transformer_config_without_te():
     from megatron_longctx.training.setup import transformer_overrides
 
     cfg = cfg_of("--bf16", "--transformer-impl", "transformer_engine", "--fp8-format",
-                 "hybrid", "--fp8-recipe", "delayed", "--fp8-amax-history-len", "1024",
+                 "hybrid", "--fp8-recipe", "delayed", "--hidden-size", "256",
+                 "--num-attention-heads", "2", "--fp8-amax-history-len", "1024",
                  "--fp8-amax-compute-algo", "max", "--fp8-dot-product-attention",
                  "--context-parallel-size", "2", "--cp-comm-type", "a2a",
                  "--attention-backend", "fused")
@@ -201,3 +202,101 @@ def test_vpp_at_pp2_disables_batched_p2p():
     assert transformer_overrides(cfg)["batch_p2p_comm"] is False
     assert transformer_overrides(cfg_of("--pipeline-model-parallel-size", "2"))[
         "batch_p2p_comm"] is True
+
+
+# --- issue 14: GPU defaults, GPU-only combinations, CUDA_DEVICE_MAX_CONNECTIONS ---------------
+def test_gpu_performance_flags_parse():
+    cfg = cfg_of("--context-parallel-size", "4", "--cp-comm-type", "a2a+p2p",
+                 "--hierarchical-context-parallel-sizes", "2", "2", "--no-rope-fusion",
+                 "--no-gradient-accumulation-fusion", "--no-overlap-grad-reduce")
+    assert cfg.parallel.hierarchical_context_parallel_sizes == (2, 2)
+    assert cfg.precision.apply_rope_fusion is False
+    assert cfg.precision.gradient_accumulation_fusion is False
+    assert cfg.parallel.overlap_grad_reduce is False
+    cfg.validate(world_size=4)
+    assert cfg_of("--overlap-grad-reduce").parallel.overlap_grad_reduce is True
+    default = cfg_of()
+    assert (default.precision.apply_rope_fusion, default.precision.gradient_accumulation_fusion,
+            default.parallel.overlap_grad_reduce) == (None, None, None)  # auto
+
+
+def test_gpu_performance_defaults_resolve_like_megatron():
+    """Auto: fusions and overlap on with CUDA where the kernels exist, off on CPU."""
+    from megatron_longctx.training.setup import performance_settings, transformer_overrides
+
+    cfg = cfg_of()
+    on = {"apply_rope_fusion": True, "gradient_accumulation_fusion": True,
+          "overlap_grad_reduce": True}
+    assert performance_settings(cfg, cuda=True, have_te=True, grad_fusion_kernel=True) == on
+    assert performance_settings(cfg, cuda=False, have_te=False, grad_fusion_kernel=False) == {
+        k: False for k in on}
+    # CUDA without TE or apex: no fused RoPE, no fused accumulation, overlap still on.
+    assert performance_settings(cfg, cuda=True, have_te=False, grad_fusion_kernel=False) == {
+        "apply_rope_fusion": False, "gradient_accumulation_fusion": False,
+        "overlap_grad_reduce": True}
+    off = cfg_of("--no-rope-fusion", "--no-gradient-accumulation-fusion",
+                 "--no-overlap-grad-reduce")
+    assert performance_settings(off, cuda=True, have_te=True, grad_fusion_kernel=True) == {
+        k: False for k in on}
+    # On this CPU machine the trainer's TransformerConfig gets them off.
+    overrides = transformer_overrides(cfg)
+    assert overrides["apply_rope_fusion"] is False
+    assert overrides["gradient_accumulation_fusion"] is False
+
+
+def test_document_masking_with_te_is_refused():
+    cfg = cfg_of("--bf16", "--transformer-impl", "transformer_engine",
+                 "--reset-attention-mask")
+    with pytest.raises(ValueError, match="--reset-attention-mask needs --transformer-impl "
+                                         "local"):
+        cfg.validate(world_size=1, te_available=True)
+    cfg_of("--reset-attention-mask").validate(world_size=1)
+
+
+def test_cuda_connections_set_before_any_cuda_call(monkeypatch):
+    """initialize_distributed exports CUDA_DEVICE_MAX_CONNECTIONS=1 (TP/CP > 1) before
+    torch.cuda.set_device creates the context; the driver reads it only then."""
+    import torch
+
+    from megatron_longctx.config.model import ParallelConfig
+    from megatron_longctx.parallel import init
+
+    seen = {}
+
+    class StopError(Exception):
+        pass
+
+    def set_device(index):
+        seen["value"] = init.os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS")
+        raise StopError
+
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(StopError):
+        init.initialize_distributed(ParallelConfig(tensor_model_parallel_size=2),
+                                    env={"RANK": "0", "WORLD_SIZE": "2"})
+    assert seen["value"] == "1"
+
+
+def test_entrypoint_sets_cuda_connections_before_importing_te(monkeypatch):
+    """pretrain_longctx.py resolves the default --transformer-impl by importing TE, which
+    can create the CUDA context: the variable must already be set by then."""
+    from megatron_longctx.model import build
+    from megatron_longctx.training import entry
+
+    seen = []
+
+    def te_available():
+        seen.append(entry.os.environ.get("CUDA_DEVICE_MAX_CONNECTIONS"))
+        return False
+
+    monkeypatch.delenv("CUDA_DEVICE_MAX_CONNECTIONS", raising=False)
+    monkeypatch.setattr(build, "te_available", te_available)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    code = entry.main(["--model-preset", "tiny", "--context-parallel-size", "2",
+                       "--train-iters", "1", *MOCK])
+    assert code == 2  # world 1 cannot hold CP2: fails at validation, after the TE probe
+    assert seen and all(v == "1" for v in seen)
