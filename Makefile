@@ -22,7 +22,7 @@ $(STAMP): $(PY) setup.py pyproject.toml $(wildcard csrc/*.cpp)
 	$(PIP) install --quiet torch==$(TORCH_VERSION)
 	$(PIP) install --quiet setuptools wheel pybind11
 	$(PIP) install --quiet --no-build-isolation -e ".[dev]"
-	$(PY) -c "import megatron_longctx.native as n; print('csrc extension:', n.BACKEND)"
+	$(PY) -c "import megatron_longctx.data.native as n; print('csrc extension:', n.BACKEND)"
 	touch $(STAMP)
 
 install: $(STAMP)

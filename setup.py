@@ -1,7 +1,7 @@
 """Install megatron_longctx and build its optional pybind11 extension from csrc/.
 
 The extension (`megatron_longctx._csrc`) only accelerates index arithmetic; every function in it
-has a numpy twin in `megatron_longctx.native`, so a failed compile (no compiler, no pybind11)
+has a numpy twin in `megatron_longctx.data.native`, so a failed compile (no compiler, no pybind11)
 leaves a working install. `optional=True` makes setuptools warn instead of fail.
 """
 

@@ -27,10 +27,10 @@ quiet_tool_warnings()
 
 
 def make_checkpoint(root: Path, max_length: int) -> str:
+    from megatron_longctx.checkpoint.model_io import save_model_checkpoint, single_process_group
     from megatron_longctx.config.model import ParallelConfig
-    from megatron_longctx.convert.model_io import save_model_checkpoint, single_process_group
+    from megatron_longctx.config.presets import get_preset
     from megatron_longctx.model.build import build_model_chunks
-    from megatron_longctx.model.presets import get_preset
 
     cfg = dataclasses.replace(get_preset("tiny-demo"), seq_length=max_length,
                               max_position_embeddings=max(max_length, 8192))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megatron_longctx import native
+from megatron_longctx.data import native
 
 DOMAINS = 7
 LONG_THRESHOLD = 4096  # tokens; bucket = 2 * domain + (length > LONG_THRESHOLD)

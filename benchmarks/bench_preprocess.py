@@ -6,7 +6,7 @@ One run, same texts, same core count, each measurement in a fresh process:
             uses every core): no I/O, no JSON, no writing. Nothing end-to-end can beat it.
   ours      tools/preprocess_data.py's library entry end to end (read .jsonl, parse, tokenize in
             --workers processes, write .bin/.idx + stats), workers = cores.
-  baseline  Megatron-LM's loop (megatron_longctx.data.upstream_reference): Pool(cores).imap over
+  baseline  Megatron-LM's loop (tests.reference.upstream_preprocess): Pool(cores).imap over
             lines with chunk 32, json.loads + megatron.core tokenizer.tokenize per document,
             IndexedDatasetBuilder.add_document per document.
   ours_cold ours with an empty tokenizer cache (pays the ~2 s transformers+torch import once).
@@ -55,7 +55,7 @@ def measure(kind: str, jsonl: Path, tok_dir: Path, workdir: Path) -> dict:
         start = time.perf_counter()
         from megatron.core.datasets import indexed_dataset  # noqa: F401
 
-        from megatron_longctx.data.upstream_reference import build_megatron_tokenizer
+        from tests.reference.upstream_preprocess import build_megatron_tokenizer
 
         build_megatron_tokenizer("HuggingFaceTokenizer", str(tok_dir))
         return {"tokens": 0, "seconds": time.perf_counter() - start}
@@ -80,7 +80,7 @@ def measure(kind: str, jsonl: Path, tok_dir: Path, workdir: Path) -> dict:
         return {"tokens": result.summary["tokens_written"], "seconds": seconds}
     if kind == "baseline":
         from megatron_longctx.data.indexed import read_index
-        from megatron_longctx.data.upstream_reference import megatron_preprocess
+        from tests.reference.upstream_preprocess import megatron_preprocess
 
         start = time.perf_counter()
         prefixes = megatron_preprocess(
@@ -94,8 +94,8 @@ def measure(kind: str, jsonl: Path, tok_dir: Path, workdir: Path) -> dict:
 
 
 def prepare(workdir: Path, total_words: int) -> tuple[Path, Path]:
-    from megatron_longctx.data.synthetic import CorpusConfig, iter_records
     from megatron_longctx.data.train_tokenizer import train_bpe_tokenizer
+    from megatron_longctx.demo.corpus import CorpusConfig, iter_records
 
     records = list(iter_records(CorpusConfig(total_words=total_words, seed=7)))
     jsonl = workdir / "bench.jsonl"

@@ -413,7 +413,7 @@ def part_versions(ctx: Ctx) -> None:
         info["megatron_core_import"] = "ok"
     except Exception as err:
         info["megatron_core_import"] = f"{type(err).__name__}: {err}"[:300]
-    from megatron_longctx import native
+    from megatron_longctx.data import native
 
     info["csrc_backend"] = native.BACKEND
     ctx.rec.result(**info)
@@ -678,10 +678,10 @@ def _hf_model_dir(ctx: Ctx) -> tuple[Path, dict[str, Any]]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from megatron_longctx.config.presets import get_preset
     from megatron_longctx.convert.hf_llama import copy_tokenizer_files, hf_config_from_model
     from megatron_longctx.data.train_tokenizer import train_bpe_tokenizer
     from megatron_longctx.eval.needle import synthetic_haystack_texts
-    from megatron_longctx.model.presets import get_preset
 
     s = ctx.shapes
     timings: dict[str, float] = {}

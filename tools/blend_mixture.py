@@ -6,14 +6,14 @@
         --train-tokens 5e9 --seq-length 81920 [--audit]
 
 Reads only the stats files for the plan (and the .idx files to write views); see
-megatron_longctx/data/mixture.py for the strategies' definitions.
+megatron_longctx/mixture/planner.py for the strategies' definitions.
 """
 
 import sys
 
 from megatron_longctx.config.cli import parse_mixture_args
-from megatron_longctx.data.mixture import PlanError, plan_mixture
-from megatron_longctx.data.plan_outputs import dumps_table, write_plan_outputs
+from megatron_longctx.mixture.outputs import dumps_table, write_plan_outputs
+from megatron_longctx.mixture.planner import PlanError, plan_mixture
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, path in paths.items():
         print(f"{name}: {path}")
     if audit:
-        from megatron_longctx.data.audit import audit_plan, format_audit
+        from megatron_longctx.mixture.audit import audit_plan, format_audit
 
         result = audit_plan(paths["plan"])
         print(format_audit(result))

@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from megatron_longctx.data.synthetic import (
+from megatron_longctx.demo.corpus import (
     COMPRESSIONS,
     CorpusConfig,
     parse_domain_shares,

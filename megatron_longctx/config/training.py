@@ -478,7 +478,7 @@ def build_pretrain_parser() -> argparse.ArgumentParser:
 
 
 def _model_from_args(a: argparse.Namespace) -> ModelConfig:
-    from megatron_longctx.model.presets import get_preset
+    from megatron_longctx.config.presets import get_preset
 
     if a.normalization != "RMSNorm":
         raise ValueError(f"--normalization {a.normalization}: only RMSNorm (LLaMA) is supported")

@@ -377,7 +377,7 @@ def load_hf_weights(model: Any, files: list[Path], cfg: ModelConfig, *,
     """
     from tqdm import tqdm
 
-    from megatron_longctx.convert.model_io import canonical_parameters
+    from megatron_longctx.checkpoint.model_io import canonical_parameters
 
     params = canonical_parameters(model)
     mapping, shapes = tensor_map(cfg), hf_shapes(cfg)
@@ -437,7 +437,7 @@ def load_hf_weights(model: Any, files: list[Path], cfg: ModelConfig, *,
 def iter_hf_state(model: Any, cfg: ModelConfig,
                   dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) from a TP1/PP1 GPTModel, one new contiguous tensor at a time."""
-    from megatron_longctx.convert.model_io import canonical_parameters
+    from megatron_longctx.checkpoint.model_io import canonical_parameters
 
     params = canonical_parameters(model)
     shapes = hf_shapes(cfg)
@@ -593,8 +593,8 @@ def convert_hf_to_megatron(
     Returns:
         `save_dir`.
     """
+    from megatron_longctx.checkpoint.model_io import save_model_checkpoint, single_process_group
     from megatron_longctx.config.model import validate_all
-    from megatron_longctx.convert.model_io import save_model_checkpoint, single_process_group
     from megatron_longctx.model.build import padded_vocab_size
 
     hf_dir, save_dir = Path(hf_dir), Path(save_dir)
@@ -661,8 +661,8 @@ def convert_megatron_to_hf(
     Returns:
         `save_dir`.
     """
-    from megatron_longctx.checkpoint_meta import read_meta, resolve_checkpoint
-    from megatron_longctx.convert.model_io import (
+    from megatron_longctx.checkpoint.meta import read_meta, resolve_checkpoint
+    from megatron_longctx.checkpoint.model_io import (
         checkpoint_params_dtype,
         load_model_checkpoint,
         single_process_group,

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_longctx.native import length_histogram
+from megatron_longctx.data.native import length_histogram
 
 STATS_FORMAT = "megatron_longctx.stats/1"
 HISTOGRAM_RULE = "int<256; geometric ratio 1.005; + 2**k and 2**k+1 edges; [lo, hi)"

@@ -5,14 +5,16 @@
   loaded at any TP / CP (dist_checkpointing reshards).
 * `HFCausalLM`: a Hugging Face model directory through `transformers.AutoModelForCausalLM`.
 
-`load_causal_lm` tells them apart (`checkpoint_meta.is_longctx_checkpoint`).
+`load_causal_lm` tells them apart (`checkpoint.meta.is_longctx_checkpoint`).
 
 What a tool calls (`CausalLM`): `tokenizer` (an `EvalTokenizer`), `generate(ids, n)` (greedy,
-at most n new tokens, stops at EOS), `token_losses(ids)` (per-token negative log-likelihood)
-and `describe()`. Logits past the real vocabulary (Megatron pads it to a multiple of 128 x TP)
-are excluded from the argmax and from the softmax of the losses: a converted checkpoint has
-exactly-zero padded logits, which would otherwise add `log(1 + pad / sum(exp(logits)))` to
-every loss. (Megatron's training loss keeps them; after training they are very negative.)
+at most n new tokens, stops at EOS; `reuse_prefix=True` continues from a persistent KV cache,
+below), `reserve_cache(n)` / `clear_cache()` (that cache), `token_losses(ids)` (per-token
+negative log-likelihood) and `describe()`. Logits past the real vocabulary (Megatron pads it
+to a multiple of 128 x TP) are excluded from the argmax and from the softmax of the losses: a
+converted checkpoint has exactly-zero padded logits, which would otherwise add
+`log(1 + pad / sum(exp(logits)))` to every loss. (Megatron's training loss keeps them; after
+training they are very negative.)
 
 Generation never recomputes the context per new token:
 
@@ -30,6 +32,26 @@ Generation never recomputes the context per new token:
 
 `generate(..., use_cache=False)` runs the no-cache full recompute (one whole forward per new
 token): the reference the tests compare the cache against.
+
+Prefix reuse (`generate(..., reuse_prefix=True)`): the model keeps one persistent KV cache
+(per rank: every rank executes the same calls in the same order, so at TP each holds its
+shard of the same sequence). A call keeps the cached K/V of the longest common token prefix
+of its prompt with the sequence the cache holds (the previous prompt and the tokens generated
+after it), at most all but the prompt's last token (whose logits start the generation), and
+prefills only the rest; then it generates in that cache and leaves it there. Ours rewinds the
+static context's `sequence_len_offset` (the buffers are kept; the next forward overwrites the
+positions after it); HF crops its `DynamicCache` (`crop(-n)`: full-attention layers only;
+other cache types get a fresh prefill every call). `last_reused_tokens` says how many prompt
+tokens were reused. Exact: a causal model's K/V at position j depend only on tokens 0..j, and
+kept positions hold the same tokens at the same positions; what changes is the floating-point
+grouping of the prefill, the same kind of difference as another `prefill_chunk` (the continued
+prefill is cut on the same multiples of `prefill_chunk` as one from 0, so only its first chunk
+differs). It pays when consecutive prompts share long prefixes (RULER's noise and essay
+haystacks up to the first needle): the saved prefill is the shared share of the prompt tokens.
+Memory: ours holds buffers for max(prompt + new tokens, `reserve_cache`) positions, rounded up
+to 1024, until `clear_cache()` or `close()` (a longer sequence reallocates, starting empty);
+HF's cache grows with the sequence. Plain calls (`reuse_prefix=False`) leave it untouched and
+use a cache of their own.
 
 Model parallelism (Megatron backend): one model replica spread over TP x CP ranks, world size
 = TP x CP, launched with torchrun or srun (one process: no launcher). Global rank 0 is the
@@ -50,6 +72,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +80,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_longctx.checkpoint_meta import is_longctx_checkpoint, read_meta, resolve_checkpoint
+from megatron_longctx.checkpoint.meta import is_longctx_checkpoint, read_meta, resolve_checkpoint
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Prompt tokens per prefill forward; 0 prefills the whole prompt in one forward.
 DEFAULT_PREFILL_CHUNK = 4096
 #: Positions per output-layer call when the HF backend computes losses.
 _HF_LOSS_CHUNK = 4096
+#: A new persistent KV cache is allocated for a multiple of this many positions: the prompts
+#: of one length (which differ by a few tokens) then share one allocation.
+_CACHE_GRANULE = 1024
 
 
 class EvalTokenizer:
@@ -131,6 +157,8 @@ class CausalLM:
         training_length: sequence length it was trained at (ours: the checkpoint's
             `seq_length`; None for HF directories).
         is_driver: True on the rank that runs the tool (global rank 0).
+        last_reused_tokens: prompt tokens the last `generate` on this rank took from the
+            persistent KV cache (0 without `reuse_prefix`).
     """
 
     kind = "base"
@@ -140,10 +168,13 @@ class CausalLM:
     training_length: int | None = None
     is_driver: bool = True
     prefill_chunk: int = DEFAULT_PREFILL_CHUNK
+    last_reused_tokens: int = 0
+    model: Any = None
 
     def __init__(self, tokenizer_model: str | None) -> None:
         self._tokenizer_model = tokenizer_model
         self._tokenizer: EvalTokenizer | None = None
+        self._prefix_cache = _PrefixCache()
 
     # -- tokenizer --------------------------------------------------------------------------
     @property
@@ -170,15 +201,58 @@ class CausalLM:
 
     # -- public calls (collective for multi-rank models) -------------------------------------
     def generate(self, ids: Sequence[int], max_new_tokens: int, *,
-                 stop_ids: Sequence[int] | None = None, use_cache: bool = True) -> list[int]:
+                 stop_ids: Sequence[int] | None = None, use_cache: bool = True,
+                 reuse_prefix: bool = False) -> list[int]:
         """Greedy continuation of `ids`: at most `max_new_tokens` new ids, ending before the
-        first stop id (default: EOS). `use_cache=False` recomputes the whole sequence for every
-        new token (reference only)."""
+        first stop id.
+
+        Args:
+            ids: prompt token ids (BOS included when the caller wants one).
+            max_new_tokens: generation budget; < 1 returns [] without a model call.
+            stop_ids: ids that end generation (not returned); default EOS (`stop_ids()`).
+            use_cache: KV-cache generation; False recomputes the whole sequence for every new
+                token (the reference the tests compare the cache against).
+            reuse_prefix: run in the model's persistent KV cache (see the module docstring):
+                keep the cached K/V of the longest common prefix of `ids` with the sequence the
+                cache holds (at most all but the last prompt token), prefill only the rest,
+                and leave this prompt and its generated tokens cached for the next call.
+                `last_reused_tokens` tells how many prompt tokens came from the cache.
+
+        Returns:
+            The new token ids.
+
+        Raises:
+            ValueError: `reuse_prefix` without `use_cache`.
+        """
+        if reuse_prefix and not use_cache:
+            raise ValueError("reuse_prefix needs the KV cache (use_cache=True)")
+        self.last_reused_tokens = 0
         if max_new_tokens < 1:
             return []
         stop = list(self.stop_ids() if stop_ids is None else stop_ids)
-        return self._call("generate", [int(i) for i in ids], int(max_new_tokens), stop,
-                          bool(use_cache))
+        new, reused = self._call("generate", [int(i) for i in ids], int(max_new_tokens), stop,
+                                 bool(use_cache), bool(reuse_prefix))
+        self.last_reused_tokens = int(reused)
+        return new
+
+    def reserve_cache(self, max_tokens: int) -> None:
+        """Size the persistent KV cache (`generate(..., reuse_prefix=True)`) for sequences of
+        up to `max_tokens` tokens (prompt + new tokens), so that longer prompts later do not
+        reallocate it (a reallocation starts empty). Ours: a cache smaller than that is
+        dropped now and the next reuse call allocates `max_tokens` positions; HF: the cache
+        grows as needed, nothing to do. Allocates nothing by itself."""
+        if max_tokens < 1:
+            raise ValueError(f"reserve_cache needs max_tokens >= 1, got {max_tokens}")
+        self._call("reserve_cache", int(max_tokens))
+
+    def clear_cache(self) -> None:
+        """Release the persistent KV cache (its memory; the reserved size too): the next
+        `generate(..., reuse_prefix=True)` prefills from scratch. `close()` releases it as
+        well; after `close()` this is a no-op."""
+        if self.model is None:
+            self._prefix_cache = _PrefixCache()
+            return
+        self._call("clear_cache")
 
     def token_losses(self, ids: Sequence[int]) -> np.ndarray:
         """Negative log-likelihood (nats, float64) of ids[j] given ids[:j], for j = 1..n-1."""
@@ -198,7 +272,8 @@ class CausalLM:
         """Non-driver ranks: execute the driver's calls until it closes (no-op on rank 0)."""
 
     def close(self) -> None:
-        """Release the model (and, for multi-rank models, stop the serving ranks)."""
+        """Release the model and its KV cache (and, for multi-rank models, stop the serving
+        ranks)."""
 
     def __enter__(self) -> CausalLM:
         return self
@@ -206,30 +281,99 @@ class CausalLM:
     def __exit__(self, *exc: Any) -> None:
         self.close()
 
-    # -- shared implementation --------------------------------------------------------------
+    # -- shared implementation (every rank of a multi-rank model runs the _do_ methods with
+    #    the same arguments in the same order, so their caches stay identical) ---------------
     def _call(self, name: str, *args: Any) -> Any:
         return getattr(self, f"_do_{name}")(*args)
 
-    def _do_generate(self, ids: list[int], max_new: int, stop: list[int],
-                     use_cache: bool) -> list[int]:
-        with torch.inference_mode():
-            if use_cache:
-                state, logits = self._prefill(ids, len(ids) + max_new)
-            else:
-                state, logits = None, self._last_logits(ids)
-            out: list[int] = []
-            while True:
-                token = int(torch.argmax(logits[: self.vocab_size]))
-                if token in stop:
-                    break
-                out.append(token)
-                if len(out) == max_new:
-                    break
-                logits = (self._step(state, token, len(ids) + len(out) - 1) if use_cache
-                          else self._last_logits(ids + out))
-        return out
+    def _do_generate(self, ids: list[int], max_new: int, stop: list[int], use_cache: bool,
+                     reuse: bool) -> tuple[list[int], int]:
+        keep = 0
+        try:
+            with torch.inference_mode():
+                if reuse:
+                    state, keep = self._reuse_state(ids, len(ids) + max_new)
+                    logits = self._extend(state, ids, keep)
+                elif use_cache:
+                    state, logits = self._prefill(ids, len(ids) + max_new)
+                else:
+                    state, logits = None, self._last_logits(ids)
+                out: list[int] = []
+                while True:
+                    token = int(torch.argmax(logits[: self.vocab_size]))
+                    if token in stop:
+                        break
+                    out.append(token)
+                    if len(out) == max_new:
+                        break
+                    logits = (self._step(state, token, len(ids) + len(out) - 1) if use_cache
+                              else self._last_logits(ids + out))
+        except BaseException:
+            if reuse:  # a forward may have stopped half-way through the layers: start over
+                self._prefix_cache.state = None
+                self._prefix_cache.ids = np.zeros(0, dtype=np.int64)
+            raise
+        if reuse:  # the cache holds every fed token: the prompt and all but an unfed last one
+            fed = len(out) if len(out) < max_new else len(out) - 1
+            self._prefix_cache.ids = np.asarray(ids + out[:fed], dtype=np.int64)
+        return out, keep
+
+    def _reuse_state(self, ids: list[int], total: int) -> tuple[Any, int]:
+        """The persistent state rewound to the longest common prefix of `ids` with what it
+        holds (at most len(ids) - 1), or a new one (keep 0) when it is missing, too small
+        for `total` positions or cannot be rewound exactly."""
+        cache = self._prefix_cache
+        state = cache.state
+        if state is not None:
+            capacity = self._capacity(state)
+            if (capacity is not None and capacity < total) or not self._can_rewind(state):
+                state = cache.state = None  # free it before allocating the next one
+        if state is None:
+            size = max(total, cache.reserved)
+            cache.state = state = self._new_state(-(-size // _CACHE_GRANULE) * _CACHE_GRANULE)
+            cache.ids = np.zeros(0, dtype=np.int64)
+        prompt = np.asarray(ids, dtype=np.int64)
+        keep = min(_common_prefix(cache.ids, prompt), len(ids) - 1)
+        self._rewind(state, keep)
+        cache.ids = cache.ids[:keep]
+        return state, keep
+
+    def _do_reserve_cache(self, max_tokens: int) -> None:
+        cache = self._prefix_cache
+        cache.reserved = max_tokens
+        if cache.state is not None:
+            capacity = self._capacity(cache.state)
+            if capacity is not None and capacity < max_tokens:
+                cache.state, cache.ids = None, np.zeros(0, dtype=np.int64)
+
+    def _do_clear_cache(self) -> None:
+        self._prefix_cache = _PrefixCache()
 
     def _prefill(self, ids: list[int], total: int) -> tuple[Any, torch.Tensor]:
+        """A new KV state for `total` positions with `ids` prefilled; logits of the last."""
+        state = self._new_state(total)
+        return state, self._extend(state, ids, 0)
+
+    # backend hooks
+    def _new_state(self, total: int) -> Any:
+        """An empty KV state for up to `total` positions."""
+        raise NotImplementedError
+
+    def _capacity(self, state: Any) -> int | None:
+        """Positions `state` can hold (None: grows as needed)."""
+        raise NotImplementedError
+
+    def _can_rewind(self, state: Any) -> bool:
+        """Whether `_rewind` is exact for `state`."""
+        return True
+
+    def _rewind(self, state: Any, keep: int) -> None:
+        """Keep the first `keep` cached positions of `state`, forget the rest."""
+        raise NotImplementedError
+
+    def _extend(self, state: Any, ids: list[int], start: int) -> torch.Tensor:
+        """Prefill ids[start:] at positions start.. into `state` (which holds ids[:start]) in
+        `_chunks`; logits of the last position."""
         raise NotImplementedError
 
     def _step(self, state: Any, token: int, position: int) -> torch.Tensor:
@@ -241,9 +385,37 @@ class CausalLM:
     def _do_token_losses(self, ids: list[int]) -> np.ndarray:
         raise NotImplementedError
 
-    def _chunks(self, n: int) -> list[tuple[int, int]]:
-        step = self.prefill_chunk if self.prefill_chunk > 0 else n
-        return [(a, min(a + step, n)) for a in range(0, n, step)]
+    def _chunks(self, n: int, start: int = 0) -> list[tuple[int, int]]:
+        """Prefill ranges covering start..n, cut at multiples of `prefill_chunk` (the grid of
+        a prefill from 0, so a continued prefill runs the same chunks after its first)."""
+        if self.prefill_chunk <= 0 or start >= n:
+            return [(start, n)] if start < n else []
+        step = self.prefill_chunk
+        edges = [start, *range((start // step + 1) * step, n, step), n]
+        return list(zip(edges[:-1], edges[1:]))
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray) -> int:
+    """Length of the longest common prefix of two id arrays."""
+    n = min(len(a), len(b))
+    diff = np.flatnonzero(a[:n] != b[:n])
+    return int(diff[0]) if len(diff) else n
+
+
+@dataclass
+class _PrefixCache:
+    """The persistent KV cache of `generate(..., reuse_prefix=True)`.
+
+    Attributes:
+        state: the backend's KV state (ours: a StaticInferenceContext; HF: {"past": cache}),
+            None when released.
+        ids: the tokens whose K/V `state` holds, position 0 on.
+        reserved: positions a new state is allocated for at least (`reserve_cache`).
+    """
+
+    state: Any = None
+    ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    reserved: int = 0
 
 
 def _resolve_dtype(dtype: str, saved: str | None) -> str:
@@ -278,11 +450,11 @@ class MegatronCausalLM(CausalLM):
                  context_parallel_size: int = 1, dtype: str = "auto",
                  tokenizer_model: str | None = None,
                  prefill_chunk: int = DEFAULT_PREFILL_CHUNK) -> None:
-        from megatron_longctx.config.model import ModelConfig, ParallelConfig, PrecisionConfig
-        from megatron_longctx.convert.model_io import (
+        from megatron_longctx.checkpoint.model_io import (
             checkpoint_params_dtype,
             load_model_checkpoint,
         )
+        from megatron_longctx.config.model import ModelConfig, ParallelConfig, PrecisionConfig
         from megatron_longctx.model.build import build_model_chunks
 
         directory = resolve_checkpoint(path)
@@ -328,7 +500,7 @@ class MegatronCausalLM(CausalLM):
                        if torch.cuda.is_available() else torch.device("cpu"))
 
     def _init_distributed(self) -> None:
-        from megatron_longctx.convert.model_io import single_process_group
+        from megatron_longctx.checkpoint.model_io import single_process_group
         from megatron_longctx.parallel.init import (
             destroy_distributed,
             initialize_distributed,
@@ -364,6 +536,8 @@ class MegatronCausalLM(CausalLM):
     def _call(self, name: str, *args: Any) -> Any:
         if not self.is_driver:
             raise RuntimeError("only rank 0 calls the model; other ranks run serve()")
+        if self._closed:
+            raise RuntimeError(f"{self.path}: the model is closed")
         if name == "generate" and self.cp > 1:
             raise NotImplementedError(
                 "generation with --context-parallel-size > 1 is not supported (megatron-core "
@@ -393,6 +567,7 @@ class MegatronCausalLM(CausalLM):
                 dist.broadcast_object_list([("stop", ())], src=0)
         finally:
             self.model = None
+            self._prefix_cache = _PrefixCache()
             self._stack.close()
 
     # -- forward passes ---------------------------------------------------------------------
@@ -404,15 +579,27 @@ class MegatronCausalLM(CausalLM):
                             runtime_gather_output=True)
         return logits[0].float()
 
-    def _prefill(self, ids: list[int], total: int) -> tuple[Any, torch.Tensor]:
+    def _new_state(self, total: int) -> Any:
         from megatron.core.inference.contexts import StaticInferenceContext
 
-        context = StaticInferenceContext(max_batch_size=1, max_sequence_length=total)
+        # K/V buffers are allocated per layer on the first forward, for `total` positions
+        return StaticInferenceContext(max_batch_size=1, max_sequence_length=total)
+
+    def _capacity(self, state: Any) -> int | None:
+        return int(state.max_sequence_length)
+
+    def _rewind(self, state: Any, keep: int) -> None:
+        # Attention reads the buffers only up to the offset and the next forward overwrites
+        # positions keep.. (rotary: positions from the offset), so moving it back is enough.
+        state.reset()
+        state.sequence_len_offset = keep
+
+    def _extend(self, state: Any, ids: list[int], start: int) -> torch.Tensor:
         logits = None
-        for a, b in self._chunks(len(ids)):
-            logits = self._forward(ids[a:b], a, context)[-1]
-            context.increment_sequence_len_offset(b - a)
-        return context, logits
+        for a, b in self._chunks(len(ids), start):
+            logits = self._forward(ids[a:b], a, state)[-1]
+            state.increment_sequence_len_offset(b - a)
+        return logits
 
     def _step(self, state: Any, token: int, position: int) -> torch.Tensor:
         logits = self._forward([token], position, state)[-1]
@@ -509,18 +696,53 @@ class HFCausalLM(CausalLM):
 
     def close(self) -> None:
         self.model = None
+        self._prefix_cache = _PrefixCache()
 
     def _tensor(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
-    def _prefill(self, ids: list[int], total: int) -> tuple[Any, torch.Tensor]:
-        past, out = None, None
-        for a, b in self._chunks(len(ids)):
-            out = self.model(input_ids=self._tensor(ids[a:b]), past_key_values=past,
+    def _new_state(self, total: int) -> Any:
+        return {"past": None}  # the model creates its DynamicCache on the first forward
+
+    def _capacity(self, state: Any) -> int | None:
+        return None
+
+    def _can_rewind(self, state: Any) -> bool:
+        """Full-attention DynamicCache layers only: a sliding-window layer (transformers 5)
+        has dropped states past its window, a quantized or linear-attention one cannot be
+        cut back exactly."""
+        from transformers.cache_utils import DynamicCache
+
+        past = state["past"]
+        if past is None:
+            return True
+        if type(past) is not DynamicCache:
+            return False
+        layers = getattr(past, "layers", None)
+        if layers is None:  # transformers < 4.56: every position of every layer is kept
+            return True
+        from transformers.cache_utils import DynamicLayer
+
+        return all(type(layer) is DynamicLayer for layer in layers)
+
+    def _rewind(self, state: Any, keep: int) -> None:
+        past = state["past"]
+        if past is None:
+            return
+        if keep == 0:
+            state["past"] = None
+            return
+        drop = int(past.get_seq_length()) - keep
+        if drop > 0:  # a negative count removes tokens in transformers 4.x and 5.x alike
+            past.crop(-drop)
+
+    def _extend(self, state: Any, ids: list[int], start: int) -> torch.Tensor:
+        out = None
+        for a, b in self._chunks(len(ids), start):
+            out = self.model(input_ids=self._tensor(ids[a:b]), past_key_values=state["past"],
                              use_cache=True, logits_to_keep=1)
-            past = out.past_key_values
-        state = {"past": past}
-        return state, out.logits[0, -1].float()
+            state["past"] = out.past_key_values
+        return out.logits[0, -1].float()
 
     def _step(self, state: Any, token: int, position: int) -> torch.Tensor:
         out = self.model(input_ids=self._tensor([token]), past_key_values=state["past"],

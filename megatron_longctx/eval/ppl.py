@@ -119,7 +119,7 @@ def sources_from_data_paths(items: Sequence[str],
     """`--data-path p1 p2` or Megatron's weighted `w1 p1 w2 p2` (weights ignored). Domain: the
     dataset's stats file's `domain`, else its name without `_text_document`. With
     `valid_fraction`, only the held-out tail (megatron `--split` arithmetic)."""
-    from megatron_longctx.data.plan_outputs import _split_docs
+    from megatron_longctx.mixture.outputs import _split_docs
 
     prefixes = [x for x in items if not _is_number(x)]
     if not prefixes:
@@ -152,8 +152,8 @@ def sources_from_mixture_plan(path: str | os.PathLike) -> list[DocumentSource]:
     Raises:
         ValueError: the plan holds nothing out (planned with --valid-fraction 0).
     """
-    from megatron_longctx.data.mixture import load_plan
-    from megatron_longctx.data.plan_outputs import _split_docs
+    from megatron_longctx.mixture.outputs import _split_docs
+    from megatron_longctx.mixture.planner import load_plan
 
     plan = load_plan(str(path))
     fraction = float(plan["parameters"].get("valid_fraction") or 0.0)

@@ -37,13 +37,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_longctx import checkpoint_meta
-from megatron_longctx.config.training import PretrainConfig
-from megatron_longctx.convert.model_io import (
+from megatron_longctx.checkpoint import meta as checkpoint_meta
+from megatron_longctx.checkpoint.model_io import (
     load_model_checkpoint,
     model_sharded_state_dict,
     model_state_keys,
 )
+from megatron_longctx.config.training import PretrainConfig
 from megatron_longctx.model.build import unwrap_model
 
 log = logging.getLogger(__name__)

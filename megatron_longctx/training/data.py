@@ -28,8 +28,8 @@ import numpy as np
 import torch
 
 from megatron_longctx.config.training import PretrainConfig
-from megatron_longctx.data.datasets import DatasetTokenizer
 from megatron_longctx.data.stats import domain_of_prefix
+from megatron_longctx.mixture.dataset import DatasetTokenizer
 
 
 @dataclass
@@ -97,7 +97,7 @@ def build_datasets(cfg: PretrainConfig, world_size: int,
     )
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig, MockGPTDataset
 
-    from megatron_longctx.data.datasets import (
+    from megatron_longctx.mixture.dataset import (
         LongCtxGPTDataset,
         LongCtxGPTDatasetConfig,
         build_plan_datasets,
@@ -120,7 +120,7 @@ def build_datasets(cfg: PretrainConfig, world_size: int,
             MockGPTDataset, list(sizes), lambda: True, config).build()
         return TrainData(train, valid, tokenizer, ["mock"])
     if data.mixture_plan:
-        from megatron_longctx.data.mixture import load_plan
+        from megatron_longctx.mixture.planner import load_plan
 
         plan = load_plan(data.mixture_plan)
         cache = data.data_cache_path or os.path.join(

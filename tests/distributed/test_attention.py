@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from megatron_longctx.config.model import ParallelConfig
-from megatron_longctx.model.presets import get_preset
+from megatron_longctx.config.presets import get_preset
 from tests.distributed.spawn import run_distributed
 
 torch.set_num_threads(1)

@@ -18,8 +18,8 @@ def _load_at_tp2_and_pp2(rank: int, world: int, ckpt: str, ids: torch.Tensor,
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    from megatron_longctx.checkpoint_meta import read_meta, resolve_checkpoint
-    from megatron_longctx.convert.model_io import (
+    from megatron_longctx.checkpoint.meta import read_meta, resolve_checkpoint
+    from megatron_longctx.checkpoint.model_io import (
         canonical_parameters,
         load_model_checkpoint,
         save_model_checkpoint,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from megatron_longctx.config.model import ParallelConfig
-from megatron_longctx.model.presets import get_preset
+from megatron_longctx.config.presets import get_preset
 from tests.distributed.spawn import run_distributed
 from tests.unit.test_eval_needle import make_tiny_hf
 

@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longctx.config.model import ParallelConfig
-from megatron_longctx.model.presets import get_preset
+from megatron_longctx.config.presets import get_preset
 from tests.distributed.spawn import run_distributed
 
 SEQ = 64

@@ -17,8 +17,8 @@ from megatron_longctx.config.training import (
     PretrainConfig,
     TrainingConfig,
 )
-from megatron_longctx.data.mixture import plan_mixture
-from megatron_longctx.data.plan_outputs import write_plan_outputs
+from megatron_longctx.mixture.outputs import write_plan_outputs
+from megatron_longctx.mixture.planner import plan_mixture
 from tests.distributed.trainer_harness import tiny_model, train
 from tests.unit.mixture_fixtures import make_slimpajama_like
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_longctx import checkpoint_meta
+from megatron_longctx.checkpoint import meta as checkpoint_meta
 from tests.distributed.trainer_harness import (
     assert_moved_only_by_updates,
     final_weights,

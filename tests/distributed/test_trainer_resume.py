@@ -8,7 +8,7 @@ import os
 import pytest
 import torch
 
-from megatron_longctx import checkpoint_meta
+from megatron_longctx.checkpoint import meta as checkpoint_meta
 from megatron_longctx.config.training import EXIT_NAN, EXIT_REQUEUE
 from tests.distributed.spawn import run_distributed
 from tests.distributed.trainer_harness import (

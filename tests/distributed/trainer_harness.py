@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from megatron_longctx.config.model import ParallelConfig, PrecisionConfig
+from megatron_longctx.config.presets import get_preset
 from megatron_longctx.config.training import (
     CheckpointConfig,
     DataConfig,
@@ -23,7 +24,6 @@ from megatron_longctx.config.training import (
     PretrainConfig,
     TrainingConfig,
 )
-from megatron_longctx.model.presets import get_preset
 from tests.distributed.spawn import run_distributed
 
 SEQ = 64
@@ -84,7 +84,7 @@ def train(cfg: PretrainConfig, world: int) -> dict[str, Any]:
 
 
 def _init_rank(rank: int, world: int, root: str) -> None:
-    from megatron_longctx.convert.model_io import save_model_checkpoint
+    from megatron_longctx.checkpoint.model_io import save_model_checkpoint
     from megatron_longctx.model.build import build_model_chunks
     from megatron_longctx.parallel.init import initialize_model_parallel, set_seed
 
@@ -101,7 +101,7 @@ def make_init_checkpoint(root: Path) -> str:
 
 
 def _weights_rank(rank: int, world: int, path: str) -> dict[str, Any]:
-    from megatron_longctx.convert.model_io import load_model_checkpoint
+    from megatron_longctx.checkpoint.model_io import load_model_checkpoint
     from megatron_longctx.model.build import build_model_chunks
     from megatron_longctx.parallel.init import initialize_model_parallel, set_seed
 

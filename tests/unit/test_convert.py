@@ -68,9 +68,9 @@ def read_hf_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def megatron_logits(ckpt: Path, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits [b, s, padded vocab] of our GPTModel (TP1, in process) loaded from `ckpt`, and
     its RoPE frequencies per position step (inv_freq / linear interpolation factor)."""
-    from megatron_longctx.checkpoint_meta import read_meta, resolve_checkpoint
+    from megatron_longctx.checkpoint.meta import read_meta, resolve_checkpoint
+    from megatron_longctx.checkpoint.model_io import load_model_checkpoint, single_process_group
     from megatron_longctx.config.model import ModelConfig, ParallelConfig
-    from megatron_longctx.convert.model_io import load_model_checkpoint, single_process_group
     from megatron_longctx.model.build import build_model
 
     cfg = ModelConfig(**read_meta(resolve_checkpoint(ckpt))["model"])
@@ -137,12 +137,12 @@ def test_bf16_round_trip_and_bin_shards(tmp_path) -> None:
     assert json.loads((tmp_path / "back" / "config.json").read_text())["dtype"] == "bfloat16"
 
     # The trainer loads the bf16 checkpoint into fp32 parameters: an exact cast.
-    from megatron_longctx.config.model import ModelConfig, ParallelConfig
-    from megatron_longctx.convert.model_io import (
+    from megatron_longctx.checkpoint.model_io import (
         canonical_parameters,
         load_model_checkpoint,
         single_process_group,
     )
+    from megatron_longctx.config.model import ModelConfig, ParallelConfig
     from megatron_longctx.model.build import build_model
 
     with single_process_group():
@@ -254,7 +254,7 @@ def test_cli_round_trip_with_tokenizer_and_tp_flag(tmp_path, capsys) -> None:
     assert (tmp_path / "meg" / "latest_checkpointed_iteration.txt").read_text().strip() == "0"
     assert not list(tmp_path.glob(".meg.tmp-*"))
     # TP2 padding: 512 rows; the TP1 export below loads rows 0..383 of them.
-    from megatron_longctx.convert.model_io import checkpoint_tensor_info
+    from megatron_longctx.checkpoint.model_io import checkpoint_tensor_info
 
     shape, _ = checkpoint_tensor_info(tmp_path / "meg" / "iter_0000000")[
         "embedding.word_embeddings.weight"]
@@ -338,14 +338,14 @@ def test_model_only_load_and_errors(tmp_path) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing import ShardedTensor
 
-    from megatron_longctx.checkpoint_meta import read_meta, resolve_checkpoint, write_meta
-    from megatron_longctx.config.model import ModelConfig, ParallelConfig
-    from megatron_longctx.convert.model_io import (
+    from megatron_longctx.checkpoint.meta import read_meta, resolve_checkpoint, write_meta
+    from megatron_longctx.checkpoint.model_io import (
         canonical_parameters,
         load_model_checkpoint,
         model_sharded_state_dict,
         single_process_group,
     )
+    from megatron_longctx.config.model import ModelConfig, ParallelConfig
     from megatron_longctx.model.build import build_model
 
     make_hf(tmp_path / "hf")

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from megatron_longctx.config.mixture import MixtureConfig
-from megatron_longctx.data.audit import audit_datasets, format_audit, sample_bucket_tokens
-from megatron_longctx.data.datasets import DatasetTokenizer, build_plan_datasets
-from megatron_longctx.data.mixture import plan_mixture
-from megatron_longctx.data.plan_outputs import write_plan_outputs
+from megatron_longctx.mixture.audit import audit_datasets, format_audit, sample_bucket_tokens
+from megatron_longctx.mixture.dataset import DatasetTokenizer, build_plan_datasets
+from megatron_longctx.mixture.outputs import write_plan_outputs
+from megatron_longctx.mixture.planner import plan_mixture
 from tests.unit.mixture_fixtures import EOD, VOCAB, make_slimpajama_like, write_dataset
 
 TOKENIZER = DatasetTokenizer(VOCAB, EOD)

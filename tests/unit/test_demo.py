@@ -22,7 +22,7 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "max |diff|" in proc.stdout and ": OK" in proc.stdout
     # Stage 3 trained twice through the real trainer: stage 2 from stage 1's weights.
-    from megatron_longctx import checkpoint_meta
+    from megatron_longctx.checkpoint import meta as checkpoint_meta
 
     for stage, iters, seq in (("stage1", 3, 128), ("stage2", 2, 512)):
         meta = checkpoint_meta.read_meta(

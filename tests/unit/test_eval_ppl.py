@@ -75,7 +75,7 @@ def test_bucket_sums_add_up_to_the_document_loss() -> None:
 
 
 def test_held_out_documents_from_plan_and_data_paths(tmp_path) -> None:
-    from megatron_longctx.data.mixture import PLAN_FORMAT
+    from megatron_longctx.mixture.planner import PLAN_FORMAT
 
     book = write_dataset(tmp_path / "sp_RedPajamaBook_text_document",
                          [50, 400, 30, 500, 600, 20, 450, 700], vocab=500)

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from megatron_longctx import native
+from megatron_longctx.data import native
 from megatron_longctx.data.indexed import IndexedDatasetWriter, optimal_dtype, read_index
 from megatron_longctx.data.stats import (
     EXACT_THRESHOLDS,

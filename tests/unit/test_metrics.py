@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_longctx.model.presets import count_parameters, get_preset, with_context
+from megatron_longctx.config.presets import count_parameters, get_preset, with_context
 from megatron_longctx.training.metrics import (
     MetricsWriter,
     ThroughputMeter,

@@ -12,9 +12,9 @@ import pytest
 
 from megatron_longctx.config.mixture import SLIMPAJAMA_SHARES, MixtureConfig
 from megatron_longctx.data.indexed import read_document, read_index
-from megatron_longctx.data.mixture import PlanError, plan_mixture
-from megatron_longctx.data.plan_outputs import write_plan_outputs
 from megatron_longctx.data.stats import load_stats
+from megatron_longctx.mixture.outputs import write_plan_outputs
+from megatron_longctx.mixture.planner import PlanError, plan_mixture
 from tests.unit.mixture_fixtures import make_lengths, make_slimpajama_like, write_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -190,7 +190,7 @@ def test_blend_file_loads_in_megatron_and_realizes_plan(sp_prefixes, tmp_path, s
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
     from megatron.core.datasets.utils import get_blend_from_list
 
-    from megatron_longctx.data.datasets import DatasetTokenizer
+    from megatron_longctx.mixture.dataset import DatasetTokenizer
 
     plan = _plan(sp_prefixes, tmp_path, strategy="per-source", train_tokens=4e6,
                  seq_length=4096)

@@ -13,7 +13,7 @@ from megatron_longctx.config.model import (
     PrecisionConfig,
     validate_all,
 )
-from megatron_longctx.model.presets import PRESETS, count_parameters, get_preset, with_context
+from megatron_longctx.config.presets import PRESETS, count_parameters, get_preset, with_context
 
 
 @pytest.mark.parametrize(

@@ -9,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from megatron_longctx import native
+from megatron_longctx.data import native
 
 M64 = (1 << 64) - 1
 EDGE_FACTORS = np.array([0.0, 0.5, 1.0, 2.3, 7.0])

@@ -21,8 +21,8 @@ from megatron_longctx.data.preprocess import PreprocessError, run_preprocess
 from megatron_longctx.data.sentences import SentenceSplitter, resolve_splitter
 from megatron_longctx.data.stats import load_stats
 from megatron_longctx.data.tokenizers import TokenizerSpec, build_tokenizer
-from megatron_longctx.data.upstream_reference import megatron_preprocess
 from tests.conftest import DOMAINS, make_records, write_jsonl
+from tests.reference.upstream_preprocess import megatron_preprocess
 
 REPO = Path(__file__).resolve().parents[2]
 DOMAIN_KEY = "meta.redpajama_set_name"

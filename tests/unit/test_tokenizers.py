@@ -7,7 +7,7 @@ import json
 import pytest
 
 from megatron_longctx.data.tokenizers import TokenizerSpec, build_tokenizer
-from megatron_longctx.data.upstream_reference import build_megatron_tokenizer
+from tests.reference.upstream_preprocess import build_megatron_tokenizer
 
 SAMPLES = [
     "Hello world.",

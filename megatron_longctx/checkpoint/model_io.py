@@ -36,7 +36,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_longctx.checkpoint_meta import (
+from megatron_longctx.checkpoint.meta import (
     META_NAME,
     iter_dir,
     read_meta,

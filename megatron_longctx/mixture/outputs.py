@@ -12,7 +12,7 @@ Files in `--output-dir`:
 How exact the stock-Megatron route is: blending picks whole samples, so each bucket's token
 share matches its weight up to one sample per bucket; but each view packs only its own bucket's
 documents, so a sample never mixes short and long documents, unlike the paper (and unlike our
-own dataset, `megatron_longctx.data.datasets`, which packs the upsampled documents of a domain
+own dataset, `megatron_longctx.mixture.dataset`, which packs the upsampled documents of a domain
 together and matches the plan's bucket shares at document level).
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 
 from megatron_longctx.data.indexed import read_index
 from megatron_longctx.data.stats import write_json_atomic
-from megatron_longctx.data.views import write_view
+from megatron_longctx.mixture.views import write_view
 
 
 def split_string(valid_fraction: float) -> str:
@@ -99,7 +99,7 @@ def write_views_and_blends(plan: dict[str, Any], output_dir: str) -> dict[str, A
 
 def write_plan_outputs(plan: dict[str, Any], output_dir: str) -> dict[str, str]:
     """Views, blends, report, then `mixture_plan.json` last. Returns the main paths."""
-    from megatron_longctx.data.report import write_report
+    from megatron_longctx.mixture.report import write_report
 
     os.makedirs(output_dir, exist_ok=True)
     plan_path = os.path.join(output_dir, "mixture_plan.json")

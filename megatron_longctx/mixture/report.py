@@ -32,7 +32,7 @@ def write_report(plan: dict[str, Any], output_dir: str) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megatron_longctx.data.plan_outputs import dumps_table
+    from megatron_longctx.mixture.outputs import dumps_table
 
     domains = plan["domains"]
     labels = [_short(d["domain"]) for d in domains]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_longctx.data.mixture import load_plan
+from megatron_longctx.mixture.planner import load_plan
 
 
 def ensure_process_group() -> None:
@@ -91,7 +91,7 @@ def audit_datasets(plan: dict[str, Any], train, tolerance: float = 0.01) -> dict
 
 def audit_plan(plan_path: str, tolerance: float = 0.01, cache_dir: str | None = None) -> dict:
     """Build the plan's training dataset as the trainer would and audit it."""
-    from megatron_longctx.data.datasets import DatasetTokenizer, build_plan_datasets
+    from megatron_longctx.mixture.dataset import DatasetTokenizer, build_plan_datasets
 
     plan = load_plan(plan_path)
     ensure_process_group()

@@ -35,9 +35,9 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import Split
 
-from megatron_longctx import native
-from megatron_longctx.data.mixture import bucket_repeats
-from megatron_longctx.data.plan_outputs import split_string
+from megatron_longctx.data import native
+from megatron_longctx.mixture.outputs import split_string
+from megatron_longctx.mixture.planner import bucket_repeats
 
 
 class DatasetTokenizer:

@@ -1,0 +1,457 @@
+"""RULER-style synthetic long-context suite: the run over tasks x lengths, shared-prefix KV
+reuse, resumable results, markdown table and plot.
+
+Tasks, templates, fitting to a length and scoring live in `ruler_tasks` (RULER's 13 tasks and
+HELMET's JSON KV). This module runs them:
+
+1. **Grid.** Cells are (task, length), task-major; each cell holds `num_samples` samples
+   (RULER's default 500; index i of a cell is reproducible alone, see `ruler_tasks`).
+2. **Generation.** Greedy, with the KV cache, at most the task's new tokens (RULER's
+   `tokens_to_generate`: niah 128, vt 30, cwe 120, fwe 50, qa 32; json_kv 100 as HELMET),
+   stopping at EOS. The prompt plus that budget fits the length.
+3. **Shared-prefix reuse.** Consecutive prompts often start with the same tokens: the
+   instruction and the haystack up to the first needle (niah essay / noise prompts of one
+   length share everything before their first needle; all prompts of a task share the
+   template's first sentence). The run generates with `CausalLM.generate(...,
+   reuse_prefix=True)` (eval/models.py): the model's persistent KV cache keeps the longest
+   common token prefix of a prompt with the previous sequence and prefills only the rest;
+   exact up to the floating-point grouping of the prefill (the same kind of difference as
+   another `--prefill-chunk`). The cache is sized once for the longest length
+   (`reserve_cache`) and released at the end (`clear_cache`). Within a cell, samples are
+   generated in groups of `REUSE_GROUP` sorted lexicographically by token ids, the order that
+   maximises the summed common prefix of neighbours (a depth-first walk of their prefix trie).
+   What it saves is measured by benchmarks/bench_ruler.py and recorded per sample
+   (`reused_tokens`). Models that are not a `CausalLM` (test fakes, wrappers) get plain
+   `generate(ids, n, use_cache=...)` calls.
+4. **Score.** Per sample: RULER's `string_match_all` (fraction of references found) or
+   `string_match_part` (any reference found), x100. Per cell: the mean over its samples.
+   Per task: the mean over lengths; per length: the mean over tasks; overall: the mean over all
+   cells (RULER reports per-length means over its 13 tasks).
+
+Results (`results.json`, rewritten atomically after every cell, with `results.md` beside it;
+`ruler.png` at the end) hold settings, the model, and every cell with its samples. A rerun
+skips complete cells and finishes incomplete ones; other settings or another model stop the
+run (`ResultsMismatchError`, from the needle tool).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from megatron_longctx.data.stats import write_json_atomic
+from megatron_longctx.eval.models import CausalLM
+from megatron_longctx.eval.needle import ResultsMismatchError
+from megatron_longctx.eval.ruler_tasks import (
+    QA_TASKS,
+    RULER_LENGTHS,
+    SYNTHETIC_TASKS,
+    TASKS,
+    SampleMaker,
+    TaskResources,
+    score_prediction,
+)
+
+FORMAT = "megatron-longctx-ruler/1"
+RESULTS_NAME = "results.json"
+TABLE_NAME = "results.md"
+PLOT_NAME = "ruler.png"
+#: Samples built, sorted and generated together (the reuse order is optimal within a group).
+#: 32 prompts of 128K tokens are 16 MB of int32 ids.
+REUSE_GROUP = 32
+
+__all__ = ["RulerSettings", "ResultsMismatchError", "run_ruler", "plot_scores",
+           "markdown_table"]
+
+
+# --------------------------------------------------------------------------------------------
+# settings
+# --------------------------------------------------------------------------------------------
+@dataclass
+class RulerSettings:
+    """Everything a RULER run depends on (the CLI's flags).
+
+    Attributes:
+        tasks: task names (`--tasks`); default all synthetic tasks, plus qa_1 / qa_2 when
+            their file is given. A QA task asked for without its file is skipped with a message.
+        lengths: requested lengths in tokens, prompt + new tokens (`--lengths`; RULER's
+            4K..128K by default).
+        num_samples: samples per cell (`--num-samples`; RULER: 500).
+        seed: seed of every generator (`--seed`; RULER: 42).
+        haystack_file: essay haystack text, .txt/.jsonl file or directory
+            (`--haystack-file`); None = the built-in prose.
+        squad_file: SQuAD v2-format JSON for qa_1 (`--squad-file`).
+        hotpotqa_file: HotpotQA-format JSON for qa_2 (`--hotpotqa-file`).
+        max_new_tokens: one generation budget for every task (`--max-new-tokens`); None =
+            each task's RULER default. Counted in the length either way.
+        training_length: where the plot draws its line (`--training-length`); not part of the
+            results' identity.
+    """
+
+    tasks: list[str] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=lambda: list(RULER_LENGTHS))
+    num_samples: int = 500
+    seed: int = 42
+    haystack_file: str | None = None
+    squad_file: str | None = None
+    hotpotqa_file: str | None = None
+    max_new_tokens: int | None = None
+    training_length: int | None = field(default=None, compare=False)
+
+    def validate(self) -> RulerSettings:
+        """Check the flags together (ValueError names the flag); fill the default tasks."""
+        if not self.lengths or any(int(x) < 1 for x in self.lengths):
+            raise ValueError(f"--lengths must be positive token counts, got {self.lengths}")
+        self.lengths = sorted({int(x) for x in self.lengths})
+        if self.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
+        if self.max_new_tokens is not None and self.max_new_tokens < 1:
+            raise ValueError(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
+        for flag, path in (("--haystack-file", self.haystack_file),
+                           ("--squad-file", self.squad_file),
+                           ("--hotpotqa-file", self.hotpotqa_file)):
+            if path is not None and not Path(path).exists():
+                raise ValueError(f"{flag} {path}: no such file or directory")
+        if not self.tasks:
+            self.tasks = list(SYNTHETIC_TASKS) + [
+                t for t, f in zip(QA_TASKS, (self.squad_file, self.hotpotqa_file)) if f]
+        unknown = [t for t in self.tasks if t not in TASKS]
+        if unknown:
+            raise ValueError(f"--tasks: unknown {unknown}; choose from {list(TASKS)}")
+        self.tasks = list(dict.fromkeys(self.tasks))
+        return self
+
+    def skipped_tasks(self) -> dict[str, str]:
+        """QA tasks asked for without their data file -> why they are skipped."""
+        out = {}
+        for task, path, flag in (("qa_1", self.squad_file, "--squad-file"),
+                                 ("qa_2", self.hotpotqa_file, "--hotpotqa-file")):
+            if task in self.tasks and not path:
+                out[task] = (f"{task} needs an external dataset: pass {flag} (RULER uses "
+                             f"{'SQuAD v2 dev' if task == 'qa_1' else 'HotpotQA dev'})")
+        return out
+
+    def run_tasks(self) -> list[str]:
+        """The tasks that run (asked for, data present)."""
+        skipped = self.skipped_tasks()
+        return [t for t in self.tasks if t not in skipped]
+
+    def new_tokens(self, task: str) -> int:
+        """Generation budget of `task`."""
+        return self.max_new_tokens or TASKS[task].max_new_tokens
+
+    def identity(self) -> dict[str, Any]:
+        """What every sample depends on: all but the grid, the sample count and the plot."""
+        out = asdict(self)
+        for name in ("tasks", "lengths", "num_samples", "training_length"):
+            out.pop(name)
+        for name in ("haystack_file", "squad_file", "hotpotqa_file"):
+            if out[name]:
+                out[name] = str(Path(out[name]).resolve())
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------------
+def load_results(path: str | Path) -> dict[str, Any] | None:
+    """A results.json written by `run_ruler`, or None when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    results = json.loads(path.read_text(encoding="utf-8"))
+    if results.get("format") != FORMAT:
+        raise ResultsMismatchError(f"{path}: not a {FORMAT} file")
+    return results
+
+
+def _model_identity(description: dict[str, Any]) -> dict[str, Any]:
+    """What must match for a rerun to resume results (the needle tool's rule)."""
+    keys = ("kind", "path", "checkpoint", "iteration", "tokenizer")
+    return {k: description.get(k) for k in keys}
+
+
+def _length_label(length: int) -> str:
+    """Exact below 10,000 tokens, else thousands (131072 -> 131K), as the needle tool."""
+    if length < 10000:
+        return str(length)
+    return f"{length / 1000:.0f}K"
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def summarize(cells: dict[tuple[str, int], dict[str, Any]], tasks: list[str],
+              lengths: list[int], num_samples: int) -> dict[str, Any]:
+    """Cell scores (mean of samples 0..num_samples-1) and the task / length / overall means
+    over complete cells of the grid."""
+    table: dict[str, dict[str, float]] = {}
+    done = []
+    for task in tasks:
+        for length in lengths:
+            cell = cells.get((task, length))
+            if cell is None:
+                continue
+            samples = [s for s in cell["samples"] if s["index"] < num_samples]
+            if len(samples) < num_samples:
+                continue
+            score = float(np.mean([s["score"] for s in samples]))
+            table.setdefault(task, {})[str(length)] = score
+            done.append((task, length, score))
+    return {
+        "scores": table,
+        "task_means": {t: _mean([s for tt, _, s in done if tt == t]) for t in tasks},
+        "length_means": {str(L): _mean([s for _, LL, s in done if LL == L]) for L in lengths},
+        "overall": _mean([s for _, _, s in done]),
+        "cells_done": len(done), "cells_total": len(tasks) * len(lengths),
+    }
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """Tasks x lengths scores (one decimal), a mean column and a mean row; '-' = not done."""
+    lengths = [int(x) for x in results["settings"]["lengths"]]
+    tasks = results["settings"]["run_tasks"]
+    scores = results.get("scores", {})
+
+    def fmt(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1f}"
+
+    head = "| task | " + " | ".join(_length_label(L) for L in lengths) + " | mean |"
+    rows = [head, "|---" * (len(lengths) + 2) + "|"]
+    for task in tasks:
+        cells = [fmt(scores.get(task, {}).get(str(L))) for L in lengths]
+        rows.append(f"| {task} | " + " | ".join(cells)
+                    + f" | {fmt(results['task_means'].get(task))} |")
+    rows.append("| **mean** | " + " | ".join(fmt(results["length_means"].get(str(L)))
+                                            for L in lengths)
+                + f" | **{fmt(results.get('overall'))}** |")
+    lines = [f"RULER-style suite: {results['model'].get('path')}", "",
+             *rows, ""]
+    skipped = results["settings"].get("skipped_tasks") or {}
+    for task, why in skipped.items():
+        lines.append(f"* {task} skipped: {why}")
+    training = results["settings"].get("training_length")
+    if training:
+        lines.append(f"* training length: {training:,} tokens")
+    lines.append(f"* {results['cells_done']}/{results['cells_total']} cells, "
+                 f"{results['settings']['num_samples']} samples each; scores 0-100 "
+                 "(string_match_all / string_match_part, RULER)")
+    return "\n".join(lines) + "\n"
+
+
+def plot_scores(results: dict[str, Any], path: str | Path, *,
+                training_length: int | None = None) -> Path:
+    """Score vs length (log2 axis): one thin line per task, a thick black line for the mean
+    over tasks, a dashed vertical line at the training length (outside the grid the legend
+    says where it is instead)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lengths = [int(x) for x in results["settings"]["lengths"]]
+    tasks = results["settings"]["run_tasks"]
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    cmap = plt.get_cmap("tab20")
+    for i, task in enumerate(tasks):
+        row = results.get("scores", {}).get(task, {})
+        xs = [L for L in lengths if str(L) in row]
+        if xs:
+            ax.plot(xs, [row[str(L)] for L in xs], marker="o", markersize=3, linewidth=1,
+                    color=cmap(i % 20), label=task)
+    means = results.get("length_means", {})
+    xs = [L for L in lengths if means.get(str(L)) is not None]
+    if xs:
+        ax.plot(xs, [means[str(L)] for L in xs], color="black", linewidth=3, marker="o",
+                label="mean")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [_length_label(L) for L in lengths])
+    ax.minorticks_off()
+    ax.set_ylim(-3, 103)
+    ax.set_xlabel("length (tokens, prompt + generation)")
+    ax.set_ylabel("score")
+    if training_length is not None and lengths:
+        if lengths[0] <= training_length <= lengths[-1]:
+            ax.axvline(training_length, color="gray", linestyle="--", linewidth=1.5,
+                       label=f"training length {training_length:,}")
+        else:
+            side = "above" if training_length > lengths[-1] else "below"
+            ax.plot([], [], " ", label=f"training length {training_length:,} ({side} the grid)")
+    overall = results.get("overall")
+    name = Path(str(results.get("model", {}).get("path", "model"))).name
+    ax.set_title(f"RULER-style suite: {name} (overall "
+                 f"{'n/a' if overall is None else f'{overall:.1f}'})")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# the run
+# --------------------------------------------------------------------------------------------
+def _generate(model: Any, ids: list[int], max_new: int, *, use_cache: bool,
+              reuse: bool) -> tuple[list[int], int]:
+    """New token ids and the prompt tokens taken from the model's persistent cache."""
+    if reuse:
+        new = model.generate(ids, max_new, reuse_prefix=True)
+        return list(new), model.last_reused_tokens
+    return list(model.generate(ids, max_new, use_cache=use_cache)), 0
+
+
+def run_ruler(model: Any, settings: RulerSettings, output_dir: str | Path, *,
+              overwrite: bool = False, use_cache: bool = True, reuse_prefix: bool = True,
+              plot: bool = True, progress: bool = True,
+              log: Callable[[str], None] | None = print) -> dict[str, Any]:
+    """Run (or resume) the suite on `model`; write results.json, results.md and ruler.png.
+
+    Args:
+        model: a `CausalLM` (driver rank; the other ranks serve it, see `models.drive`) or
+            any object with `tokenizer`, `generate(ids, n, use_cache=...)` and `describe()`
+            (no prefix reuse then).
+        settings: tasks, lengths, samples, seed, data files (validated here).
+        output_dir: where the outputs go (created).
+        overwrite: discard an existing results.json instead of resuming it.
+        use_cache: KV-cache generation (False: full recompute per token; implies no reuse).
+        reuse_prefix: keep one KV cache across prompts and reuse common prefixes
+            (`CausalLM` models; released when the run ends).
+        plot: write ruler.png at the end.
+        progress: a tqdm bar over the samples to compute (stderr).
+        log: progress lines (None: silent).
+
+    Returns:
+        The results dict (as written to results.json).
+
+    Raises:
+        ResultsMismatchError: results.json exists with other settings or another model.
+        LengthTooShortError: a task does not fit a requested length.
+    """
+    settings.validate()
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / RESULTS_NAME
+    description = model.describe()
+    identity = settings.identity()
+    results = None if overwrite else load_results(path)
+    if results is not None:
+        for name, value in identity.items():
+            if results["settings"].get(name) != value:
+                raise ResultsMismatchError(
+                    f"{path} was made with {name}={results['settings'].get(name)!r}, this run "
+                    f"has {value!r}; use another --output-dir or --overwrite")
+        if _model_identity(results["model"]) != _model_identity(description):
+            raise ResultsMismatchError(
+                f"{path} holds results of model {_model_identity(results['model'])}, not "
+                f"{_model_identity(description)}; use another --output-dir or --overwrite")
+    cells: dict[tuple[str, int], dict[str, Any]] = {
+        (c["task"], int(c["length"])): c for c in (results or {}).get("cells", [])}
+    skipped = settings.skipped_tasks()
+    if log is not None:
+        for why in skipped.values():
+            log(f"skipped: {why}")
+    tasks = settings.run_tasks()
+    reuse = bool(reuse_prefix and use_cache and isinstance(model, CausalLM))
+    tokenizer = model.tokenizer
+    resources = TaskResources.load(settings.haystack_file, settings.squad_file,
+                                   settings.hotpotqa_file)
+    state: dict[str, Any] = {
+        "format": FORMAT,
+        "settings": {**identity, "tasks": settings.tasks, "run_tasks": tasks,
+                     "lengths": settings.lengths, "num_samples": settings.num_samples,
+                     "training_length": settings.training_length, "skipped_tasks": skipped,
+                     "max_new_tokens_per_task": {t: settings.new_tokens(t) for t in tasks},
+                     "metrics": {t: TASKS[t].metric for t in tasks},
+                     "haystack_source": resources.essay_source,
+                     "prefix_reuse": reuse},
+        "model": description,
+    }
+
+    def save() -> None:
+        ordered = sorted(cells.values(), key=lambda c: (c["task"], c["length"]))
+        state["cells"] = ordered
+        state.update(summarize(cells, tasks, settings.lengths, settings.num_samples))
+        write_json_atomic(str(path), state)
+        (out / TABLE_NAME).write_text(markdown_table(state), encoding="utf-8")
+
+    todo = []
+    for task in tasks:
+        for length in settings.lengths:
+            have = {s["index"] for s in cells.get((task, length), {}).get("samples", [])}
+            missing = [i for i in range(settings.num_samples) if i not in have]
+            if missing:
+                todo.append((task, length, missing))
+    done_before = len(tasks) * len(settings.lengths) - len(todo)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=sum(len(m) for _, _, m in todo), unit="sample", dynamic_ncols=True,
+                   desc="ruler")
+    if reuse and todo:
+        model.reserve_cache(max(settings.lengths))  # prompt + new tokens <= length
+    try:
+        for task, length, missing in todo:
+            spec = TASKS[task]
+            max_new = settings.new_tokens(task)
+            maker = SampleMaker(spec, length, max_new, tokenizer, resources, settings.seed)
+            cell = cells.setdefault((task, length), {
+                "task": task, "length": length, "metric": spec.metric,
+                "max_new_tokens": max_new, "samples": []})
+            if bar is not None:
+                bar.set_description(f"{task} {_length_label(length)}")
+            start = time.perf_counter()
+            for g in range(0, len(missing), REUSE_GROUP):
+                group = [maker.make(i) for i in missing[g:g + REUSE_GROUP]]
+                if reuse:  # lexicographic order of ids: the best order for one cache
+                    group.sort(key=lambda s: s.ids)
+                for sample in group:
+                    t0 = time.perf_counter()
+                    new_ids, reused = _generate(model, sample.ids, max_new,
+                                                use_cache=use_cache, reuse=reuse)
+                    seconds = time.perf_counter() - t0
+                    response = tokenizer.decode(new_ids)
+                    cell["samples"].append({
+                        "index": sample.index, "tokens": len(sample.ids),
+                        "units": sample.units, "answers": sample.answers,
+                        "response": response,
+                        "score": score_prediction(spec.metric, response, sample.answers),
+                        "generated_tokens": len(new_ids), "reused_tokens": reused,
+                        "seconds": round(seconds, 4)})
+                    if bar is not None:
+                        bar.update(1)
+            cell["samples"].sort(key=lambda s: s["index"])
+            cell["seconds"] = round(cell.get("seconds", 0.0) + time.perf_counter() - start, 3)
+            save()
+            if log is not None:
+                score = np.mean([s["score"] for s in cell["samples"]
+                                 if s["index"] < settings.num_samples])
+                reused = sum(s["reused_tokens"] for s in cell["samples"])
+                total = sum(s["tokens"] for s in cell["samples"])
+                msg = (f"{task} {length}: score {score:.1f} ({len(cell['samples'])} samples, "
+                       f"{cell['seconds']:.1f} s, {100 * reused / max(total, 1):.0f}% of "
+                       "prompt tokens reused)")
+                if bar is not None:
+                    bar.write(msg)
+                else:
+                    log(msg)
+    finally:
+        if bar is not None:
+            bar.close()
+        if reuse:
+            model.clear_cache()
+    save()
+    if log is not None and done_before:
+        log(f"{done_before} cells were already in {path}")
+    if plot:
+        plot_scores(state, out / PLOT_NAME, training_length=settings.training_length)
+    return state
