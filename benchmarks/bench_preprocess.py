@@ -63,8 +63,8 @@ def measure(kind: str, jsonl: Path, tok_dir: Path, workdir: Path) -> dict:
         if kind == "ours_cold":  # an empty tokenizer cache: pays the transformers import
             os.environ["MEGATRON_LONGCTX_CACHE"] = str(workdir / "cache")
         from megatron_longctx.config.preprocess import PreprocessConfig
+        from megatron_longctx.config.tokenizer import TokenizerSpec
         from megatron_longctx.data.preprocess import run_preprocess
-        from megatron_longctx.data.tokenizers import TokenizerSpec
 
         cfg = PreprocessConfig(
             inputs=[str(jsonl)],

@@ -73,7 +73,7 @@ else
   # RoPE base. Fu et al. only "adjust the base"; their released 7B uses HF dynamic NTK (factor
   # 10), an effective base of ~2.1M at 80K. The same rule at 128K gives ~3.4M; we round up to
   # 5M (lowest-frequency wavelength ~25M positions, far beyond 128K). The authors' advice: any
-  # base covering > 128K works, continued training adapts the model to it (../shared/FACTS.md).
+  # base covering > 128K works, continued training adapts the model to it (docs/slurm.md).
   : "${ROTARY_BASE:=5000000}"
   # 4M tokens per step as in the paper: 32 sequences x 131072 = 4,194,304 tokens.
   : "${MICRO_BATCH_SIZE:=1}"

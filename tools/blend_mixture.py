@@ -6,14 +6,17 @@
         --train-tokens 5e9 --seq-length 81920 [--audit]
 
 Reads only the stats files for the plan (and the .idx files to write views); see
-megatron_longctx/mixture/planner.py for the strategies' definitions.
+megatron_longctx/mixture/planner.py for the strategies' definitions. Exit 2 with one line on
+bad flags or data (including a budget too small for `--audit` to build the training index),
+3 when the audit finds realized shares off the plan by more than 1%.
 """
 
 import sys
 
 from megatron_longctx.config.cli import parse_mixture_args
-from megatron_longctx.mixture.outputs import dumps_table, write_plan_outputs
+from megatron_longctx.mixture.outputs import write_plan_outputs
 from megatron_longctx.mixture.planner import PlanError, plan_mixture
+from megatron_longctx.mixture.report import dumps_table
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     except (PlanError, FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    for warning in plan["warnings"]:
+    for warning in plan.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(dumps_table(plan))
     for name, path in paths.items():
@@ -32,7 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     if audit:
         from megatron_longctx.mixture.audit import audit_plan, format_audit
 
-        result = audit_plan(paths["plan"])
+        try:
+            result = audit_plan(paths["plan"])
+        except ValueError as err:
+            print(f"error: --audit: {err}", file=sys.stderr)
+            return 2
         print(format_audit(result))
         if not result["within_tolerance"]:
             print(f"error: realized shares differ from the plan by more than "

@@ -15,6 +15,7 @@ atomically (temporary directory renamed at the end). See docs/conversion.md.
 import argparse
 import sys
 
+from megatron_longctx.config.dtypes import PARAMS_DTYPES
 from megatron_longctx.convert.hf_llama import (
     ConversionError,
     convert_hf_to_megatron,
@@ -22,7 +23,6 @@ from megatron_longctx.convert.hf_llama import (
 )
 from megatron_longctx.tool_env import quiet_tool_warnings
 
-DTYPES = ["fp32", "bf16", "fp16"]
 quiet_tool_warnings()
 
 
@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="TP the checkpoint is meant for (checked; sets vocabulary padding)")
     h2m.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                      help="PP the checkpoint is meant for (checked against the layer count)")
-    h2m.add_argument("--params-dtype", choices=DTYPES, default=None,
+    h2m.add_argument("--params-dtype", choices=PARAMS_DTYPES, default=None,
                      help="dtype of the saved weights (default: config.json's dtype)")
     m2h = sub.add_parser("megatron-to-hf", help="checkpoint -> HF LlamaForCausalLM directory")
     m2h.add_argument("--load", required=True, help="checkpoint root or iter_NNNNNNN directory")
@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "tokenizer directory, when it exists)")
     m2h.add_argument("--max-shard-size", default="5GB",
                      help="largest safetensors shard, e.g. 5GB, 500MB (default 5GB)")
-    m2h.add_argument("--dtype", choices=DTYPES, default=None,
+    m2h.add_argument("--dtype", choices=PARAMS_DTYPES, default=None,
                      help="dtype of the written weights (default: the checkpoint's)")
     for p in (h2m, m2h):
         p.add_argument("--no-progress", action="store_true", help="no progress bar")

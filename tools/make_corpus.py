@@ -16,56 +16,18 @@ import argparse
 import sys
 import time
 
-from megatron_longctx.demo.corpus import (
-    COMPRESSIONS,
-    CorpusConfig,
-    parse_domain_shares,
-    summarize_plan,
-    write_corpus,
-)
+from megatron_longctx.demo.cli import add_settings_arguments, settings_from_args
+from megatron_longctx.demo.corpus import CorpusConfig, summarize_plan, write_corpus
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """Return the command-line parser (defaults are those of `CorpusConfig`)."""
-    defaults = CorpusConfig()
+    """Return the command-line parser: ``--output-dir`` plus one flag per `CorpusConfig` field
+    (defaults and help text are the dataclass's)."""
     parser = argparse.ArgumentParser(
         description="Write a deterministic synthetic corpus in SlimPajama's jsonl format."
     )
     parser.add_argument("--output-dir", required=True, help="directory for the chunk files")
-    parser.add_argument(
-        "--total-words",
-        type=int,
-        default=defaults.total_words,
-        help="word budget of the whole corpus (default: %(default)s)",
-    )
-    parser.add_argument("--seed", type=int, default=defaults.seed, help="(default: %(default)s)")
-    parser.add_argument(
-        "--length-scale",
-        type=float,
-        default=defaults.length_scale,
-        help="median words per document = real median tokens * this (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--min-words", type=int, default=defaults.min_words, help="(default: %(default)s)"
-    )
-    parser.add_argument(
-        "--max-words", type=int, default=defaults.max_words, help="(default: %(default)s)"
-    )
-    parser.add_argument(
-        "--num-files", type=int, default=defaults.num_files, help="(default: %(default)s)"
-    )
-    parser.add_argument(
-        "--compression",
-        choices=tuple(COMPRESSIONS),
-        default=defaults.compression,
-        help="(default: %(default)s)",
-    )
-    parser.add_argument(
-        "--domain-shares",
-        default=None,
-        metavar="NAME=SHARE,...",
-        help="target word shares, e.g. 'Book=0.5,ArXiv=0.5' (default: SlimPajama's shares)",
-    )
+    add_settings_arguments(parser, CorpusConfig)
     return parser
 
 
@@ -81,18 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = CorpusConfig(
-            total_words=args.total_words,
-            seed=args.seed,
-            length_scale=args.length_scale,
-            min_words=args.min_words,
-            max_words=args.max_words,
-            num_files=args.num_files,
-            compression=args.compression,
-        )
-        if args.domain_shares is not None:
-            config.domain_shares = parse_domain_shares(args.domain_shares)
-        config.validate()
+        config = settings_from_args(CorpusConfig, args).validate()
     except ValueError as err:
         parser.error(str(err))
 

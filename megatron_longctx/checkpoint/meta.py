@@ -11,6 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from megatron_longctx.atomic import write_text_atomic
+
 FORMAT = "megatron-longctx-checkpoint/1"
 META_NAME = "longctx_meta.json"
 LATEST_NAME = "latest_checkpointed_iteration.txt"
@@ -21,19 +23,10 @@ def iter_dir(root: str | os.PathLike, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
-
-
 def write_meta(directory: str | os.PathLike, meta: dict[str, Any]) -> Path:
     """Write longctx_meta.json (atomically) into an iteration directory; adds `format`."""
     path = Path(directory) / META_NAME
-    _write_text_atomic(path, json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True))
+    write_text_atomic(path, json.dumps({"format": FORMAT, **meta}, indent=2, sort_keys=True))
     return path
 
 
@@ -52,7 +45,7 @@ def read_meta(directory: str | os.PathLike) -> dict[str, Any]:
 
 def write_latest(root: str | os.PathLike, iteration: int) -> None:
     """Mark `iteration` as the newest complete checkpoint (call after the save finished)."""
-    _write_text_atomic(Path(root) / LATEST_NAME, f"{iteration}\n")
+    write_text_atomic(Path(root) / LATEST_NAME, f"{iteration}\n")
 
 
 def latest_iteration(root: str | os.PathLike) -> int | None:

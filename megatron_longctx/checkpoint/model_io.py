@@ -44,6 +44,7 @@ from megatron_longctx.checkpoint.meta import (
     write_latest,
     write_meta,
 )
+from megatron_longctx.config.dtypes import dtype_name
 from megatron_longctx.config.model import ModelConfig, ParallelConfig
 from megatron_longctx.model.build import unwrap_model
 from megatron_longctx.parallel.init import release_model_parallel
@@ -53,7 +54,6 @@ _LAYER_RE = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
 # sequence length, may legitimately change when continuing training from a checkpoint).
 _ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
                 "query_groups")
-_TORCH_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
 def model_state_keys(num_chunks: int) -> list[str]:
@@ -131,7 +131,7 @@ def save_model_checkpoint(
             },
             "tokenizer": tokenizer,
             "source": source,
-            "params_dtype": _TORCH_DTYPES.get(_first_param_dtype(model_chunks)),
+            "params_dtype": dtype_name(_first_param_dtype(model_chunks)),
             **(extra_meta or {}),
         }
         write_meta(directory, meta)
@@ -165,7 +165,7 @@ def checkpoint_params_dtype(ckpt_dir: str | Path) -> str:
     info = checkpoint_tensor_info(ckpt_dir)
     for key in ("embedding.word_embeddings.weight", "decoder.final_layernorm.weight"):
         if key in info:
-            return _TORCH_DTYPES[info[key][1]]
+            return dtype_name(info[key][1])
     raise ValueError(f"{ckpt_dir}: no model weights found (embedding.word_embeddings.weight)")
 
 

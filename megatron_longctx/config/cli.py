@@ -1,103 +1,46 @@
-"""The one argparse bridge: Megatron-LM flag names -> typed config dataclasses.
+"""The argparse bridge of stages 1 and 2: parsers generated from the config dataclasses.
 
-Each `parse_*_args` builds its parser, parses, translates once into a config and validates it;
-validation errors exit with argparse's usage message naming the flag (status 2).
+`tools/preprocess_data.py` gets its flags from `PreprocessConfig` and `TokenizerSpec`,
+`tools/blend_mixture.py` from `MixtureConfig` (plus its own `--audit`); the pretrain entrypoint's
+parser lives beside its configs in config/training.py. Each `parse_*_args` builds the parser,
+translates once (config/flags.py, generic) and validates; a validation error exits with
+argparse's usage message naming the flag (status 2).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import glob
 import os
 
-from megatron_longctx.config.preprocess import ON_ERROR_CHOICES, PreprocessConfig
-from megatron_longctx.data.tokenizers import TOKENIZER_TYPES, TokenizerSpec
+from megatron_longctx.config.flags import add_config_flags, config_from_namespace
+from megatron_longctx.config.mixture import MixtureConfig
+from megatron_longctx.config.preprocess import PreprocessConfig, slurm_array_defaults
 
+__all__ = ["build_mixture_parser", "build_preprocess_parser", "expand_prefixes",
+           "parse_mixture_args", "parse_preprocess_args", "slurm_array_defaults"]
 
-def slurm_array_defaults(env: dict[str, str] | None = None) -> tuple[int, int]:
-    """(shard_index, num_shards) from a SLURM array task's environment, else (0, 1).
-
-    Array ids may start anywhere (`--array=1-16`), so the index is relative to the minimum.
-    """
-    env = os.environ if env is None else env
-    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
-        return 0, 1
-    task = int(env["SLURM_ARRAY_TASK_ID"])
-    first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
-    return task - first, int(env["SLURM_ARRAY_TASK_COUNT"])
-
-
-def add_tokenizer_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("tokenizer")
-    group.add_argument("--tokenizer-type", required=True, choices=TOKENIZER_TYPES)
-    group.add_argument("--tokenizer-model", required=True,
-                       help="HF tokenizer directory or tokenizer.json; SentencePiece .model")
-    group.add_argument("--tokenizer-hf-include-special-tokens", action="store_true",
-                       help="HF only: ids of tokenizer(text).input_ids (e.g. with BOS)")
-
-
-def tokenizer_spec(args: argparse.Namespace) -> TokenizerSpec:
-    return TokenizerSpec(
-        args.tokenizer_type, args.tokenizer_model, args.tokenizer_hf_include_special_tokens
-    )
+#: argument-group titles of tools/preprocess_data.py (Megatron-LM's grouping).
+PREPROCESS_GROUPS = {"tokenizer": "tokenizer", "input": "input data",
+                     "tokenization": "tokenization", "output": "output data",
+                     "runtime": "runtime"}
 
 
 def build_preprocess_parser() -> argparse.ArgumentParser:
+    """tools/preprocess_data.py's parser: Megatron-LM's flags plus ours (README, stage 1)."""
     parser = argparse.ArgumentParser(
         prog="preprocess_data.py",
         description="jsonl(.gz/.zst) -> Megatron indexed datasets, one per domain, with stats",
     )
-    add_tokenizer_args(parser)
-    group = parser.add_argument_group("input data")
-    group.add_argument("--input", nargs="+", required=True,
-                       help="files, globs or directories (.jsonl, .jsonl.gz, .jsonl.zst)")
-    group.add_argument("--json-keys", nargs="+", default=["text"])
-    group.add_argument("--domain-key", default=None,
-                       help="dotted path of the domain, e.g. meta.redpajama_set_name")
-    group.add_argument("--split-sentences", action="store_true")
-    group.add_argument("--keep-newlines", action="store_true")
-    group.add_argument("--lang", default="english")
-    group.add_argument("--punkt-sample-bytes", type=int, default=1 << 20,
-                       help="text used to train Punkt when no punkt data is installed")
-    group = parser.add_argument_group("tokenization")
-    group.add_argument("--append-eod", action="store_true")
-    group = parser.add_argument_group("output data")
-    group.add_argument("--output-prefix", required=True)
-    group = parser.add_argument_group("runtime")
-    group.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    group.add_argument("--log-interval", type=int, default=1000)
-    shard, shards = slurm_array_defaults()
-    group.add_argument("--shard-index", type=int, default=shard,
-                       help="default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN")
-    group.add_argument("--num-shards", type=int, default=shards,
-                       help="default: SLURM_ARRAY_TASK_COUNT")
-    group.add_argument("--on-error", choices=ON_ERROR_CHOICES, default="skip")
-    group.add_argument("--batch-bytes", type=int, default=1 << 20)
-    group.add_argument("--max-error-samples", type=int, default=20)
+    add_config_flags(parser, PreprocessConfig, titles=PREPROCESS_GROUPS)
     return parser
 
 
 def parse_preprocess_args(argv: list[str] | None = None) -> PreprocessConfig:
+    """Parse and validate; usage errors exit 2 naming the flag."""
     parser = build_preprocess_parser()
-    args = parser.parse_args(argv)
-    cfg = PreprocessConfig(
-        inputs=args.input,
-        output_prefix=args.output_prefix,
-        tokenizer=tokenizer_spec(args),
-        json_keys=args.json_keys,
-        domain_key=args.domain_key,
-        append_eod=args.append_eod,
-        split_sentences=args.split_sentences,
-        keep_newlines=args.keep_newlines,
-        lang=args.lang,
-        punkt_sample_bytes=args.punkt_sample_bytes,
-        workers=args.workers,
-        log_interval=args.log_interval,
-        shard_index=args.shard_index,
-        num_shards=args.num_shards,
-        on_error=args.on_error,
-        batch_bytes=args.batch_bytes,
-        max_error_samples=args.max_error_samples,
-    )
+    cfg = config_from_namespace(PreprocessConfig, parser.parse_args(argv))
     try:
         cfg.validate()
     except (ValueError, FileNotFoundError) as err:
@@ -105,47 +48,13 @@ def parse_preprocess_args(argv: list[str] | None = None) -> PreprocessConfig:
     return cfg
 
 
-def _parse_upweight(text: str) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for item in filter(None, text.split(",")):
-        name, sep, value = item.partition("=")
-        try:
-            out[name.strip()] = float(value)
-        except ValueError:
-            sep = ""
-        if not sep or not name.strip():
-            raise argparse.ArgumentTypeError(
-                f"--upweight expects DOMAIN=FACTOR[,DOMAIN=FACTOR...], got {text!r}"
-            )
-    return out
-
-
 def build_mixture_parser() -> argparse.ArgumentParser:
-    from megatron_longctx.config.mixture import STRATEGIES
-
+    """tools/blend_mixture.py's parser: MixtureConfig's flags plus --audit."""
     parser = argparse.ArgumentParser(
         prog="blend_mixture.py",
         description="per-domain stats -> mixture plan, Megatron blend files and a report",
     )
-    parser.add_argument("--data-prefix", nargs="+", required=True,
-                        help="dataset prefixes or globs (each with PREFIX.stats.json)")
-    parser.add_argument("--output-dir", required=True)
-    parser.add_argument("--strategy", choices=STRATEGIES, default="per-source")
-    parser.add_argument("--domain-weights", default="slimpajama",
-                        help="natural | slimpajama | FILE.json")
-    parser.add_argument("--long-threshold", type=int, default=4096)
-    parser.add_argument("--long-fraction", type=float, default=None,
-                        help="target long-token share inside each domain (default 0.7)")
-    parser.add_argument("--short-keep-ratio", type=float, default=None,
-                        help="instead: keep each short document with this probability")
-    parser.add_argument("--cut-length", type=int, default=4096)
-    parser.add_argument("--upweight", type=_parse_upweight, default={},
-                        help="domain-upsample: DOMAIN=FACTOR,...")
-    parser.add_argument("--train-tokens", type=float, default=5e9)
-    parser.add_argument("--seq-length", type=int, default=81920)
-    parser.add_argument("--max-epochs", type=float, default=4.0)
-    parser.add_argument("--valid-fraction", type=float, default=0.0)
-    parser.add_argument("--seed", type=int, default=1234)
+    add_config_flags(parser, MixtureConfig)
     parser.add_argument("--audit", action="store_true",
                         help="also build the training index and compare realized shares")
     return parser
@@ -153,8 +62,6 @@ def build_mixture_parser() -> argparse.ArgumentParser:
 
 def expand_prefixes(patterns: list[str]) -> list[str]:
     """Dataset prefixes from prefixes or globs (a glob may match .stats.json/.idx/.bin files)."""
-    import glob
-
     out: list[str] = []
     for pattern in patterns:
         if os.path.exists(pattern + ".stats.json") or os.path.exists(pattern + ".idx"):
@@ -170,30 +77,16 @@ def expand_prefixes(patterns: list[str]) -> list[str]:
     return out
 
 
-def parse_mixture_args(argv: list[str] | None = None):
-    """Returns (MixtureConfig, audit flag)."""
-    from megatron_longctx.config.mixture import MixtureConfig
-
+def parse_mixture_args(argv: list[str] | None = None) -> tuple[MixtureConfig, bool]:
+    """Returns (MixtureConfig with --data-prefix globs expanded, the --audit flag)."""
     parser = build_mixture_parser()
     args = parser.parse_args(argv)
+    audit = args.audit
+    del args.audit
     try:
-        cfg = MixtureConfig(
-            data_prefixes=expand_prefixes(args.data_prefix),
-            output_dir=args.output_dir,
-            strategy=args.strategy,
-            domain_weights=args.domain_weights,
-            long_threshold=args.long_threshold,
-            long_fraction=args.long_fraction,
-            short_keep_ratio=args.short_keep_ratio,
-            cut_length=args.cut_length,
-            upweight=args.upweight,
-            train_tokens=args.train_tokens,
-            seq_length=args.seq_length,
-            max_epochs=args.max_epochs,
-            valid_fraction=args.valid_fraction,
-            seed=args.seed,
-        )
+        cfg = config_from_namespace(MixtureConfig, args)
+        cfg = dataclasses.replace(cfg, data_prefixes=expand_prefixes(cfg.data_prefixes))
         cfg.validate()
     except ValueError as err:
         parser.error(str(err))
-    return cfg, args.audit
+    return cfg, audit

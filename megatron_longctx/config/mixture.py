@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import argparse
+from dataclasses import dataclass
+
+from megatron_longctx.config.flags import Flag, option
 
 STRATEGIES = ("per-source", "global", "original", "cut", "domain-upsample")
 
-#: SlimPajama token shares used by the paper's released code (FACTS.md; they sum to 0.9999).
+#: SlimPajama token shares used by the paper's released code (they sum to 0.9999).
 SLIMPAJAMA_SHARES = {
     "RedPajamaCommonCrawl": 0.5337,
     "RedPajamaC4": 0.2661,
@@ -18,39 +21,60 @@ SLIMPAJAMA_SHARES = {
 }
 
 
+def parse_upweight(text: str) -> dict[str, float]:
+    """`--upweight DOMAIN=FACTOR[,DOMAIN=FACTOR...]` -> {domain: factor}."""
+    out: dict[str, float] = {}
+    for item in filter(None, text.split(",")):
+        name, sep, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name.strip():
+            raise argparse.ArgumentTypeError(
+                f"--upweight expects DOMAIN=FACTOR[,DOMAIN=FACTOR...], got {text!r}"
+            )
+    return out
+
+
 @dataclass
 class MixtureConfig:
-    """What `tools/blend_mixture.py` plans; validated before any file is read."""
+    """What `tools/blend_mixture.py` plans; validated before any file is read.
 
-    #: Dataset prefixes (each with `{prefix}.stats.json` beside `.bin/.idx`) (`--data-prefix`).
-    data_prefixes: list[str]
-    #: Where the plan, blend files, views and report go (`--output-dir`).
-    output_dir: str
-    #: One of STRATEGIES (`--strategy`).
-    strategy: str = "per-source"
-    #: `natural`, `slimpajama` or a JSON file {domain: weight} (`--domain-weights`).
-    domain_weights: str = "slimpajama"
-    #: Documents longer than this many tokens are "long" (`--long-threshold`, paper: 4K).
-    long_threshold: int = 4096
-    #: Target share of long-document tokens within a domain (`--long-fraction`, paper: 0.7).
-    long_fraction: float | None = None
-    #: Alternative: keep each short document with this probability (`--short-keep-ratio`;
-    #: the released code drops short documents with probability 0.9, i.e. 0.1).
-    short_keep_ratio: float | None = None
-    #: `cut`: documents are cut into pieces of at most this many tokens (`--cut-length`).
-    cut_length: int = 4096
-    #: `domain-upsample`: multipliers such as {"RedPajamaBook": 3} (`--upweight`).
-    upweight: dict[str, float] = field(default_factory=dict)
-    #: Tokens the training run will see (`--train-tokens`, paper: 5e9).
-    train_tokens: float = 5e9
-    #: Training sequence length (`--seq-length`, paper: 81920).
-    seq_length: int = 81920
-    #: Warn when a bucket repeats more than this many times (`--max-epochs`).
-    max_epochs: float = 4.0
-    #: Fraction of each domain's documents held out for validation views (`--valid-fraction`).
-    valid_fraction: float = 0.0
-    #: Seed recorded in the plan for the training-side document selection (`--seed`).
-    seed: int = 1234
+    Each field declares its flag, default and help once (config/flags.py).
+    """
+
+    data_prefixes: list[str] = option(flag=Flag(
+        "--data-prefix", "dataset prefixes or globs (each with PREFIX.stats.json beside "
+        ".bin/.idx)", required=True))
+    output_dir: str = option(flag=Flag(
+        "--output-dir", "where the plan, blend files, views and report go", required=True))
+    strategy: str = option("per-source", Flag("--strategy", "how lengths are mixed",
+                                               choices=STRATEGIES))
+    domain_weights: str = option("slimpajama", Flag(
+        "--domain-weights", "natural | slimpajama | FILE.json ({domain: weight})"))
+    long_threshold: int = option(4096, Flag(
+        "--long-threshold", "documents longer than this many tokens are long (paper: 4K)"))
+    long_fraction: float | None = option(None, Flag(
+        "--long-fraction", "target long-token share inside each domain (default 0.7, the "
+        "paper's)"))
+    short_keep_ratio: float | None = option(None, Flag(
+        "--short-keep-ratio", "instead: keep each short document with this probability (the "
+        "released code: 0.1)"))
+    cut_length: int = option(4096, Flag(
+        "--cut-length", "strategy cut: documents cut into pieces of at most this many tokens"))
+    upweight: dict[str, float] = option(default_factory=dict, flag=Flag(
+        "--upweight", "domain-upsample: DOMAIN=FACTOR,...", parse=parse_upweight))
+    train_tokens: float = option(5e9, Flag(
+        "--train-tokens", "tokens the training run will see (paper: 5e9)"))
+    seq_length: int = option(81920, Flag(
+        "--seq-length", "training sequence length (paper: 81920)"))
+    max_epochs: float = option(4.0, Flag(
+        "--max-epochs", "warn when a bucket repeats more than this many times"))
+    valid_fraction: float = option(0.0, Flag(
+        "--valid-fraction", "fraction of each domain's documents held out for validation"))
+    seed: int = option(1234, Flag(
+        "--seed", "seed recorded in the plan for the training-side document selection"))
 
     def validate(self) -> None:
         """Raise ValueError naming the offending flag."""

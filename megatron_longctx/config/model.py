@@ -10,7 +10,8 @@ Three dataclasses, each validated on its own and then together:
 * `PrecisionConfig`: dtype, transformer implementation (local vs Transformer Engine) and FP8.
 
 Configs do no I/O and import nothing heavy: `validate()` is pure and its messages name the
-Megatron-LM CLI flag so a user can fix the command line directly.
+Megatron-LM CLI flag so a user can fix the command line directly. Each field declares its flag,
+default and help once (config/flags.py); pretrain_longctx.py's parser is generated from them.
 """
 
 from __future__ import annotations
@@ -18,12 +19,20 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_longctx.config.dtypes import PARAMS_DTYPES
+from megatron_longctx.config.flags import Flag, derived, option
+
 CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
 FP8_FORMATS = ("e4m3", "hybrid")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 FP8_AMAX_ALGOS = ("max", "most_recent")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
-PARAMS_DTYPES = ("fp32", "bf16", "fp16")
+
+
+def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
+    """Megatron-LM's --make-vocab-size-divisible-by padding (multiple of divisible_by * TP)."""
+    multiple = divisible_by * tp
+    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 @dataclass
@@ -36,8 +45,9 @@ class ModelConfig:
         ffn_hidden_size: SwiGLU inner width (`--ffn-hidden-size`); LLaMA-2 7B uses 11008.
         num_attention_heads: query heads (`--num-attention-heads`).
         num_query_groups: key/value heads for GQA (`--num-query-groups`); None = MHA.
-        vocab_size: tokenizer vocabulary (padded by the builder to a multiple of 128 * TP, as
-            Megatron-LM's `--make-vocab-size-divisible-by` does, only when `pad_vocab` is True).
+        vocab_size: tokenizer vocabulary (padded by the builder to a multiple of
+            `make_vocab_size_divisible_by` * TP when `pad_vocab` is True, as Megatron-LM does);
+            the trainer sets it from the tokenizer before validation.
         max_position_embeddings: longest sequence the RoPE table must cover
             (`--max-position-embeddings`).
         seq_length: training sequence length (`--seq-length`).
@@ -52,26 +62,54 @@ class ModelConfig:
         init_method_std: weight init std (`--init-method-std`).
         untie_embeddings_and_output_weights: LLaMA has a separate output layer
             (`--untie-embeddings-and-output-weights`).
-        pad_vocab: pad the vocabulary to a multiple of 128 * TP.
+        pad_vocab: pad the vocabulary (see `padded_vocab`).
+        make_vocab_size_divisible_by: `--make-vocab-size-divisible-by` (Megatron-LM's 128).
     """
 
-    num_layers: int
-    hidden_size: int
-    ffn_hidden_size: int
-    num_attention_heads: int
-    num_query_groups: int | None = None
-    vocab_size: int = 32000
-    max_position_embeddings: int = 4096
-    seq_length: int = 4096
-    rotary_base: int = 10000
-    rotary_percent: float = 1.0
-    rope_scaling: bool = False
-    rope_scaling_factor: float = 8.0
-    seq_len_interpolation_factor: float | None = None
-    norm_epsilon: float = 1e-5
-    init_method_std: float = 0.02
-    untie_embeddings_and_output_weights: bool = True
-    pad_vocab: bool = False
+    num_layers: int = option(flag=Flag("--num-layers", "transformer layers"))
+    hidden_size: int = option(flag=Flag("--hidden-size", "model width"))
+    ffn_hidden_size: int = option(flag=Flag(
+        "--ffn-hidden-size", "SwiGLU inner width (without a preset: 4 x --hidden-size)"))
+    num_attention_heads: int = option(flag=Flag("--num-attention-heads", "query heads"))
+    num_query_groups: int | None = option(None, Flag(
+        "--num-query-groups", "key/value heads (needs --group-query-attention)"))
+    vocab_size: int = derived(32000, "--tokenizer-model", "--vocab-size", "--padded-vocab-size",
+                              note="the tokenizer's vocabulary, resolved before training")
+    max_position_embeddings: int = option(4096, Flag(
+        "--max-position-embeddings", "longest sequence the RoPE table covers; raised to "
+        "--seq-length when not given"))
+    seq_length: int = option(4096, Flag("--seq-length", "training sequence length"))
+    rotary_base: int = option(10000, Flag("--rotary-base", "RoPE base theta"))
+    rotary_percent: float = option(1.0, Flag("--rotary-percent", "fraction of head dim rotated"))
+    rope_scaling: bool = option(False, Flag(
+        "--use-rope-scaling", "LLaMA-3.1 frequency-dependent RoPE scaling"))
+    rope_scaling_factor: float = option(8.0, Flag(
+        "--rope-scaling-factor", "its factor (LLaMA-3.1: 8)"))
+    seq_len_interpolation_factor: float | None = option(None, Flag(
+        "--rotary-seq-len-interpolation-factor", "linear position interpolation (positions / F)"))
+    norm_epsilon: float = option(1e-5, Flag("--norm-epsilon", "RMSNorm epsilon"))
+    init_method_std: float = option(0.02, Flag("--init-method-std", "weight init std"))
+    untie_embeddings_and_output_weights: bool = option(True, Flag(
+        "--untie-embeddings-and-output-weights",
+        "separate output layer (LLaMA); without a preset the default is tied, as Megatron-LM"))
+    pad_vocab: bool = derived(False, "--make-vocab-size-divisible-by", "--padded-vocab-size",
+                              note="True once the trainer resolved the tokenizer's vocabulary")
+    make_vocab_size_divisible_by: int = option(128, Flag(
+        "--make-vocab-size-divisible-by", "pad the vocabulary to a multiple of this x TP"))
+
+    def padded_vocab(self, tensor_model_parallel_size: int) -> int:
+        """Rows of the embedding and output layer at this TP size.
+
+        With `pad_vocab`, Megatron-LM's padding: the vocabulary rounded up to a multiple of
+        `make_vocab_size_divisible_by` x TP (LLaMA-2's 32000 -> 32000 at TP1/2, 32768 at TP8;
+        LLaMA-3's 128256 -> 129024 at TP8). Padding costs at most divisible_by x TP - 1 rows
+        (0.6% of LLaMA-3's table at TP8) and keeps the vocab-parallel GEMMs aligned; the padded
+        logits are never targets. Without `pad_vocab`, `vocab_size` is the table size itself.
+        """
+        if not self.pad_vocab:
+            return self.vocab_size
+        return padded_vocab_size(self.vocab_size, tensor_model_parallel_size,
+                                 self.make_vocab_size_divisible_by)
 
     @property
     def query_groups(self) -> int:
@@ -94,6 +132,7 @@ class ModelConfig:
             ("--seq-length", self.seq_length),
             ("--max-position-embeddings", self.max_position_embeddings),
             ("--rotary-base", self.rotary_base),
+            ("--make-vocab-size-divisible-by", self.make_vocab_size_divisible_by),
         ):
             if value <= 0:
                 raise ValueError(f"{flag} must be positive, got {value}")
@@ -158,14 +197,27 @@ class ParallelConfig:
             communication hides behind compute), off on CPU.
     """
 
-    tensor_model_parallel_size: int = 1
-    pipeline_model_parallel_size: int = 1
-    virtual_pipeline_model_parallel_size: int | None = None
-    context_parallel_size: int = 1
-    cp_comm_type: str = "p2p"
-    hierarchical_context_parallel_sizes: tuple[int, ...] | None = None
-    sequence_parallel: bool = False
-    overlap_grad_reduce: bool | None = None
+    tensor_model_parallel_size: int = option(1, Flag(
+        "--tensor-model-parallel-size", "tensor-parallel ranks (TP)"))
+    pipeline_model_parallel_size: int = option(1, Flag(
+        "--pipeline-model-parallel-size", "pipeline stages (PP)"))
+    virtual_pipeline_model_parallel_size: int | None = derived(
+        None, "--num-layers-per-virtual-pipeline-stage",
+        note="--num-layers / (PP x layers per virtual stage), as Megatron-LM")
+    context_parallel_size: int = option(1, Flag(
+        "--context-parallel-size", "context-parallel ranks (CP); the sequence is split in "
+        "2 x CP chunks"))
+    cp_comm_type: str = option("p2p", Flag(
+        "--cp-comm-type", "CP communication (TE attention only; the local spec all-gathers "
+        "K/V): p2p | a2a | all_gather | a2a+p2p"))
+    hierarchical_context_parallel_sizes: tuple[int, ...] | None = option(None, Flag(
+        "--hierarchical-context-parallel-sizes", "with --cp-comm-type a2a+p2p: a2a and p2p "
+        "group sizes (product = CP)"))
+    sequence_parallel: bool = option(False, Flag(
+        "--sequence-parallel", "shard norms/dropout activations over TP (needs TP > 1)"))
+    overlap_grad_reduce: bool | None = option(None, Flag(
+        "--overlap-grad-reduce", "overlap the DP gradient reduction with the backward pass "
+        "(default: on with CUDA, off on CPU)", negative="--no-overlap-grad-reduce"))
 
     @property
     def model_parallel_size(self) -> int:
@@ -256,28 +308,48 @@ class PrecisionConfig:
             `fused_weight_gradient_mlp_cuda` for the local spec), off otherwise.
     """
 
-    params_dtype: str = "fp32"
-    transformer_impl: str = "local"
-    fp8: Literal["e4m3", "hybrid"] | None = None
-    fp8_recipe: str = "delayed"
-    fp8_amax_history_len: int = 1
-    fp8_amax_compute_algo: str = "most_recent"
-    fp8_dot_product_attention: bool = False
-    apply_rope_fusion: bool | None = None
-    gradient_accumulation_fusion: bool | None = None
+    params_dtype: str = derived("fp32", "--bf16", "--fp16", note="fp32 unless --bf16/--fp16")
+    transformer_impl: str | None = option("local", Flag(
+        "--transformer-impl", "transformer_engine | local (default: TE when importable)",
+        cli_default=None))
+    fp8: Literal["e4m3", "hybrid"] | None = option(None, Flag(
+        "--fp8-format", "FP8 training (needs Transformer Engine); hybrid = E4M3 forward, "
+        "E5M2 gradients"))
+    fp8_recipe: str = option("delayed", Flag(
+        "--fp8-recipe", "FP8 scaling: delayed | tensorwise | mxfp8 | blockwise"))
+    fp8_amax_history_len: int = option(1, Flag(
+        "--fp8-amax-history-len", "delayed scaling window"))
+    fp8_amax_compute_algo: str = option("most_recent", Flag(
+        "--fp8-amax-compute-algo", "amax from the window: max | most_recent"))
+    fp8_dot_product_attention: bool = option(False, Flag(
+        "--fp8-dot-product-attention", "FP8 attention in TE's cuDNN backend (head dim 128)"))
+    apply_rope_fusion: bool | None = option(None, Flag(
+        "--no-rope-fusion", "unfused RoPE (fused is the default with CUDA + TE)",
+        action="store_false"))
+    gradient_accumulation_fusion: bool | None = option(None, Flag(
+        "--no-gradient-accumulation-fusion", "unfused weight-gradient accumulation (fused is "
+        "the default with CUDA where the kernel exists)", action="store_false"))
+
+    def implementation(self, te_available: bool) -> str:
+        """`transformer_impl`, with None (the CLI's auto) resolved: TE when importable."""
+        if self.transformer_impl is not None:
+            return self.transformer_impl
+        return "transformer_engine" if te_available else "local"
 
     def validate(self, te_available: bool) -> None:
-        """Check choices; `te_available` is whether transformer_engine imports."""
+        """Check choices; `te_available` is whether transformer_engine imports (it also
+        resolves an auto `transformer_impl`)."""
         if self.params_dtype not in PARAMS_DTYPES:
             raise ValueError(f"params dtype must be one of {PARAMS_DTYPES} (--bf16/--fp16), "
                              f"got {self.params_dtype!r}")
-        if self.transformer_impl not in TRANSFORMER_IMPLS:
+        impl = self.implementation(te_available)
+        if impl not in TRANSFORMER_IMPLS:
             raise ValueError(f"--transformer-impl must be one of {TRANSFORMER_IMPLS}, got "
-                             f"{self.transformer_impl!r}")
+                             f"{impl!r}")
         if self.fp8 is not None:
             if self.fp8 not in FP8_FORMATS:
                 raise ValueError(f"--fp8-format must be one of {FP8_FORMATS}, got {self.fp8!r}")
-            if self.transformer_impl != "transformer_engine" or not te_available:
+            if impl != "transformer_engine" or not te_available:
                 raise ValueError(
                     f"--fp8-format {self.fp8} needs --transformer-impl transformer_engine with "
                     "Transformer Engine installed; the local implementation has no FP8 kernels"
@@ -293,7 +365,7 @@ class PrecisionConfig:
                                  f"got {self.fp8_amax_compute_algo!r}")
         elif self.fp8_dot_product_attention:
             raise ValueError("--fp8-dot-product-attention needs --fp8-format")
-        if self.transformer_impl == "transformer_engine" and not te_available:
+        if impl == "transformer_engine" and not te_available:
             raise ValueError(
                 "--transformer-impl transformer_engine needs Transformer Engine installed "
                 "(use --transformer-impl local on machines without it)"
@@ -348,7 +420,7 @@ def validate_all(
             f"virtual stages ({parallel.virtual_pipeline_model_parallel_size or 1})"
         )
     cp = parallel.context_parallel_size
-    if precision is not None and precision.transformer_impl == "transformer_engine":
+    if precision is not None and precision.implementation(te_available) == "transformer_engine":
         if cp > 1 and parallel.cp_comm_type == "all_gather" and \
                 precision.fp8_dot_product_attention:
             # TE 2.7 runs the all-gather CP attention in BF16 whatever the FP8 request.

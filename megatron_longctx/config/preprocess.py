@@ -1,51 +1,87 @@
-"""Configuration of stage 1 (jsonl -> per-domain Megatron indexed datasets)."""
+"""Configuration of stage 1 (jsonl -> per-domain Megatron indexed datasets).
+
+Every field's flag, default and help are declared here once (config/flags.py);
+`config/cli.py` builds `tools/preprocess_data.py`'s parser from them.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from megatron_longctx.data.tokenizers import TokenizerSpec
+from megatron_longctx.config.flags import Flag, option
+from megatron_longctx.config.tokenizer import TokenizerSpec
 
 ON_ERROR_CHOICES = ("skip", "fail")
+
+
+def slurm_array_defaults(env: dict[str, str] | None = None) -> tuple[int, int]:
+    """(shard_index, num_shards) from a SLURM array task's environment, else (0, 1).
+
+    Array ids may start anywhere (`--array=1-16`), so the index is relative to the minimum.
+    """
+    env = os.environ if env is None else env
+    if "SLURM_ARRAY_TASK_ID" not in env or "SLURM_ARRAY_TASK_COUNT" not in env:
+        return 0, 1
+    task = int(env["SLURM_ARRAY_TASK_ID"])
+    first = int(env.get("SLURM_ARRAY_TASK_MIN", "0"))
+    return task - first, int(env["SLURM_ARRAY_TASK_COUNT"])
+
+
+def _cpu_count() -> int:
+    return os.cpu_count() or 1
 
 
 @dataclass
 class PreprocessConfig:
     """Everything `tools/preprocess_data.py` needs; validated before any work starts."""
 
-    #: Files, globs or directories of .jsonl / .jsonl.gz / .jsonl.zst (`--input`).
-    inputs: list[str]
-    #: Output path prefix (`--output-prefix`); outputs are `{prefix}[_{domain}]_{key}_{level}`.
-    output_prefix: str
-    tokenizer: TokenizerSpec
-    #: JSON keys to tokenize, one dataset each (`--json-keys`).
-    json_keys: list[str] = field(default_factory=lambda: ["text"])
-    #: Dotted path of the domain field, e.g. `meta.redpajama_set_name` (`--domain-key`).
-    domain_key: str | None = None
-    #: Append the tokenizer's EOD id once per document (`--append-eod`).
-    append_eod: bool = False
-    #: Split documents into sentences with nltk Punkt, one sequence each (`--split-sentences`).
-    split_sentences: bool = False
-    #: Keep newlines after sentence ends when splitting (`--keep-newlines`).
-    keep_newlines: bool = False
-    #: Punkt language for installed data (`--lang`).
-    lang: str = "english"
-    #: Text bytes used to train Punkt when no punkt data is installed (`--punkt-sample-bytes`).
-    punkt_sample_bytes: int = 1 << 20
-    #: Tokenizer worker processes; 1 tokenizes in the main process (`--workers`).
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    #: Documents between progress lines (`--log-interval`).
-    log_interval: int = 1000
-    #: This task's shard of the sorted input file list (`--shard-index`, `--num-shards`).
-    shard_index: int = 0
-    num_shards: int = 1
-    #: `skip` counts bad records and goes on; `fail` stops at the first (`--on-error`).
-    on_error: str = "skip"
-    #: Text bytes per tokenizer task (`--batch-bytes`). 1 MiB amortises IPC to <1% of the work.
-    batch_bytes: int = 1 << 20
-    #: Bad-record examples (file:line) kept per reason in the stats (`--max-error-samples`).
-    max_error_samples: int = 20
+    inputs: list[str] = option(flag=Flag(
+        "--input", "files, globs or directories (.jsonl, .jsonl.gz, .jsonl.zst)",
+        required=True, group="input"))
+    output_prefix: str = option(flag=Flag(
+        "--output-prefix", "output path prefix; outputs are {prefix}[_{domain}]_{key}_{level}",
+        required=True, group="output"))
+    tokenizer: TokenizerSpec  # flags from TokenizerSpec's fields (--tokenizer-*)
+    json_keys: list[str] = option(default_factory=lambda: ["text"], flag=Flag(
+        "--json-keys", "JSON keys to tokenize, one dataset each", group="input"))
+    domain_key: str | None = option(None, Flag(
+        "--domain-key", "dotted path of the domain, e.g. meta.redpajama_set_name (one dataset "
+        "per domain)", group="input"))
+    append_eod: bool = option(False, Flag(
+        "--append-eod", "append the tokenizer's EOD id once per document", group="tokenization"))
+    split_sentences: bool = option(False, Flag(
+        "--split-sentences", "split documents into sentences with nltk Punkt, one sequence each",
+        group="input"))
+    keep_newlines: bool = option(False, Flag(
+        "--keep-newlines", "keep newlines after sentence ends (with --split-sentences)",
+        group="input"))
+    lang: str = option("english", Flag(
+        "--lang", "Punkt language for installed punkt data", group="input"))
+    punkt_sample_bytes: int = option(1 << 20, Flag(
+        "--punkt-sample-bytes", "text used to train Punkt when no punkt data is installed",
+        group="input"))
+    workers: int = option(default_factory=_cpu_count, flag=Flag(
+        "--workers", "tokenizer worker processes; 1 tokenizes in the main process",
+        group="runtime"))
+    log_interval: int = option(1000, Flag(
+        "--log-interval", "documents between progress lines", group="runtime"))
+    shard_index: int = option(0, Flag(
+        "--shard-index", "this task's contiguous slice of the sorted input file list "
+        "(CLI default: SLURM_ARRAY_TASK_ID - SLURM_ARRAY_TASK_MIN)", group="runtime",
+        cli_default=lambda: slurm_array_defaults()[0]))
+    num_shards: int = option(1, Flag(
+        "--num-shards", "number of slices (CLI default: SLURM_ARRAY_TASK_COUNT)",
+        group="runtime", cli_default=lambda: slurm_array_defaults()[1]))
+    on_error: str = option("skip", Flag(
+        "--on-error", "skip counts bad records and goes on; fail stops at the first",
+        choices=ON_ERROR_CHOICES, group="runtime"))
+    batch_bytes: int = option(1 << 20, Flag(
+        "--batch-bytes", "text bytes per tokenizer task; 1 MiB amortises IPC to <1%% of the "
+        "work", group="runtime"))
+    max_error_samples: int = option(20, Flag(
+        "--max-error-samples", "bad-record examples (file:line) kept per reason in the stats",
+        group="runtime"))
 
     def validate(self) -> None:
         """Raise ValueError naming the offending flag."""
@@ -61,12 +97,10 @@ class PreprocessConfig:
             not self.domain_key or any(not p for p in self.domain_key.split("."))
         ):
             raise ValueError(f"--domain-key {self.domain_key!r} is not a dotted path like a.b")
-        if self.workers < 1:
-            raise ValueError(f"--workers must be >= 1, got {self.workers}")
-        if self.log_interval < 1:
-            raise ValueError(f"--log-interval must be >= 1, got {self.log_interval}")
-        if self.num_shards < 1:
-            raise ValueError(f"--num-shards must be >= 1, got {self.num_shards}")
+        for flag, value in (("--workers", self.workers), ("--log-interval", self.log_interval),
+                            ("--num-shards", self.num_shards)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
         if not 0 <= self.shard_index < self.num_shards:
             raise ValueError(
                 f"--shard-index must be in [0, --num-shards={self.num_shards}), "
@@ -74,10 +108,10 @@ class PreprocessConfig:
             )
         if self.on_error not in ON_ERROR_CHOICES:
             raise ValueError(f"--on-error must be one of {ON_ERROR_CHOICES}, got {self.on_error}")
-        if self.batch_bytes < 1:
-            raise ValueError(f"--batch-bytes must be >= 1, got {self.batch_bytes}")
-        if self.punkt_sample_bytes < 1:
-            raise ValueError(f"--punkt-sample-bytes must be >= 1, got {self.punkt_sample_bytes}")
+        for flag, value in (("--batch-bytes", self.batch_bytes),
+                            ("--punkt-sample-bytes", self.punkt_sample_bytes)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
         if self.keep_newlines and not self.split_sentences:
             raise ValueError("--keep-newlines only applies with --split-sentences")
         self.tokenizer.validate()

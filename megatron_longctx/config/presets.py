@@ -57,6 +57,9 @@ PRESETS: dict[str, ModelConfig] = {
     ),
 }
 
+#: Preset names, for --model-preset's help.
+PRESET_NAMES: tuple[str, ...] = tuple(PRESETS)
+
 
 def get_preset(name: str) -> ModelConfig:
     """A fresh copy of a named preset (callers may mutate it)."""

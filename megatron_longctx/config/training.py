@@ -1,9 +1,17 @@
 """The pretrain entrypoint's configuration: Megatron-LM flags -> typed, validated dataclasses.
 
-`parse_pretrain_args(argv)` is the only place that knows the command line. It reads Megatron-LM's
-flag names (so an existing launch script's flags carry over), fills architecture defaults from a
-named preset (`--model-preset`), and returns a `PretrainConfig` whose `validate()` checks every
-constraint before any process group or tensor exists; each message names the flag to change.
+`parse_pretrain_args(argv)` is the only place that knows the command line. Each flag is declared
+once, on the field it sets (`option(default, Flag(...))`, config/flags.py), with Megatron-LM's
+names (so an existing launch script's flags carry over); the parser and the namespace -> config
+translation are generated from the fields. Architecture defaults come from a named preset
+(`--model-preset`); the Megatron-LM switches that are not fields are declared in
+`MEGATRON_COMPAT_FLAGS`. The returned `PretrainConfig`'s `validate()` checks every constraint
+before any process group or tensor exists; each message names the flag to change.
+
+Two settings are left to the run and resolved into a *new* config by `resolve_runtime` (the
+entrypoint does it before validating; nothing mutates a validated config): the transformer
+implementation (None = TE when importable) and the model's vocabulary (the tokenizer's, padded
+to --make-vocab-size-divisible-by x TP, or --padded-vocab-size).
 
 Flags accepted for compatibility whose value is fixed in this fork (LLaMA only) are checked, not
 ignored: `--normalization` must be RMSNorm, `--position-embedding-type` rope; `--swiglu` and
@@ -31,11 +39,19 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_longctx.config.flags import (
+    Flag,
+    add_config_flags,
+    config_from_namespace,
+    given,
+    option,
+)
 from megatron_longctx.config.model import ModelConfig, ParallelConfig, PrecisionConfig, validate_all
+from megatron_longctx.config.presets import PRESET_NAMES
+from megatron_longctx.config.tokenizer import NULL_TOKENIZER, TOKENIZER_TYPES
 
 LR_DECAY_STYLES = ("constant", "cosine", "linear")
 NAN_POLICIES = ("stop", "skip")
-TOKENIZER_TYPES = ("HuggingFaceTokenizer", "NullTokenizer")
 
 #: Exit code after a save on SIGTERM/SIGUSR1 or --exit-duration-in-mins: "requeue me".
 #: 75 is EX_TEMPFAIL (sysexits.h): the job is not done and a rerun will continue it.
@@ -64,18 +80,29 @@ class DataConfig:
         data_cache_path: where megatron caches sample indices (`--data-cache-path`).
     """
 
-    mixture_plan: str | None = None
-    data_path: list[str] | None = None
-    data_args_path: str | None = None
-    per_split_data_args_path: str | None = None
-    mock_data: bool = False
-    split: str = "969,30,1"
-    tokenizer_type: str = "HuggingFaceTokenizer"
-    tokenizer_model: str | None = None
-    vocab_size: int | None = None
-    reset_attention_mask: bool = False
-    eod_mask_loss: bool = False
-    data_cache_path: str | None = None
+    mixture_plan: str | None = option(None, Flag(
+        "--mixture-plan", "mixture_plan.json from blend_mixture.py"))
+    data_path: list[str] | None = option(None, Flag(
+        "--data-path", "Megatron blend: w1 p1 w2 p2 ... or one prefix"))
+    data_args_path: str | None = option(None, Flag(
+        "--data-args-path", "file holding the --data-path list"))
+    per_split_data_args_path: str | None = option(None, Flag(
+        "--per-split-data-args-path", "JSON with train/valid/test blends"))
+    mock_data: bool = option(False, Flag("--mock-data", "random tokens (smoke runs)"))
+    split: str = option("969,30,1", Flag(
+        "--split", "train/valid/test proportions for --data-path blends"))
+    tokenizer_type: str = option("HuggingFaceTokenizer", Flag(
+        "--tokenizer-type", f"{' | '.join(TOKENIZER_TYPES)}"))
+    tokenizer_model: str | None = option(None, Flag(
+        "--tokenizer-model", "tokenizer directory / file (optional with --mixture-plan, which "
+        "records it)"))
+    vocab_size: int | None = option(None, Flag(
+        "--vocab-size", "NullTokenizer's vocabulary (eod = vocab - 1)"))
+    reset_attention_mask: bool = option(False, Flag(
+        "--reset-attention-mask", "intra-document attention in packed samples"))
+    eod_mask_loss: bool = option(False, Flag("--eod-mask-loss", "no loss on EOD tokens"))
+    data_cache_path: str | None = option(None, Flag(
+        "--data-cache-path", "where sample indices are cached"))
 
     def sources(self) -> list[str]:
         """Flags naming a data source that are set."""
@@ -105,11 +132,11 @@ class DataConfig:
         if self.tokenizer_type not in TOKENIZER_TYPES:
             raise ValueError(f"--tokenizer-type must be one of {TOKENIZER_TYPES}, got "
                              f"{self.tokenizer_type!r}")
-        if self.tokenizer_type == "NullTokenizer":
+        if self.tokenizer_type == NULL_TOKENIZER:
             if not self.vocab_size or self.vocab_size < 2:
-                raise ValueError("--tokenizer-type NullTokenizer needs --vocab-size >= 2")
+                raise ValueError(f"--tokenizer-type {NULL_TOKENIZER} needs --vocab-size >= 2")
         elif not self.tokenizer_model and not self.mixture_plan:
-            raise ValueError("--tokenizer-type HuggingFaceTokenizer needs --tokenizer-model DIR "
+            raise ValueError(f"--tokenizer-type {self.tokenizer_type} needs --tokenizer-model "
                              "(optional with --mixture-plan, which records the tokenizer)")
         if not self.mock_data and not self.mixture_plan:
             parts = self.split.replace("/", ",").split(",")
@@ -140,17 +167,21 @@ class OptimConfig:
             (12 bytes/param), 10 GB per rank at DP 8.
     """
 
-    lr: float = 2e-5
-    min_lr: float = 0.0
-    lr_warmup_iters: int = 0
-    lr_decay_style: str = "constant"
-    lr_decay_iters: int | None = None
-    weight_decay: float = 0.0
-    clip_grad: float = 1.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    adam_eps: float = 1e-8
-    use_distributed_optimizer: bool = False
+    lr: float = option(2e-5, Flag("--lr", "peak learning rate (paper: 2e-5)"))
+    min_lr: float = option(0.0, Flag("--min-lr", "LR floor of the decay"))
+    lr_warmup_iters: int = option(0, Flag("--lr-warmup-iters", "linear warmup from 0"))
+    lr_decay_style: str = option("constant", Flag(
+        "--lr-decay-style", "constant | cosine | linear"))
+    lr_decay_iters: int | None = option(None, Flag(
+        "--lr-decay-iters", "decay length (default: --train-iters)"))
+    weight_decay: float = option(0.0, Flag("--weight-decay", "decoupled (AdamW) weight decay"))
+    clip_grad: float = option(1.0, Flag("--clip-grad", "global gradient-norm clip; 0 disables"))
+    adam_beta1: float = option(0.9, Flag("--adam-beta1", "Adam beta1"))
+    adam_beta2: float = option(0.95, Flag("--adam-beta2", "Adam beta2"))
+    adam_eps: float = option(1e-8, Flag("--adam-eps", "Adam epsilon"))
+    use_distributed_optimizer: bool = option(False, Flag(
+        "--use-distributed-optimizer", "shard optimizer state over data-parallel ranks",
+        group="parallel"))
 
     def validate(self) -> None:
         if self.lr <= 0:
@@ -195,19 +226,27 @@ class TrainingConfig:
         exit_interval: stop after the iteration divisible by this (`--exit-interval`).
     """
 
-    micro_batch_size: int = 1
-    global_batch_size: int | None = None
-    train_iters: int = 1
-    seed: int = 1234
-    eval_interval: int = 0
-    eval_iters: int = 0
-    recompute_granularity: str | None = None
-    recompute_method: str | None = None
-    recompute_num_layers: int | None = None
-    on_nan_loss: str = "stop"
-    exit_duration_in_mins: float | None = None
-    exit_signal_handler: bool = False
-    exit_interval: int | None = None
+    micro_batch_size: int = option(1, Flag(
+        "--micro-batch-size", "sequences per micro-batch per data-parallel rank"))
+    global_batch_size: int | None = option(None, Flag(
+        "--global-batch-size", "sequences per optimizer step (default: micro-batch x DP)"))
+    train_iters: int = option(1, Flag("--train-iters", "optimizer steps", required=True))
+    seed: int = option(1234, Flag("--seed", "random seed"))
+    eval_interval: int = option(0, Flag("--eval-interval", "validate every N steps (0: never)"))
+    eval_iters: int = option(0, Flag("--eval-iters", "batches per validation"))
+    recompute_granularity: str | None = option(None, Flag(
+        "--recompute-granularity", "activation recompute: full | selective"))
+    recompute_method: str | None = option(None, Flag(
+        "--recompute-method", "with full: uniform | block"))
+    recompute_num_layers: int | None = option(None, Flag(
+        "--recompute-num-layers", "layers per recompute unit (uniform) or recomputed (block)"))
+    on_nan_loss: str = option("stop", Flag("--on-nan-loss", "stop | skip"))
+    exit_duration_in_mins: float | None = option(None, Flag(
+        "--exit-duration-in-mins", f"save and exit {EXIT_REQUEUE} after this wall time"))
+    exit_signal_handler: bool = option(False, Flag(
+        "--exit-signal-handler", f"save and exit {EXIT_REQUEUE} on SIGTERM/SIGUSR1"))
+    exit_interval: int | None = option(None, Flag(
+        "--exit-interval", "stop after the iteration divisible by this"))
 
     def validate(self) -> None:
         if self.micro_batch_size < 1:
@@ -254,12 +293,15 @@ class CheckpointConfig:
             for model-only checkpoints (converted from HF).
     """
 
-    save: str | None = None
-    load: str | None = None
-    save_interval: int | None = None
-    no_load_optim: bool = False
-    no_load_rng: bool = False
-    finetune: bool = False
+    save: str | None = option(None, Flag("--save", "checkpoint root to save to"))
+    load: str | None = option(None, Flag("--load", "checkpoint root (or iter_ dir) to load"))
+    save_interval: int | None = option(None, Flag(
+        "--save-interval", "save every N iterations (and always at the end with --save)"))
+    no_load_optim: bool = option(False, Flag(
+        "--no-load-optim", "load weights and schedule, not the optimizer state"))
+    no_load_rng: bool = option(False, Flag("--no-load-rng", "do not restore RNG states"))
+    finetune: bool = option(False, Flag(
+        "--finetune", "load model weights only and start at iteration 0"))
 
     def validate(self) -> None:
         if self.save_interval is not None:
@@ -273,9 +315,11 @@ class CheckpointConfig:
 class LoggingConfig:
     """Console and TensorBoard (`--log-interval`, `--tensorboard-dir`, `--peak-tflops`)."""
 
-    log_interval: int = 1
-    tensorboard_dir: str | None = None
-    peak_tflops: float | None = None
+    log_interval: int = option(1, Flag("--log-interval", "iterations between log lines"))
+    tensorboard_dir: str | None = option(None, Flag(
+        "--tensorboard-dir", "TensorBoard event directory"))
+    peak_tflops: float | None = option(None, Flag(
+        "--peak-tflops", "per-device peak for MFU (default: from the GPU name)"))
 
     def validate(self) -> None:
         if self.log_interval < 1:
@@ -296,8 +340,14 @@ class PretrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    attention_backend: str | None = None
-    model_preset: str | None = None
+    attention_backend: str | None = option(None, Flag(
+        "--attention-backend", "TE attention backend: auto | fused | flash | unfused | local",
+        group="precision"))
+    model_preset: str | None = option(None, Flag(
+        "--model-preset", f"{' | '.join(PRESET_NAMES)}", group="model"))
+    padded_vocab_size: int | None = option(None, Flag(
+        "--padded-vocab-size", "embedding rows instead of the padded tokenizer vocabulary "
+        "(>= the tokenizer's, divisible by TP)", group="model"))
 
     def data_parallel_size(self, world_size: int) -> int:
         return world_size // self.parallel.model_parallel_size
@@ -339,15 +389,15 @@ class PretrainConfig:
             if self.training.recompute_num_layers > per_stage:
                 raise ValueError(f"--recompute-num-layers ({self.training.recompute_num_layers})"
                                  f" exceeds the layers per pipeline stage ({per_stage})")
-        if self.data.reset_attention_mask and \
-                self.precision.transformer_impl == "transformer_engine":
+        impl = self.precision.implementation(te_available)
+        if self.data.reset_attention_mask and impl == "transformer_engine":
             # TE's attention forwards only the base PackedSeqParams fields (our document
             # starts would be dropped: plain causal attention), and at CP > 1 it multiplies
             # max_seqlen by the CP size again. THD packing for TE is not built yet.
             raise ValueError("--reset-attention-mask needs --transformer-impl local (document "
                              "masking is not wired into Transformer Engine's attention yet)")
         if (self.attention_backend not in (None, "auto", "local")
-                and self.precision.transformer_impl != "transformer_engine"):
+                and impl != "transformer_engine"):
             raise ValueError(f"--attention-backend {self.attention_backend} needs "
                                  "--transformer-impl transformer_engine")
 
@@ -358,260 +408,134 @@ class PretrainConfig:
 # --------------------------------------------------------------------------------------------
 # command line
 # --------------------------------------------------------------------------------------------
+#: argument groups of `--help`, in order; each config section / Flag.group key has one.
+PRETRAIN_GROUPS = {
+    "model": "model (defaults from --model-preset)", "data": "data",
+    "training": "training", "optim": "training", "parallel": "parallelism",
+    "precision": "precision and kernels", "checkpoint": "checkpoints", "logging": "logging",
+}
+#: Megatron-LM switches that are not config fields: (flag, argparse kwargs). Translated by
+#: `_compat_settings` (--bf16/--fp16, --num-layers-per-virtual-pipeline-stage) and
+#: `_check_fixed_architecture` (the LLaMA-only ones, checked rather than ignored).
+MEGATRON_COMPAT_FLAGS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("model", "--group-query-attention",
+     {"action": "store_true", "help": "GQA (with --num-query-groups)"}),
+    ("model", "--normalization",
+     {"default": "RMSNorm", "metavar": "NORM", "help": "only RMSNorm (LLaMA)"}),
+    ("model", "--swiglu", {"action": "store_true", "help": "always on (LLaMA MLP); accepted"}),
+    ("model", "--disable-bias-linear",
+     {"action": "store_true", "help": "always on (LLaMA has no biases); accepted"}),
+    ("model", "--position-embedding-type",
+     {"default": "rope", "metavar": "TYPE", "help": "only rope (LLaMA)"}),
+    ("parallel", "--num-layers-per-virtual-pipeline-stage",
+     {"type": int, "default": None, "metavar": "N",
+      "help": "interleaved 1F1B: layers per virtual stage"}),
+    ("precision", "--bf16", {"action": "store_true", "help": "bf16 parameters"}),
+    ("precision", "--fp16", {"action": "store_true", "help": "fp16 parameters"}),
+)
+
+
 def build_pretrain_parser() -> argparse.ArgumentParser:
-    """Megatron-LM's pretrain_gpt flag names (the subset this fork implements) plus ours."""
-    p = argparse.ArgumentParser(
+    """Megatron-LM's pretrain_gpt flag names (the subset this fork implements) plus ours.
+
+    Every flag but the Megatron-LM switches in MEGATRON_COMPAT_FLAGS comes from a config field
+    (config/flags.py); the dests are the fields' dotted paths (`parallel.context_parallel_size`).
+    """
+    parser = argparse.ArgumentParser(
         prog="pretrain_longctx.py",
         description="Long-context continual pretraining of LLaMA models on megatron-core",
         allow_abbrev=False,
     )
-    g = p.add_argument_group("model (defaults from --model-preset)")
-    g.add_argument("--model-preset", default=None,
-                   help="llama2-7b | llama2-13b | llama3-8b | tiny | tiny-demo | demo")
-    for flag in ("--num-layers", "--hidden-size", "--ffn-hidden-size", "--num-attention-heads",
-                 "--num-query-groups", "--max-position-embeddings", "--seq-length",
-                 "--rotary-base", "--padded-vocab-size"):
-        g.add_argument(flag, type=int, default=None)
-    g.add_argument("--group-query-attention", action="store_true")
-    g.add_argument("--normalization", default="RMSNorm")
-    g.add_argument("--norm-epsilon", type=float, default=None)
-    g.add_argument("--swiglu", action="store_true", help="always on (LLaMA MLP); accepted")
-    g.add_argument("--disable-bias-linear", action="store_true",
-                   help="always on (LLaMA has no biases); accepted")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", default=None)
-    g.add_argument("--position-embedding-type", default="rope")
-    g.add_argument("--rotary-percent", type=float, default=None)
-    g.add_argument("--use-rope-scaling", action="store_true", default=None)
-    g.add_argument("--rope-scaling-factor", type=float, default=None)
-    g.add_argument("--rotary-seq-len-interpolation-factor", type=float, default=None)
-    g.add_argument("--init-method-std", type=float, default=None)
-    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    add_config_flags(parser, PretrainConfig, titles=PRETRAIN_GROUPS,
+                     default_notes={"model": "the --model-preset's"})
+    groups = parser._config_groups  # type: ignore[attr-defined]
+    for group, flag, kwargs in MEGATRON_COMPAT_FLAGS:
+        dest = "compat." + flag.lstrip("-").replace("-", "_")
+        groups[group].add_argument(flag, dest=dest, **kwargs)
+    return parser
 
-    g = p.add_argument_group("data")
-    g.add_argument("--mixture-plan", default=None, help="mixture_plan.json from blend_mixture.py")
-    g.add_argument("--data-path", nargs="+", default=None)
-    g.add_argument("--data-args-path", default=None)
-    g.add_argument("--per-split-data-args-path", default=None)
-    g.add_argument("--mock-data", action="store_true")
-    g.add_argument("--split", default="969,30,1")
-    g.add_argument("--tokenizer-type", default="HuggingFaceTokenizer")
-    g.add_argument("--tokenizer-model", default=None)
-    g.add_argument("--vocab-size", type=int, default=None)
-    g.add_argument("--reset-attention-mask", action="store_true")
-    g.add_argument("--eod-mask-loss", action="store_true")
-    g.add_argument("--data-cache-path", default=None)
 
-    g = p.add_argument_group("training")
-    g.add_argument("--micro-batch-size", type=int, default=1)
-    g.add_argument("--global-batch-size", type=int, default=None)
-    g.add_argument("--train-iters", type=int, required=True)
-    g.add_argument("--lr", type=float, default=2e-5)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
-    g.add_argument("--lr-decay-style", default="constant")
-    g.add_argument("--lr-decay-iters", type=int, default=None)
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--clip-grad", type=float, default=1.0)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--eval-interval", type=int, default=0)
-    g.add_argument("--eval-iters", type=int, default=0)
-    g.add_argument("--recompute-granularity", default=None)
-    g.add_argument("--recompute-method", default=None)
-    g.add_argument("--recompute-num-layers", type=int, default=None)
-    g.add_argument("--on-nan-loss", default="stop", help="stop | skip")
-    g.add_argument("--exit-duration-in-mins", type=float, default=None)
-    g.add_argument("--exit-signal-handler", action="store_true",
-                   help=f"save and exit {EXIT_REQUEUE} on SIGTERM/SIGUSR1")
-    g.add_argument("--exit-interval", type=int, default=None)
+def _compat(a: argparse.Namespace, flag: str) -> Any:
+    return getattr(a, "compat." + flag.lstrip("-").replace("-", "_"))
 
-    g = p.add_argument_group("parallelism")
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--sequence-parallel", action="store_true")
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
-    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
-    g.add_argument("--context-parallel-size", type=int, default=1)
-    g.add_argument("--cp-comm-type", default="p2p")
-    g.add_argument("--hierarchical-context-parallel-sizes", type=int, nargs="+", default=None,
-                   help="with --cp-comm-type a2a+p2p: a2a and p2p group sizes (product = CP)")
-    g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--overlap-grad-reduce", dest="overlap_grad_reduce", action="store_true",
-                   default=None, help="overlap the DP gradient reduction with the backward "
-                   "pass (default: on with CUDA, off on CPU)")
-    g.add_argument("--no-overlap-grad-reduce", dest="overlap_grad_reduce",
-                   action="store_false")
 
-    g = p.add_argument_group("precision and kernels")
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true")
-    g.add_argument("--transformer-impl", default=None,
-                   help="transformer_engine | local (default: TE when importable)")
-    g.add_argument("--fp8-format", default=None)
-    g.add_argument("--fp8-recipe", default="delayed")
-    g.add_argument("--fp8-amax-history-len", type=int, default=1)
-    g.add_argument("--fp8-amax-compute-algo", default="most_recent")
-    g.add_argument("--fp8-dot-product-attention", action="store_true")
-    g.add_argument("--attention-backend", default=None)
-    g.add_argument("--no-rope-fusion", dest="apply_rope_fusion", action="store_false",
-                   default=None, help="unfused RoPE (fused is the default with CUDA + TE)")
-    g.add_argument("--no-gradient-accumulation-fusion", dest="gradient_accumulation_fusion",
-                   action="store_false", default=None,
-                   help="unfused weight-gradient accumulation (fused is the default with CUDA "
-                   "where the kernel exists)")
-
-    g = p.add_argument_group("checkpoints")
-    g.add_argument("--save", default=None)
-    g.add_argument("--load", default=None)
-    g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--no-load-optim", action="store_true")
-    g.add_argument("--no-load-rng", action="store_true")
-    g.add_argument("--finetune", action="store_true")
-
-    g = p.add_argument_group("logging")
-    g.add_argument("--log-interval", type=int, default=1)
-    g.add_argument("--tensorboard-dir", default=None)
-    g.add_argument("--peak-tflops", type=float, default=None,
-                   help="per-device peak for MFU (default: from the GPU name)")
-    return p
+def _check_fixed_architecture(a: argparse.Namespace, model: dict[str, Any],
+                              preset: str | None) -> None:
+    """The LLaMA-only Megatron flags: checked, not ignored."""
+    if _compat(a, "--normalization") != "RMSNorm":
+        raise ValueError(f"--normalization {_compat(a, '--normalization')}: only RMSNorm "
+                         "(LLaMA) is supported")
+    if _compat(a, "--position-embedding-type") != "rope":
+        raise ValueError(f"--position-embedding-type {_compat(a, '--position-embedding-type')}: "
+                         "only rope (LLaMA) is supported")
+    gqa = _compat(a, "--group-query-attention")
+    if "num_query_groups" in model and not gqa:
+        raise ValueError("--num-query-groups needs --group-query-attention")
+    if gqa and "num_query_groups" not in model and not preset:
+        raise ValueError("--group-query-attention needs --num-query-groups")
 
 
 def _model_from_args(a: argparse.Namespace) -> ModelConfig:
+    """The preset (or the architecture flags) with the given model flags on top."""
     from megatron_longctx.config.presets import get_preset
 
-    if a.normalization != "RMSNorm":
-        raise ValueError(f"--normalization {a.normalization}: only RMSNorm (LLaMA) is supported")
-    if a.position_embedding_type != "rope":
-        raise ValueError(f"--position-embedding-type {a.position_embedding_type}: only rope "
-                         "(LLaMA) is supported")
-    if a.model_preset:
-        base = get_preset(a.model_preset)
+    preset = getattr(a, "model_preset", None)
+    updates = given(a, "model")
+    _check_fixed_architecture(a, updates, preset)
+    if preset:
+        base = get_preset(preset)
     else:
-        missing = [f for f, v in (("--num-layers", a.num_layers), ("--hidden-size", a.hidden_size),
-                                  ("--num-attention-heads", a.num_attention_heads)) if v is None]
+        missing = [flag for flag, name in (("--num-layers", "num_layers"),
+                                           ("--hidden-size", "hidden_size"),
+                                           ("--num-attention-heads", "num_attention_heads"))
+                   if name not in updates]
         if missing:
             raise ValueError(f"give --model-preset or the architecture ({', '.join(missing)} "
                              "missing)")
-        hidden = a.hidden_size
+        hidden = updates["hidden_size"]
         base = ModelConfig(
-            num_layers=a.num_layers, hidden_size=hidden,
-            ffn_hidden_size=a.ffn_hidden_size or 4 * hidden,
-            num_attention_heads=a.num_attention_heads,
+            num_layers=updates["num_layers"], hidden_size=hidden,
+            ffn_hidden_size=updates.get("ffn_hidden_size", 4 * hidden),
+            num_attention_heads=updates["num_attention_heads"],
             untie_embeddings_and_output_weights=False,  # Megatron's default: tied
         )
-    updates: dict[str, Any] = {}
-    for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                 "rotary_base", "norm_epsilon", "rotary_percent", "rope_scaling_factor",
-                 "init_method_std"):
-        value = getattr(a, name)
-        if value is not None:
-            updates[name] = value
-    if a.num_query_groups is not None:
-        if not a.group_query_attention:
-            raise ValueError("--num-query-groups needs --group-query-attention")
-        updates["num_query_groups"] = a.num_query_groups
-    elif a.group_query_attention and not a.model_preset:
-        raise ValueError("--group-query-attention needs --num-query-groups")
-    if a.untie_embeddings_and_output_weights:
-        updates["untie_embeddings_and_output_weights"] = True
-    if a.use_rope_scaling:
-        updates["rope_scaling"] = True
-    if a.rotary_seq_len_interpolation_factor is not None:
-        updates["seq_len_interpolation_factor"] = a.rotary_seq_len_interpolation_factor
-    if a.seq_length is not None:
-        updates["seq_length"] = a.seq_length
     seq = updates.get("seq_length", base.seq_length)
-    if a.max_position_embeddings is not None:
-        updates["max_position_embeddings"] = a.max_position_embeddings
-    else:
-        updates["max_position_embeddings"] = max(seq, base.max_position_embeddings)
-    if a.padded_vocab_size is not None:
-        updates["vocab_size"] = a.padded_vocab_size
-    elif a.vocab_size is not None and a.tokenizer_type == "NullTokenizer":
-        updates["vocab_size"] = a.vocab_size
+    updates.setdefault("max_position_embeddings", max(seq, base.max_position_embeddings))
     return dataclasses.replace(base, **updates)
 
 
-def config_from_args(a: argparse.Namespace) -> PretrainConfig:
-    """Namespace -> PretrainConfig (no validation beyond what translation needs)."""
-    model = _model_from_args(a)
-    if a.bf16 and a.fp16:
-        raise ValueError("--bf16 and --fp16 are exclusive")
-    vpp = None
-    if a.num_layers_per_virtual_pipeline_stage is not None:
-        per_stage = a.num_layers_per_virtual_pipeline_stage
-        if per_stage < 1:
-            raise ValueError("--num-layers-per-virtual-pipeline-stage must be >= 1")
-        pp = a.pipeline_model_parallel_size
-        if model.num_layers % (pp * per_stage):
-            raise ValueError(
-                f"--num-layers ({model.num_layers}) must be divisible by "
-                f"--pipeline-model-parallel-size ({pp}) x "
-                f"--num-layers-per-virtual-pipeline-stage ({per_stage})")
-        vpp = model.num_layers // (pp * per_stage)
-        vpp = vpp if vpp > 1 else None
-    impl = a.transformer_impl
-    if impl is None:
-        from megatron_longctx.model.build import te_available
+def _virtual_stages(a: argparse.Namespace, model: ModelConfig) -> int | None:
+    """--num-layers-per-virtual-pipeline-stage -> model chunks per PP rank (None for 1)."""
+    per_stage = _compat(a, "--num-layers-per-virtual-pipeline-stage")
+    if per_stage is None:
+        return None
+    if per_stage < 1:
+        raise ValueError("--num-layers-per-virtual-pipeline-stage must be >= 1")
+    pp = getattr(a, "parallel.pipeline_model_parallel_size", 1)
+    if model.num_layers % (pp * per_stage):
+        raise ValueError(
+            f"--num-layers ({model.num_layers}) must be divisible by "
+            f"--pipeline-model-parallel-size ({pp}) x "
+            f"--num-layers-per-virtual-pipeline-stage ({per_stage})")
+    vpp = model.num_layers // (pp * per_stage)
+    return vpp if vpp > 1 else None
 
-        impl = "transformer_engine" if te_available() else "local"
-    return PretrainConfig(
-        model=model,
-        model_preset=a.model_preset,
-        parallel=ParallelConfig(
-            tensor_model_parallel_size=a.tensor_model_parallel_size,
-            pipeline_model_parallel_size=a.pipeline_model_parallel_size,
-            virtual_pipeline_model_parallel_size=vpp,
-            context_parallel_size=a.context_parallel_size,
-            cp_comm_type=a.cp_comm_type,
-            hierarchical_context_parallel_sizes=(
-                tuple(a.hierarchical_context_parallel_sizes)
-                if a.hierarchical_context_parallel_sizes else None),
-            sequence_parallel=a.sequence_parallel,
-            overlap_grad_reduce=a.overlap_grad_reduce,
-        ),
-        precision=PrecisionConfig(
-            params_dtype="bf16" if a.bf16 else "fp16" if a.fp16 else "fp32",
-            transformer_impl=impl,
-            fp8=a.fp8_format,
-            fp8_recipe=a.fp8_recipe,
-            fp8_amax_history_len=a.fp8_amax_history_len,
-            fp8_amax_compute_algo=a.fp8_amax_compute_algo,
-            fp8_dot_product_attention=a.fp8_dot_product_attention,
-            apply_rope_fusion=a.apply_rope_fusion,
-            gradient_accumulation_fusion=a.gradient_accumulation_fusion,
-        ),
-        data=DataConfig(
-            mixture_plan=a.mixture_plan, data_path=a.data_path, data_args_path=a.data_args_path,
-            per_split_data_args_path=a.per_split_data_args_path, mock_data=a.mock_data,
-            split=a.split, tokenizer_type=a.tokenizer_type, tokenizer_model=a.tokenizer_model,
-            vocab_size=a.vocab_size, reset_attention_mask=a.reset_attention_mask,
-            eod_mask_loss=a.eod_mask_loss, data_cache_path=a.data_cache_path,
-        ),
-        optim=OptimConfig(
-            lr=a.lr, min_lr=a.min_lr, lr_warmup_iters=a.lr_warmup_iters,
-            lr_decay_style=a.lr_decay_style, lr_decay_iters=a.lr_decay_iters,
-            weight_decay=a.weight_decay, clip_grad=a.clip_grad, adam_beta1=a.adam_beta1,
-            adam_beta2=a.adam_beta2, adam_eps=a.adam_eps,
-            use_distributed_optimizer=a.use_distributed_optimizer,
-        ),
-        training=TrainingConfig(
-            micro_batch_size=a.micro_batch_size, global_batch_size=a.global_batch_size,
-            train_iters=a.train_iters, seed=a.seed, eval_interval=a.eval_interval,
-            eval_iters=a.eval_iters, recompute_granularity=a.recompute_granularity,
-            recompute_method=a.recompute_method, recompute_num_layers=a.recompute_num_layers,
-            on_nan_loss=a.on_nan_loss, exit_duration_in_mins=a.exit_duration_in_mins,
-            exit_signal_handler=a.exit_signal_handler, exit_interval=a.exit_interval,
-        ),
-        checkpoint=CheckpointConfig(
-            save=a.save, load=a.load, save_interval=a.save_interval,
-            no_load_optim=a.no_load_optim, no_load_rng=a.no_load_rng, finetune=a.finetune,
-        ),
-        logging=LoggingConfig(log_interval=a.log_interval, tensorboard_dir=a.tensorboard_dir,
-                              peak_tflops=a.peak_tflops),
-        attention_backend=a.attention_backend,
-    )
+
+def config_from_args(a: argparse.Namespace) -> PretrainConfig:
+    """Namespace -> PretrainConfig: generic for every field flag (config/flags.py), plus the
+    model preset and the Megatron switches; no validation beyond what translation needs.
+
+    `precision.transformer_impl` stays None without --transformer-impl ("TE when importable"):
+    probing TE imports it, which the entrypoint does only after CUDA_DEVICE_MAX_CONNECTIONS is
+    set; `PretrainConfig.validate(te_available=...)` and `resolve_runtime` resolve it.
+    """
+    if _compat(a, "--bf16") and _compat(a, "--fp16"):
+        raise ValueError("--bf16 and --fp16 are exclusive")
+    model = _model_from_args(a)
+    dtype = "bf16" if _compat(a, "--bf16") else "fp16" if _compat(a, "--fp16") else "fp32"
+    fixed = {"model": model, "precision.params_dtype": dtype,
+             "parallel.virtual_pipeline_model_parallel_size": _virtual_stages(a, model)}
+    return config_from_namespace(PretrainConfig, a, fixed=fixed)
 
 
 def parse_pretrain_args(argv: list[str] | None = None) -> PretrainConfig:
@@ -623,3 +547,40 @@ def parse_pretrain_args(argv: list[str] | None = None) -> PretrainConfig:
     except ValueError as err:
         parser.error(str(err))
         raise  # unreachable: parser.error exits
+
+
+# --------------------------------------------------------------------------------------------
+# resolution: what the command line leaves to the machine and the tokenizer
+# --------------------------------------------------------------------------------------------
+def resolve_vocabulary(cfg: PretrainConfig, tokenizer_vocab: int) -> ModelConfig:
+    """The model with the tokenizer's vocabulary, as the trainer builds it (pure; a new object).
+
+    The model's vocabulary is the tokenizer's, padded to a multiple of
+    --make-vocab-size-divisible-by x TP (a preset's vocab_size is only a default), or exactly
+    --padded-vocab-size rows when given (which must hold every token id and split over TP).
+    Idempotent: resolving a resolved config returns an equal model.
+    """
+    explicit, tp = cfg.padded_vocab_size, cfg.parallel.tensor_model_parallel_size
+    if explicit is None:
+        return dataclasses.replace(cfg.model, vocab_size=tokenizer_vocab, pad_vocab=True)
+    if explicit < tokenizer_vocab:
+        raise ValueError(f"--padded-vocab-size ({explicit}) must be >= the tokenizer's "
+                         f"vocabulary ({tokenizer_vocab})")
+    if explicit % tp:
+        raise ValueError(f"--padded-vocab-size ({explicit}) must be divisible by "
+                         f"--tensor-model-parallel-size ({tp})")
+    return dataclasses.replace(cfg.model, vocab_size=explicit, pad_vocab=False)
+
+
+def resolve_runtime(cfg: PretrainConfig, *, te_available: bool,
+                    tokenizer_vocab: int) -> PretrainConfig:
+    """A new PretrainConfig with the auto settings resolved; `cfg` is left unchanged.
+
+    `--transformer-impl` None -> transformer_engine when TE imports, else local; the model's
+    vocabulary from the tokenizer (`resolve_vocabulary`). The entrypoint resolves before it
+    validates, so nothing replaces a validated config later.
+    """
+    precision = dataclasses.replace(
+        cfg.precision, transformer_impl=cfg.precision.implementation(te_available))
+    return dataclasses.replace(cfg, model=resolve_vocabulary(cfg, tokenizer_vocab),
+                               precision=precision)

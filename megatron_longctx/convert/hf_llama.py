@@ -42,7 +42,13 @@ from typing import Any
 
 import torch
 
-from megatron_longctx.config.model import ModelConfig, ParallelConfig, PrecisionConfig
+from megatron_longctx.config.dtypes import DTYPE_NAMES, HF_DTYPE_NAMES, PARAMS_DTYPES, torch_dtype
+from megatron_longctx.config.model import (
+    ModelConfig,
+    ParallelConfig,
+    PrecisionConfig,
+    padded_vocab_size,
+)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
 # megatron-core 0.16.1 RotaryEmbedding._apply_scaling hard-codes these LLaMA-3.1 values; only
@@ -51,9 +57,6 @@ MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                         "original_max_position_embeddings": 8192}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
-HF_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
-HF_DTYPE_NAMES = {v: k for k, v in HF_DTYPES.items()}
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CONVERT_SOURCE = "convert_checkpoint.py hf-to-megatron"
 # Buffers some older HF checkpoints saved; they are recomputed from the config.
 _IGNORED_HF = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
@@ -185,10 +188,10 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
 def hf_params_dtype(hf: dict[str, Any]) -> str:
     """fp32 | bf16 | fp16 from config.json's dtype (transformers 5) or torch_dtype (4.x)."""
     name = hf.get("dtype") or hf.get("torch_dtype") or "float32"
-    if name not in HF_DTYPES:
+    if name not in HF_DTYPE_NAMES:
         raise ConversionError(f"config.json: dtype {name!r} not supported; one of "
-                              f"{sorted(HF_DTYPES)}")
-    return HF_DTYPES[name]
+                              f"{sorted(HF_DTYPE_NAMES)}")
+    return HF_DTYPE_NAMES[name]
 
 
 def hf_config_from_model(cfg: ModelConfig, dtype: str,
@@ -234,7 +237,7 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str,
         out["rope_scaling"] = scaling
     dtype_keys = [k for k in ("dtype", "torch_dtype") if k in out] or ["dtype", "torch_dtype"]
     for key in dtype_keys:
-        out[key] = HF_DTYPE_NAMES[dtype]
+        out[key] = DTYPE_NAMES[dtype]
     return out
 
 
@@ -595,7 +598,6 @@ def convert_hf_to_megatron(
     """
     from megatron_longctx.checkpoint.model_io import save_model_checkpoint, single_process_group
     from megatron_longctx.config.model import validate_all
-    from megatron_longctx.model.build import padded_vocab_size
 
     hf_dir, save_dir = Path(hf_dir), Path(save_dir)
     hf = read_hf_config(hf_dir)
@@ -608,8 +610,8 @@ def convert_hf_to_megatron(
     except ValueError as err:
         raise ConversionError(f"{hf_dir}: {err}") from None
     dtype = params_dtype or hf_params_dtype(hf)
-    if dtype not in TORCH_DTYPES:
-        raise ConversionError(f"params dtype {dtype!r}: one of {sorted(TORCH_DTYPES)}")
+    if dtype not in PARAMS_DTYPES:
+        raise ConversionError(f"params dtype {dtype!r}: one of {sorted(PARAMS_DTYPES)}")
     tmp = _prepare_output(save_dir)
     try:
         tokenizer = None
@@ -618,7 +620,8 @@ def convert_hf_to_megatron(
                          "model": str(save_dir.resolve() / "tokenizer")}
         with single_process_group():
             model = build_conversion_model(
-                cfg, dtype, padded_vocab_size(cfg.vocab_size, tensor_model_parallel_size))
+                cfg, dtype, padded_vocab_size(cfg.vocab_size, tensor_model_parallel_size,
+                                              cfg.make_vocab_size_divisible_by))
             load_hf_weights(model, files, cfg, progress=progress)
             _say(progress, f"saving the distributed checkpoint into {save_dir}")
             save_model_checkpoint(
@@ -633,6 +636,41 @@ def convert_hf_to_megatron(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return save_dir
+
+
+def _our_checkpoint(load_dir: str | os.PathLike) -> tuple[Path, dict[str, Any]]:
+    """(iteration directory, metadata) of a checkpoint of ours, or ConversionError."""
+    from megatron_longctx.checkpoint.meta import read_meta, resolve_checkpoint
+
+    load_dir = Path(load_dir)
+    if not load_dir.is_dir():
+        raise ConversionError(f"{load_dir}: not a directory")
+    try:
+        directory = resolve_checkpoint(load_dir)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConversionError(str(err)) from None
+    if directory is None:
+        raise ConversionError(f"{load_dir}: no megatron-longctx checkpoint (no "
+                              "longctx_meta.json or latest_checkpointed_iteration.txt)")
+    try:
+        return directory, read_meta(directory)
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
+
+
+def _tokenizer_source(tokenizer_dir: str | os.PathLike | None, directory: Path,
+                      meta: dict[str, Any]) -> str | os.PathLike | None:
+    """The given --tokenizer-dir (checked), else the checkpoint's recorded tokenizer
+    directory, else ROOT/tokenizer next to the iteration (a moved root), else None."""
+    if tokenizer_dir is not None:
+        if not Path(tokenizer_dir).is_dir():
+            raise ConversionError(f"--tokenizer-dir {tokenizer_dir}: not a directory")
+        return tokenizer_dir
+    recorded = (meta.get("tokenizer") or {}).get("model")
+    for candidate in (recorded, directory.parent / "tokenizer"):
+        if candidate and Path(candidate).is_dir():
+            return candidate
+    return None
 
 
 def convert_megatron_to_hf(
@@ -661,42 +699,21 @@ def convert_megatron_to_hf(
     Returns:
         `save_dir`.
     """
-    from megatron_longctx.checkpoint.meta import read_meta, resolve_checkpoint
     from megatron_longctx.checkpoint.model_io import (
         checkpoint_params_dtype,
         load_model_checkpoint,
         single_process_group,
     )
 
-    load_dir, save_dir = Path(load_dir), Path(save_dir)
-    if not load_dir.is_dir():
-        raise ConversionError(f"{load_dir}: not a directory")
-    try:
-        directory = resolve_checkpoint(load_dir)
-    except (FileNotFoundError, ValueError) as err:
-        raise ConversionError(str(err)) from None
-    if directory is None:
-        raise ConversionError(f"{load_dir}: no megatron-longctx checkpoint (no "
-                              "longctx_meta.json or latest_checkpointed_iteration.txt)")
-    try:
-        meta = read_meta(directory)
-    except ValueError as err:
-        raise ConversionError(str(err)) from None
+    save_dir = Path(save_dir)
+    directory, meta = _our_checkpoint(load_dir)
     cfg = ModelConfig(**meta["model"])
     saved_dtype = checkpoint_params_dtype(directory)
     out_dtype = dtype or saved_dtype
-    if out_dtype not in TORCH_DTYPES:
-        raise ConversionError(f"dtype {out_dtype!r}: one of {sorted(TORCH_DTYPES)}")
+    if out_dtype not in PARAMS_DTYPES:
+        raise ConversionError(f"dtype {out_dtype!r}: one of {sorted(PARAMS_DTYPES)}")
     max_bytes = parse_size(max_shard_size)
-    if tokenizer_dir is None:
-        # The recorded directory, or ROOT/tokenizer next to the iteration (a moved root).
-        recorded = (meta.get("tokenizer") or {}).get("model")
-        for candidate in (recorded, directory.parent / "tokenizer"):
-            if candidate and Path(candidate).is_dir():
-                tokenizer_dir = candidate
-                break
-    elif not Path(tokenizer_dir).is_dir():
-        raise ConversionError(f"--tokenizer-dir {tokenizer_dir}: not a directory")
+    tokenizer_dir = _tokenizer_source(tokenizer_dir, directory, meta)
     hf = hf_config_from_model(cfg, out_dtype, meta.get("hf_config"))
     tmp = _prepare_output(save_dir)
     try:
@@ -704,7 +721,7 @@ def convert_megatron_to_hf(
             model = build_conversion_model(cfg, saved_dtype)
             _say(progress, f"loading {directory}")
             load_model_checkpoint([model], directory)
-            write_hf_weights(model, cfg, tmp, TORCH_DTYPES[out_dtype], max_bytes,
+            write_hf_weights(model, cfg, tmp, torch_dtype(out_dtype), max_bytes,
                              progress=progress)
             del model
         (tmp / "config.json").write_text(json.dumps(hf, indent=2, sort_keys=True) + "\n",

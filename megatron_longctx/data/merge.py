@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 
+from megatron_longctx.atomic import write_json_atomic
 from megatron_longctx.data.indexed import IndexedDatasetWriter, read_index
 from megatron_longctx.data.preprocess import MARKER_SUFFIX, dataset_prefix
-from megatron_longctx.data.stats import document_stats, load_stats, write_json_atomic
+from megatron_longctx.data.stats import document_stats, load_stats
 
 _SHARD_RE = re.compile(r"\.shard(\d{5})-of(\d{5})" + re.escape(MARKER_SUFFIX) + "$")
 # Config fields that may differ between shards of one run.

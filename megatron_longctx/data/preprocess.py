@@ -37,11 +37,12 @@ from typing import Any
 
 import numpy as np
 
+from megatron_longctx.atomic import write_json_atomic
 from megatron_longctx.config.preprocess import PreprocessConfig
 from megatron_longctx.data import records as rec
 from megatron_longctx.data.indexed import IndexedDatasetWriter, optimal_dtype
 from megatron_longctx.data.sentences import SentenceSplitter, SplitterSpec, resolve_splitter
-from megatron_longctx.data.stats import STATS_FORMAT, document_stats, write_json_atomic
+from megatron_longctx.data.stats import STATS_FORMAT, document_stats
 from megatron_longctx.data.tokenizers import TextTokenizer, build_tokenizer
 
 MARKER_SUFFIX = ".done.json"

@@ -106,17 +106,6 @@ def documents_longer_than(stats: dict[str, Any], threshold: int) -> float:
     return total
 
 
-def write_json_atomic(path: str, payload: dict[str, Any]) -> None:
-    """Write JSON to `path.tmp`, fsync, rename: readers never see half a file."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(payload, fh, indent=1, sort_keys=False)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
 def domain_of_prefix(prefix: str) -> str:
     """A dataset's domain: its stats file's `domain`, else its name without `_text_document`
     (or `_document`). Used to name per-domain losses and evaluation rows."""

@@ -19,6 +19,8 @@ Speed: HF tokenizers are resolved once with transformers (Megatron's exact loadi
 through the Rust backend alone: `encode_batch_fast` on whole batches instead of one transformers
 call per document, no transformers import in workers, and a cache of the resolved backend so
 repeated runs skip the ~2 s transformers+torch import (benchmarks/bench_preprocess.py measures it).
+
+The tokenizer-type list and `TokenizerSpec` (what to load) live in config/tokenizer.py.
 """
 
 from __future__ import annotations
@@ -27,50 +29,16 @@ import hashlib
 import itertools
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-TOKENIZER_TYPES = (
-    "HuggingFaceTokenizer",
-    "SentencePieceTokenizer",
-    "GPTSentencePieceTokenizer",
-    "Llama2Tokenizer",
-)
-_SP_TYPES = TOKENIZER_TYPES[1:]
+from megatron_longctx.atomic import write_text_atomic
+from megatron_longctx.config.tokenizer import TokenizerSpec
+
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf")
 _EOS_CANDIDATES = ("</s>", "<|endoftext|>", "<|end_of_text|>", "<eos>", "<|eot_id|>", "[SEP]")
-
-
-@dataclass(frozen=True)
-class TokenizerSpec:
-    """What to load: picklable, so worker processes rebuild the same tokenizer."""
-
-    tokenizer_type: str
-    tokenizer_model: str
-    include_special_tokens: bool = False
-
-    def validate(self) -> None:
-        if self.tokenizer_type not in TOKENIZER_TYPES:
-            raise ValueError(
-                f"--tokenizer-type {self.tokenizer_type!r} is not supported; "
-                f"choose one of {', '.join(TOKENIZER_TYPES)}"
-            )
-        if not self.tokenizer_model:
-            raise ValueError(f"--tokenizer-model is required for {self.tokenizer_type}")
-        if not os.path.exists(self.tokenizer_model):
-            raise FileNotFoundError(f"--tokenizer-model {self.tokenizer_model!r} does not exist")
-        if self.tokenizer_type in _SP_TYPES and not os.path.isfile(self.tokenizer_model):
-            raise ValueError(
-                f"--tokenizer-model {self.tokenizer_model!r}: {self.tokenizer_type} needs a "
-                "SentencePiece .model file"
-            )
-        if self.include_special_tokens and self.tokenizer_type in _SP_TYPES:
-            raise ValueError(
-                "--tokenizer-hf-include-special-tokens only applies to --tokenizer-type "
-                "HuggingFaceTokenizer"
-            )
 
 
 def _files_sha256(path: str) -> str:
@@ -244,10 +212,9 @@ def build_hf_tokenizer(spec: TokenizerSpec) -> TextTokenizer:
     if cache is not None:
         try:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(json.dumps({"backend": backend_json, "vocab_size": len(tok),
-                                       "eod": eod, "model": spec.tokenizer_model}))
-            os.replace(tmp, cache)
+            write_text_atomic(cache, json.dumps({"backend": backend_json,
+                                                 "vocab_size": len(tok), "eod": eod,
+                                                 "model": spec.tokenizer_model}))
         except OSError:
             pass  # a read-only home is fine: we only lose the start-up saving
     return HFBackendTokenizer(spec, backend_json, len(tok), eod, sha256)

@@ -48,14 +48,16 @@ import json
 import math
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import zstandard
 
+from megatron_longctx.atomic import write_bytes_atomic
 from megatron_longctx.config.mixture import SLIMPAJAMA_SHARES
+from megatron_longctx.demo.cli import help_field
 
 __all__ = [
     "COMPRESSIONS",
@@ -75,6 +77,7 @@ __all__ = [
     "iter_records",
     "load_corpus_config",
     "make_fact",
+    "near_zone",
     "parse_domain_shares",
     "plan_lengths",
     "summarize_plan",
@@ -199,8 +202,9 @@ _FAR_MAX_GAP = 448
 _MIN_DISTANCE = 4
 
 
-def _near_zone(n_words: int) -> float:
-    """Words of the near zone of a document of `n_words` words (the rest of a short one)."""
+def near_zone(n_words: int) -> float:
+    """Words of the near zone of a document of `n_words` words: the rest of a document under
+    160 words, else 40% of it up to 240 words (one near question per 24 of these words)."""
     if n_words < _FAR_MIN_WORDS:
         return float(n_words)
     return min(_NEAR_SHARE * n_words, _NEAR_MAX_WORDS)
@@ -226,6 +230,43 @@ def make_fact(rng: np.random.Generator) -> tuple[str, str]:
 # --------------------------------------------------------------------------------------------
 
 
+def parse_domain_shares(spec: str) -> dict[str, float]:
+    """Parse ``--domain-shares`` text such as ``"Book=0.5,ArXiv=0.3,C4=0.2"``.
+
+    Names may be given in full (``RedPajamaBook``) or without the ``RedPajama`` prefix, in any
+    case. Domains not listed get share 0.
+
+    Args:
+        spec: Comma-separated ``NAME=SHARE`` pairs.
+
+    Returns:
+        Mapping from full domain name to share.
+
+    Raises:
+        ValueError: naming ``--domain-shares`` on a malformed pair or an unknown domain.
+    """
+    by_lower = {d.lower(): d for d in DOMAINS}
+    by_lower.update({d[len("RedPajama") :].lower(): d for d in DOMAINS})
+    shares: dict[str, float] = {}
+    for item in spec.split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        domain = by_lower.get(name.strip().lower())
+        if not sep or domain is None:
+            raise ValueError(
+                f"--domain-shares: cannot parse {item.strip()!r}; expected NAME=SHARE with NAME "
+                f"one of {', '.join(d[len('RedPajama') :] for d in DOMAINS)}"
+            )
+        try:
+            shares[domain] = float(value)
+        except ValueError:
+            raise ValueError(f"--domain-shares: share {value.strip()!r} is not a number") from None
+    if not shares:
+        raise ValueError("--domain-shares: no NAME=SHARE pairs given")
+    return shares
+
+
 def _default_shares() -> dict[str, float]:
     return dict(SLIMPAJAMA_SHARES)
 
@@ -247,14 +288,18 @@ class CorpusConfig:
         compression: ``"zst"``, ``"gz"`` or ``"none"`` (``--compression``).
     """
 
-    total_words: int = 2_000_000
-    seed: int = 1234
-    length_scale: float = 1 / 16
-    min_words: int = 8
-    max_words: int = 60_000
-    domain_shares: dict[str, float] = field(default_factory=_default_shares)
-    num_files: int = 4
-    compression: str = "zst"
+    total_words: int = help_field(2_000_000, help="word budget of the whole corpus")
+    seed: int = help_field(1234, help="seed of every random stream")
+    length_scale: float = help_field(
+        1 / 16, help="median words per document = real median tokens * this")
+    min_words: int = help_field(8, help="shortest document in words")
+    max_words: int = help_field(60_000, help="longest document in words")
+    domain_shares: dict[str, float] = help_field(
+        default_factory=_default_shares, type=parse_domain_shares, metavar="NAME=SHARE,...",
+        help="target word shares, e.g. 'Book=0.5,ArXiv=0.5'", default_help="SlimPajama's shares")
+    num_files: int = help_field(4, help="number of chunk files")
+    compression: str = help_field("zst", choices=tuple(COMPRESSIONS),
+                                  help="chunk compression")
 
     def validate(self) -> CorpusConfig:
         """Check every field.
@@ -340,43 +385,6 @@ def load_corpus_config(path: str | os.PathLike[str]) -> CorpusConfig:
     with open(path, encoding="utf-8") as fh:
         data = json.load(fh)
     return CorpusConfig(**data).validate()
-
-
-def parse_domain_shares(spec: str) -> dict[str, float]:
-    """Parse ``--domain-shares`` text such as ``"Book=0.5,ArXiv=0.3,C4=0.2"``.
-
-    Names may be given in full (``RedPajamaBook``) or without the ``RedPajama`` prefix, in any
-    case. Domains not listed get share 0.
-
-    Args:
-        spec: Comma-separated ``NAME=SHARE`` pairs.
-
-    Returns:
-        Mapping from full domain name to share.
-
-    Raises:
-        ValueError: naming ``--domain-shares`` on a malformed pair or an unknown domain.
-    """
-    by_lower = {d.lower(): d for d in DOMAINS}
-    by_lower.update({d[len("RedPajama") :].lower(): d for d in DOMAINS})
-    shares: dict[str, float] = {}
-    for item in spec.split(","):
-        if not item.strip():
-            continue
-        name, sep, value = item.partition("=")
-        domain = by_lower.get(name.strip().lower())
-        if not sep or domain is None:
-            raise ValueError(
-                f"--domain-shares: cannot parse {item.strip()!r}; expected NAME=SHARE with NAME "
-                f"one of {', '.join(d[len('RedPajama') :] for d in DOMAINS)}"
-            )
-        try:
-            shares[domain] = float(value)
-        except ValueError:
-            raise ValueError(f"--domain-shares: share {value.strip()!r} is not a number") from None
-    if not shares:
-        raise ValueError("--domain-shares: no NAME=SHARE pairs given")
-    return shares
 
 
 # --------------------------------------------------------------------------------------------
@@ -899,7 +907,7 @@ class _DocumentWriter:
         Far offsets are words after the near zone, as fractions of the document's length."""
         if n_words < _FACT_MIN_WORDS:
             return [], 0
-        zone = _near_zone(n_words)
+        zone = near_zone(n_words)
         near = max(int(zone // _WORDS_PER_QUESTION), 1)
         far: list[float] = []
         if n_words >= _FAR_MIN_WORDS:
@@ -933,7 +941,7 @@ class _DocumentWriter:
         inserts: list[tuple[int, int, int, str]] = []
         for j, (key, value, near, far) in enumerate(facts):
             stated = self.rng.random() * _FACT_HEAD * body_words
-            zone = min(_near_zone(body_words), body_words - stated)
+            zone = min(near_zone(body_words), body_words - stated)
             asked = list(stated + _MIN_DISTANCE + self.rng.random(near) * max(
                 zone - _MIN_DISTANCE, 0))
             asked += [f * body_words for f in far]
@@ -1139,20 +1147,6 @@ def chunk_name(index: int, compression: str) -> str:
     return f"chunk_{index:05d}{COMPRESSIONS[compression]}"
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write to a temporary name in the same directory, then rename onto `path`."""
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _encode(data: bytes, compression: str) -> bytes:
     if compression == "zst":
         # One frame per file, content size in the header, no threads: deterministic bytes.
@@ -1191,8 +1185,8 @@ def write_corpus(config: CorpusConfig, output_dir: str | os.PathLike[str]) -> li
         count = per_file + (1 if i < extra else 0)
         lines = [json.dumps(next(records), ensure_ascii=True) + "\n" for _ in range(count)]
         path = out / chunk_name(i, config.compression)
-        _write_atomic(path, _encode("".join(lines).encode("utf-8"), config.compression))
+        write_bytes_atomic(path, _encode("".join(lines).encode("utf-8"), config.compression))
         paths.append(path)
     meta = json.dumps(config.to_dict(), indent=2, sort_keys=True) + "\n"
-    _write_atomic(out / "corpus_config.json", meta.encode("utf-8"))
+    write_bytes_atomic(out / "corpus_config.json", meta.encode("utf-8"))
     return sorted(paths)

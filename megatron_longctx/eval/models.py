@@ -81,8 +81,8 @@ import torch
 import torch.distributed as dist
 
 from megatron_longctx.checkpoint.meta import is_longctx_checkpoint, read_meta, resolve_checkpoint
+from megatron_longctx.config.dtypes import PARAMS_DTYPES, torch_dtype
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 #: Prompt tokens per prefill forward; 0 prefills the whole prompt in one forward.
 DEFAULT_PREFILL_CHUNK = 4096
 #: Positions per output-layer call when the HF backend computes losses.
@@ -111,11 +111,8 @@ class EvalTokenizer:
     def __init__(self, path: str | os.PathLike) -> None:
         from tokenizers import Tokenizer
 
-        from megatron_longctx.data.tokenizers import (
-            HFBackendTokenizer,
-            TokenizerSpec,
-            build_tokenizer,
-        )
+        from megatron_longctx.config.tokenizer import TokenizerSpec
+        from megatron_longctx.data.tokenizers import HFBackendTokenizer, build_tokenizer
 
         tok = build_tokenizer(TokenizerSpec("HuggingFaceTokenizer", str(path)))
         if not isinstance(tok, HFBackendTokenizer):
@@ -421,12 +418,13 @@ class _PrefixCache:
 def _resolve_dtype(dtype: str, saved: str | None) -> str:
     """auto: fp32 without CUDA (this kind of CPU has no bf16 units), else the saved dtype."""
     if dtype != "auto":
-        if dtype not in DTYPES:
-            raise ValueError(f"--dtype must be auto or one of {sorted(DTYPES)}, got {dtype!r}")
+        if dtype not in PARAMS_DTYPES:
+            raise ValueError(f"--dtype must be auto or one of {sorted(PARAMS_DTYPES)}, got "
+                             f"{dtype!r}")
         return dtype
     if not torch.cuda.is_available():
         return "fp32"
-    return saved if saved in DTYPES else "fp32"
+    return saved if saved in PARAMS_DTYPES else "fp32"
 
 
 class MegatronCausalLM(CausalLM):
@@ -681,9 +679,9 @@ class HFCausalLM(CausalLM):
         cuda = torch.cuda.is_available()
         self.device = torch.device("cuda") if cuda else torch.device("cpu")
         # auto: fp32 on CPU, config.json's dtype on GPU
-        torch_dtype: Any = ("auto" if dtype == "auto" and cuda
-                            else DTYPES[_resolve_dtype(dtype, None)])
-        self.model = AutoModelForCausalLM.from_pretrained(root, dtype=torch_dtype)
+        load_dtype: Any = ("auto" if dtype == "auto" and cuda
+                           else torch_dtype(_resolve_dtype(dtype, None)))
+        self.model = AutoModelForCausalLM.from_pretrained(root, dtype=load_dtype)
         self.model.to(self.device).eval()
         config = self.model.config
         self.vocab_size = int(config.vocab_size)
@@ -820,7 +818,7 @@ def add_model_arguments(parser: Any, *, tokenizer: bool = True) -> None:
                        help="TP ranks (ours only); world size must be TP x CP")
     group.add_argument("--context-parallel-size", type=int, default=1,
                        help="CP ranks (ours only; loss evaluation, not generation)")
-    group.add_argument("--dtype", default="auto", choices=["auto", *DTYPES],
+    group.add_argument("--dtype", default="auto", choices=["auto", *PARAMS_DTYPES],
                        help="auto: fp32 on CPU, the saved dtype on GPU")
     group.add_argument("--prefill-chunk", type=int, default=DEFAULT_PREFILL_CHUNK,
                        help=f"prompt tokens per prefill forward (default "

@@ -63,7 +63,7 @@ from typing import Any
 
 import numpy as np
 
-from megatron_longctx.data.stats import write_json_atomic
+from megatron_longctx.atomic import write_json_atomic
 
 FORMAT = "megatron-longctx-needle/1"
 RESULTS_NAME = "results.json"
@@ -461,9 +461,25 @@ def _cell_key(length: int, depth: float) -> tuple[int, float]:
     return int(length), round(float(depth), 6)
 
 
-def _model_identity(description: dict[str, Any]) -> dict[str, Any]:
+def model_identity(description: dict[str, Any]) -> dict[str, Any]:
+    """The part of a model description that must match for results to be resumed."""
     keys = ("kind", "path", "checkpoint", "iteration", "tokenizer")
     return {k: description.get(k) for k in keys}
+
+
+def check_resumable(path: Path, results: dict[str, Any], identity: dict[str, Any],
+                    description: dict[str, Any]) -> None:
+    """Raise ResultsMismatchError unless `results` (read from `path`) were made with the same
+    settings `identity` and the same model: a resumed grid must not mix two experiments."""
+    for name, value in identity.items():
+        if results["settings"].get(name) != value:
+            raise ResultsMismatchError(
+                f"{path} was made with {name}={results['settings'].get(name)!r}, this run "
+                f"has {value!r}; use another --output-dir or --overwrite")
+    if model_identity(results["model"]) != model_identity(description):
+        raise ResultsMismatchError(
+            f"{path} holds results of model {model_identity(results['model'])}, not "
+            f"{model_identity(description)}; use another --output-dir or --overwrite")
 
 
 def load_results(path: str | Path) -> dict[str, Any] | None:
@@ -515,19 +531,9 @@ def run_needle(model: Any, settings: NeedleSettings, output_dir: str | Path, *,
     identity = settings.identity()
     results = None if overwrite else load_results(path)
     if results is not None:
-        for name, value in identity.items():
-            if results["settings"].get(name) != value:
-                raise ResultsMismatchError(
-                    f"{path} was made with {name}={results['settings'].get(name)!r}, this run "
-                    f"has {value!r}; use another --output-dir or --overwrite")
-        if _model_identity(results["model"]) != _model_identity(description):
-            raise ResultsMismatchError(
-                f"{path} holds results of model {_model_identity(results['model'])}, not "
-                f"{_model_identity(description)}; use another --output-dir or --overwrite")
+        check_resumable(path, results, identity, description)
     cells = {_cell_key(c["length"], c["depth"]): c for c in (results or {}).get("cells", [])}
-    tokenizer = model.tokenizer
-    haystack = build_haystack(settings, tokenizer, max(settings.lengths))
-    template = settings.resolved_template()
+    haystack = build_haystack(settings, model.tokenizer, max(settings.lengths))
     state: dict[str, Any] = {
         "format": FORMAT,
         "settings": {**identity, "lengths": settings.lengths, "depths": settings.depths,
@@ -540,7 +546,7 @@ def run_needle(model: Any, settings: NeedleSettings, output_dir: str | Path, *,
         ordered = sorted(cells.values(), key=lambda c: (c["length"], c["depth"]))
         state["cells"] = ordered
         state.update(summarize(ordered, settings.lengths, settings.depths))
-        write_json_atomic(str(path), state)
+        write_json_atomic(path, state)
 
     skipped = 0
     total = len(settings.lengths) * len(settings.depths)
@@ -550,27 +556,14 @@ def run_needle(model: Any, settings: NeedleSettings, output_dir: str | Path, *,
             if key in cells:
                 skipped += 1
                 continue
-            needle = make_needle(settings, length, depth)
-            prompt = build_prompt(haystack, tokenizer, needle, template, length, depth)
-            start = time.perf_counter()
-            new_ids = model.generate(prompt.ids, settings.max_new_tokens, use_cache=use_cache)
-            seconds = time.perf_counter() - start
-            response = tokenizer.decode(new_ids).strip()
-            score = score_response(response, needle.answer)
-            cells[key] = {
-                "length": int(length), "depth": float(depth),
-                "tokens": len(prompt.ids), "insertion_token": prompt.insertion_token,
-                "haystack_tokens": prompt.haystack_tokens,
-                "needle_depth": round(prompt.needle_depth, 3),
-                "needle": needle.text, "question": needle.question, "answer": needle.answer,
-                "response": response, "generated_tokens": len(new_ids),
-                "score": score, "seconds": round(seconds, 3),
-            }
+            cells[key] = needle_cell(model, settings, haystack, length, depth,
+                                     use_cache=use_cache)
             save()
             if log is not None:
+                cell = cells[key]
                 log(f"[{len(cells)}/{total}] length {length} depth {depth:g}%: "
-                    f"score {score:.1f} ({len(prompt.ids)} tokens, {seconds:.2f} s) "
-                    f"{response[:80]!r}")
+                    f"score {cell['score']:.1f} ({cell['tokens']} tokens, "
+                    f"{cell['seconds']:.2f} s) {cell['response'][:80]!r}")
     save()
     if log is not None and skipped:
         log(f"{skipped} cells were already in {path}")
@@ -579,7 +572,30 @@ def run_needle(model: Any, settings: NeedleSettings, output_dir: str | Path, *,
     return state
 
 
-def _length_label(length: int) -> str:
+def needle_cell(model: Any, settings: NeedleSettings, haystack: Any, length: int,
+                depth: float, *, use_cache: bool = True) -> dict[str, Any]:
+    """One grid cell: insert the needle at `depth` percent of a `length`-token prompt,
+    generate greedily, score the response (the results.json cell record)."""
+    tokenizer = model.tokenizer
+    needle = make_needle(settings, length, depth)
+    prompt = build_prompt(haystack, tokenizer, needle, settings.resolved_template(), length,
+                          depth)
+    start = time.perf_counter()
+    new_ids = model.generate(prompt.ids, settings.max_new_tokens, use_cache=use_cache)
+    seconds = time.perf_counter() - start
+    response = tokenizer.decode(new_ids).strip()
+    return {
+        "length": int(length), "depth": float(depth),
+        "tokens": len(prompt.ids), "insertion_token": prompt.insertion_token,
+        "haystack_tokens": prompt.haystack_tokens,
+        "needle_depth": round(prompt.needle_depth, 3),
+        "needle": needle.text, "question": needle.question, "answer": needle.answer,
+        "response": response, "generated_tokens": len(new_ids),
+        "score": score_response(response, needle.answer), "seconds": round(seconds, 3),
+    }
+
+
+def length_label(length: int) -> str:
     """Exact below 10,000 tokens (1000, 4256, 2048), else thousands (128K, 13.0K -> 13K)."""
     if length < 10000:
         return str(length)
@@ -614,7 +630,7 @@ def plot_heatmap(results: dict[str, Any], path: str | Path, *,
     fig, ax = plt.subplots(figsize=(width, 0.35 * len(depths) + 2.5))
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=0, vmax=100, aspect="auto",
                       interpolation="nearest")
-    ax.set_xticks(range(len(lengths)), [_length_label(L) for L in lengths], rotation=45,
+    ax.set_xticks(range(len(lengths)), [length_label(L) for L in lengths], rotation=45,
                   ha="right")
     ax.set_yticks(range(len(depths)), [f"{d:g}" for d in depths])
     ax.set_xticks(np.arange(-0.5, len(lengths)), minor=True)

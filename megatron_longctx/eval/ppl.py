@@ -13,8 +13,8 @@ read them next to the needle test.
 
 Documents (`select_documents`): from indexed datasets (`{prefix}.bin/.idx`) named by
 `--data-path` (all documents, or the last `--valid-fraction` of them), or by a mixture plan: its
-domains' prefixes and exactly the documents the trainer held out (`plan_outputs._split_docs`,
-megatron's `--split` arithmetic on the plan's `valid_fraction`). Of those, the first
+domains' prefixes and exactly the documents the trainer held out (`mixture.plan.split_documents`:
+the last round(valid_fraction * n) documents of each dataset). Of those, the first
 `max_docs_per_domain` documents with at least `min_length` tokens are used (dataset order,
 deterministic). `min_length` defaults to `seq_length`, so every bucket is averaged over the
 same documents; a lower value adds shorter documents to the early buckets only.
@@ -36,8 +36,9 @@ from typing import Any
 
 import numpy as np
 
+from megatron_longctx.atomic import write_json_atomic
 from megatron_longctx.data.indexed import read_document, read_index
-from megatron_longctx.data.stats import domain_of_prefix, write_json_atomic
+from megatron_longctx.data.stats import domain_of_prefix
 
 FORMAT = "megatron-longctx-ppl/1"
 RESULTS_NAME = "ppl.json"
@@ -118,8 +119,8 @@ def sources_from_data_paths(items: Sequence[str],
                             valid_fraction: float | None = None) -> list[DocumentSource]:
     """`--data-path p1 p2` or Megatron's weighted `w1 p1 w2 p2` (weights ignored). Domain: the
     dataset's stats file's `domain`, else its name without `_text_document`. With
-    `valid_fraction`, only the held-out tail (megatron `--split` arithmetic)."""
-    from megatron_longctx.mixture.outputs import _split_docs
+    `valid_fraction`, only the held-out tail (`mixture.plan.split_documents`)."""
+    from megatron_longctx.mixture.plan import split_documents
 
     prefixes = [x for x in items if not _is_number(x)]
     if not prefixes:
@@ -132,7 +133,7 @@ def sources_from_data_paths(items: Sequence[str],
             raise FileNotFoundError(f"--data-path {prefix}: no {prefix}.idx")
         n = len(read_index(prefix).document_lengths())
         docs = (np.arange(n, dtype=np.int64) if valid_fraction is None
-                else _split_docs(n, valid_fraction)[1])
+                else split_documents(n, valid_fraction)[1])
         out.append(DocumentSource(domain_of_prefix(prefix), prefix, docs))
     return out
 
@@ -152,19 +153,17 @@ def sources_from_mixture_plan(path: str | os.PathLike) -> list[DocumentSource]:
     Raises:
         ValueError: the plan holds nothing out (planned with --valid-fraction 0).
     """
-    from megatron_longctx.mixture.outputs import _split_docs
-    from megatron_longctx.mixture.planner import load_plan
+    from megatron_longctx.mixture.plan import load_plan, split_documents
 
     plan = load_plan(str(path))
-    fraction = float(plan["parameters"].get("valid_fraction") or 0.0)
+    fraction = plan.valid_fraction
     if fraction <= 0:
         raise ValueError(f"--mixture-plan {path}: planned with --valid-fraction 0, so no "
                          "documents are held out; use --data-path with a held-out dataset")
     out = []
-    for domain in plan["domains"]:
-        prefix = domain["prefix"]
-        n = len(read_index(prefix).document_lengths())
-        out.append(DocumentSource(domain["domain"], prefix, _split_docs(n, fraction)[1]))
+    for domain in plan.domains:
+        n = len(read_index(domain.prefix).document_lengths())
+        out.append(DocumentSource(domain.domain, domain.prefix, split_documents(n, fraction)[1]))
     return out
 
 

@@ -45,9 +45,9 @@ from typing import Any
 
 import numpy as np
 
-from megatron_longctx.data.stats import write_json_atomic
+from megatron_longctx.atomic import write_json_atomic, write_text_atomic
 from megatron_longctx.eval.models import CausalLM
-from megatron_longctx.eval.needle import ResultsMismatchError
+from megatron_longctx.eval.needle import ResultsMismatchError, check_resumable, length_label
 from megatron_longctx.eval.ruler_tasks import (
     QA_TASKS,
     RULER_LENGTHS,
@@ -171,19 +171,6 @@ def load_results(path: str | Path) -> dict[str, Any] | None:
     return results
 
 
-def _model_identity(description: dict[str, Any]) -> dict[str, Any]:
-    """What must match for a rerun to resume results (the needle tool's rule)."""
-    keys = ("kind", "path", "checkpoint", "iteration", "tokenizer")
-    return {k: description.get(k) for k in keys}
-
-
-def _length_label(length: int) -> str:
-    """Exact below 10,000 tokens, else thousands (131072 -> 131K), as the needle tool."""
-    if length < 10000:
-        return str(length)
-    return f"{length / 1000:.0f}K"
-
-
 def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
@@ -223,7 +210,7 @@ def markdown_table(results: dict[str, Any]) -> str:
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.1f}"
 
-    head = "| task | " + " | ".join(_length_label(L) for L in lengths) + " | mean |"
+    head = "| task | " + " | ".join(length_label(L) for L in lengths) + " | mean |"
     rows = [head, "|---" * (len(lengths) + 2) + "|"]
     for task in tasks:
         cells = [fmt(scores.get(task, {}).get(str(L))) for L in lengths]
@@ -272,7 +259,7 @@ def plot_scores(results: dict[str, Any], path: str | Path, *,
         ax.plot(xs, [means[str(L)] for L in xs], color="black", linewidth=3, marker="o",
                 label="mean")
     ax.set_xscale("log", base=2)
-    ax.set_xticks(lengths, [_length_label(L) for L in lengths])
+    ax.set_xticks(lengths, [length_label(L) for L in lengths])
     ax.minorticks_off()
     ax.set_ylim(-3, 103)
     ax.set_xlabel("length (tokens, prompt + generation)")
@@ -341,32 +328,44 @@ def run_ruler(model: Any, settings: RulerSettings, output_dir: str | Path, *,
     out.mkdir(parents=True, exist_ok=True)
     path = out / RESULTS_NAME
     description = model.describe()
-    identity = settings.identity()
-    results = None if overwrite else load_results(path)
-    if results is not None:
-        for name, value in identity.items():
-            if results["settings"].get(name) != value:
-                raise ResultsMismatchError(
-                    f"{path} was made with {name}={results['settings'].get(name)!r}, this run "
-                    f"has {value!r}; use another --output-dir or --overwrite")
-        if _model_identity(results["model"]) != _model_identity(description):
-            raise ResultsMismatchError(
-                f"{path} holds results of model {_model_identity(results['model'])}, not "
-                f"{_model_identity(description)}; use another --output-dir or --overwrite")
-    cells: dict[tuple[str, int], dict[str, Any]] = {
-        (c["task"], int(c["length"])): c for c in (results or {}).get("cells", [])}
+    cells = _resumed_cells(path, settings, description, overwrite)
     skipped = settings.skipped_tasks()
     if log is not None:
         for why in skipped.values():
             log(f"skipped: {why}")
     tasks = settings.run_tasks()
     reuse = bool(reuse_prefix and use_cache and isinstance(model, CausalLM))
-    tokenizer = model.tokenizer
     resources = TaskResources.load(settings.haystack_file, settings.squad_file,
                                    settings.hotpotqa_file)
-    state: dict[str, Any] = {
+    state = _initial_state(settings, tasks, skipped, resources, reuse, description)
+    run = _GridRun(model, settings, resources, cells, state, out, use_cache=use_cache,
+                   reuse=reuse, log=log)
+    todo = run.pending(tasks)
+    done_before = len(tasks) * len(settings.lengths) - len(todo)
+    run.execute(todo, progress=progress)
+    if log is not None and done_before:
+        log(f"{done_before} cells were already in {path}")
+    if plot:
+        plot_scores(state, out / PLOT_NAME, training_length=settings.training_length)
+    return state
+
+
+def _resumed_cells(path: Path, settings: RulerSettings, description: dict[str, Any],
+                   overwrite: bool) -> dict[tuple[str, int], dict[str, Any]]:
+    """The cells of an existing results.json made with the same settings and model."""
+    results = None if overwrite else load_results(path)
+    if results is None:
+        return {}
+    check_resumable(path, results, settings.identity(), description)
+    return {(c["task"], int(c["length"])): c for c in results.get("cells", [])}
+
+
+def _initial_state(settings: RulerSettings, tasks: list[str], skipped: dict[str, str],
+                   resources: TaskResources, reuse: bool,
+                   description: dict[str, Any]) -> dict[str, Any]:
+    return {
         "format": FORMAT,
-        "settings": {**identity, "tasks": settings.tasks, "run_tasks": tasks,
+        "settings": {**settings.identity(), "tasks": settings.tasks, "run_tasks": tasks,
                      "lengths": settings.lengths, "num_samples": settings.num_samples,
                      "training_length": settings.training_length, "skipped_tasks": skipped,
                      "max_new_tokens_per_task": {t: settings.new_tokens(t) for t in tasks},
@@ -376,82 +375,105 @@ def run_ruler(model: Any, settings: RulerSettings, output_dir: str | Path, *,
         "model": description,
     }
 
-    def save() -> None:
-        ordered = sorted(cells.values(), key=lambda c: (c["task"], c["length"]))
-        state["cells"] = ordered
-        state.update(summarize(cells, tasks, settings.lengths, settings.num_samples))
-        write_json_atomic(str(path), state)
-        (out / TABLE_NAME).write_text(markdown_table(state), encoding="utf-8")
 
-    todo = []
-    for task in tasks:
-        for length in settings.lengths:
-            have = {s["index"] for s in cells.get((task, length), {}).get("samples", [])}
-            missing = [i for i in range(settings.num_samples) if i not in have]
-            if missing:
-                todo.append((task, length, missing))
-    done_before = len(tasks) * len(settings.lengths) - len(todo)
-    bar = None
-    if progress:
-        from tqdm import tqdm
+class _GridRun:
+    """The task x length grid of one run: computes missing samples cell by cell and saves
+    results.json / results.md (atomically) after every cell, so a killed run resumes there."""
 
-        bar = tqdm(total=sum(len(m) for _, _, m in todo), unit="sample", dynamic_ncols=True,
-                   desc="ruler")
-    if reuse and todo:
-        model.reserve_cache(max(settings.lengths))  # prompt + new tokens <= length
-    try:
-        for task, length, missing in todo:
-            spec = TASKS[task]
-            max_new = settings.new_tokens(task)
-            maker = SampleMaker(spec, length, max_new, tokenizer, resources, settings.seed)
-            cell = cells.setdefault((task, length), {
-                "task": task, "length": length, "metric": spec.metric,
-                "max_new_tokens": max_new, "samples": []})
-            if bar is not None:
-                bar.set_description(f"{task} {_length_label(length)}")
-            start = time.perf_counter()
-            for g in range(0, len(missing), REUSE_GROUP):
-                group = [maker.make(i) for i in missing[g:g + REUSE_GROUP]]
-                if reuse:  # lexicographic order of ids: the best order for one cache
-                    group.sort(key=lambda s: s.ids)
-                for sample in group:
-                    t0 = time.perf_counter()
-                    new_ids, reused = _generate(model, sample.ids, max_new,
-                                                use_cache=use_cache, reuse=reuse)
-                    seconds = time.perf_counter() - t0
-                    response = tokenizer.decode(new_ids)
-                    cell["samples"].append({
-                        "index": sample.index, "tokens": len(sample.ids),
-                        "units": sample.units, "answers": sample.answers,
-                        "response": response,
-                        "score": score_prediction(spec.metric, response, sample.answers),
-                        "generated_tokens": len(new_ids), "reused_tokens": reused,
-                        "seconds": round(seconds, 4)})
-                    if bar is not None:
-                        bar.update(1)
-            cell["samples"].sort(key=lambda s: s["index"])
-            cell["seconds"] = round(cell.get("seconds", 0.0) + time.perf_counter() - start, 3)
-            save()
-            if log is not None:
-                score = np.mean([s["score"] for s in cell["samples"]
-                                 if s["index"] < settings.num_samples])
-                reused = sum(s["reused_tokens"] for s in cell["samples"])
-                total = sum(s["tokens"] for s in cell["samples"])
-                msg = (f"{task} {length}: score {score:.1f} ({len(cell['samples'])} samples, "
-                       f"{cell['seconds']:.1f} s, {100 * reused / max(total, 1):.0f}% of "
-                       "prompt tokens reused)")
-                if bar is not None:
-                    bar.write(msg)
-                else:
-                    log(msg)
-    finally:
-        if bar is not None:
-            bar.close()
-        if reuse:
-            model.clear_cache()
-    save()
-    if log is not None and done_before:
-        log(f"{done_before} cells were already in {path}")
-    if plot:
-        plot_scores(state, out / PLOT_NAME, training_length=settings.training_length)
-    return state
+    def __init__(self, model: Any, settings: RulerSettings, resources: TaskResources,
+                 cells: dict[tuple[str, int], dict[str, Any]], state: dict[str, Any],
+                 out: Path, *, use_cache: bool, reuse: bool,
+                 log: Callable[[str], None] | None) -> None:
+        self.model, self.settings, self.resources = model, settings, resources
+        self.cells, self.state, self.out = cells, state, out
+        self.use_cache, self.reuse, self.log = use_cache, reuse, log
+        self.bar: Any = None
+
+    def pending(self, tasks: list[str]) -> list[tuple[str, int, list[int]]]:
+        """(task, length, missing sample indices) of every unfinished cell, in grid order."""
+        todo = []
+        for task in tasks:
+            for length in self.settings.lengths:
+                have = {s["index"] for s in
+                        self.cells.get((task, length), {}).get("samples", [])}
+                missing = [i for i in range(self.settings.num_samples) if i not in have]
+                if missing:
+                    todo.append((task, length, missing))
+        return todo
+
+    def save(self) -> None:
+        ordered = sorted(self.cells.values(), key=lambda c: (c["task"], c["length"]))
+        self.state["cells"] = ordered
+        self.state.update(summarize(self.cells, self.state["settings"]["run_tasks"],
+                                    self.settings.lengths, self.settings.num_samples))
+        write_json_atomic(self.out / RESULTS_NAME, self.state)
+        write_text_atomic(self.out / TABLE_NAME, markdown_table(self.state))
+
+    def execute(self, todo: list[tuple[str, int, list[int]]], *, progress: bool) -> None:
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=sum(len(m) for _, _, m in todo), unit="sample",
+                            dynamic_ncols=True, desc="ruler")
+        if self.reuse and todo:
+            self.model.reserve_cache(max(self.settings.lengths))  # prompt + new <= length
+        try:
+            for task, length, missing in todo:
+                self.run_cell(task, length, missing)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+            if self.reuse:
+                self.model.clear_cache()
+        self.save()
+
+    def run_cell(self, task: str, length: int, missing: list[int]) -> None:
+        spec = TASKS[task]
+        max_new = self.settings.new_tokens(task)
+        maker = SampleMaker(spec, length, max_new, self.model.tokenizer, self.resources,
+                            self.settings.seed)
+        cell = self.cells.setdefault((task, length), {
+            "task": task, "length": length, "metric": spec.metric,
+            "max_new_tokens": max_new, "samples": []})
+        if self.bar is not None:
+            self.bar.set_description(f"{task} {length_label(length)}")
+        start = time.perf_counter()
+        for g in range(0, len(missing), REUSE_GROUP):
+            group = [maker.make(i) for i in missing[g:g + REUSE_GROUP]]
+            if self.reuse:  # lexicographic order of ids: the best order for one cache
+                group.sort(key=lambda s: s.ids)
+            for sample in group:
+                cell["samples"].append(self.run_sample(spec, sample, max_new))
+                if self.bar is not None:
+                    self.bar.update(1)
+        cell["samples"].sort(key=lambda s: s["index"])
+        cell["seconds"] = round(cell.get("seconds", 0.0) + time.perf_counter() - start, 3)
+        self.save()
+        self.report(task, length, cell)
+
+    def run_sample(self, spec: Any, sample: Any, max_new: int) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        new_ids, reused = _generate(self.model, sample.ids, max_new,
+                                    use_cache=self.use_cache, reuse=self.reuse)
+        seconds = time.perf_counter() - t0
+        response = self.model.tokenizer.decode(new_ids)
+        return {"index": sample.index, "tokens": len(sample.ids), "units": sample.units,
+                "answers": sample.answers, "response": response,
+                "score": score_prediction(spec.metric, response, sample.answers),
+                "generated_tokens": len(new_ids), "reused_tokens": reused,
+                "seconds": round(seconds, 4)}
+
+    def report(self, task: str, length: int, cell: dict[str, Any]) -> None:
+        if self.log is None:
+            return
+        score = np.mean([s["score"] for s in cell["samples"]
+                         if s["index"] < self.settings.num_samples])
+        reused = sum(s["reused_tokens"] for s in cell["samples"])
+        total = sum(s["tokens"] for s in cell["samples"])
+        msg = (f"{task} {length}: score {score:.1f} ({len(cell['samples'])} samples, "
+               f"{cell['seconds']:.1f} s, {100 * reused / max(total, 1):.0f}% of "
+               "prompt tokens reused)")
+        if self.bar is not None:
+            self.bar.write(msg)
+        else:
+            self.log(msg)

@@ -15,15 +15,20 @@ from typing import Any
 
 import numpy as np
 
-from megatron_longctx.mixture.planner import load_plan
+from megatron_longctx.mixture.plan import MixturePlan, load_plan
 
 
 def ensure_process_group() -> None:
-    """megatron's dataset cache needs a process group; make a 1-rank gloo one if none exists."""
+    """megatron's dataset cache needs a process group; make a 1-rank gloo one if none exists.
+
+    The gloo file store lives in a fresh private directory (`mkdtemp`: created atomically, mode
+    0700), not at a `mktemp` name that another process could create between the name being
+    chosen and gloo opening it. The directory (one empty file) is left for the OS to clean.
+    """
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        store = tempfile.mktemp(prefix="mlc-pg-")
+        store = os.path.join(tempfile.mkdtemp(prefix="mlc-pg-"), "store")
         dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
 
 
@@ -46,45 +51,47 @@ def sample_bucket_tokens(dataset, sample_ids: np.ndarray, threshold: float) -> n
     return end_long - start_long
 
 
-def audit_datasets(plan: dict[str, Any], train, tolerance: float = 0.01) -> dict[str, Any]:
+def _domain_rows(plan: MixturePlan, domain, ds, ids: np.ndarray, total: float) -> list[dict]:
+    """Planned vs realized token shares of one domain: short, long and all."""
+    seq = plan.seq_length
+    threshold = plan.long_threshold if plan.strategy != "cut" else float("inf")
+    long_tokens = float(sample_bucket_tokens(ds, ids, threshold).sum()) if ids.size else 0.0
+    domain_tokens = float(ids.size * seq)
+    planned = {b.name: b.target_tokens / plan.train_tokens for b in domain.buckets}
+    if plan.strategy == "cut":  # pieces are all short: compare the domain only
+        realized = {"short": domain_tokens / total, "long": 0.0}
+        planned = {"short": sum(planned.values()), "long": 0.0}
+    else:
+        realized = {"short": (domain_tokens - long_tokens) / total, "long": long_tokens / total}
+    rows = [{"domain": domain.domain, "bucket": bucket, "planned": planned[bucket],
+             "realized": realized[bucket], "diff": realized[bucket] - planned[bucket]}
+            for bucket in ("short", "long")]
+    rows.append({"domain": domain.domain, "bucket": "all", "planned": domain.target_share,
+                 "realized": domain_tokens / total,
+                 "diff": domain_tokens / total - domain.target_share})
+    return rows
+
+
+def audit_datasets(plan: MixturePlan, train, tolerance: float = 0.01) -> dict[str, Any]:
     """Compare a built training BlendedDataset (or single GPTDataset) with the plan."""
+    from megatron_longctx.mixture.dataset import plan_dataset_inputs
+
     datasets = train.datasets if hasattr(train, "datasets") else [train]
     if hasattr(train, "dataset_index"):
         choice, sample_ids = train.dataset_index, train.dataset_sample_index
     else:
         choice = np.zeros(len(train), dtype=np.int64)
         sample_ids = np.arange(len(train), dtype=np.int64)
-    seq = plan["seq_length"]
-    total = float(len(choice) * seq)
-    threshold = plan["long_threshold"] if plan["strategy"] != "cut" else float("inf")
-    by_path = {d["prefix"]: d for d in plan["domains"]}
-    if plan["strategy"] == "cut":
-        by_path = {v["view"]: next(d for d in plan["domains"] if d["domain"] == v["domain"])
-                   for v in plan["realization"]["views"]}
+    total = float(len(choice) * plan.seq_length)
+    if plan.strategy == "cut":
+        inputs = plan_dataset_inputs(plan)
+        by_path = dict(zip(inputs.prefixes, inputs.domains))
+    else:
+        by_path = {d.prefix: d for d in plan.domains}
     rows = []
-    worst = 0.0
     for k, ds in enumerate(datasets):
-        domain = by_path[ds.dataset_path]
-        ids = sample_ids[choice == k]
-        long_tokens = float(sample_bucket_tokens(ds, ids, threshold).sum()) if ids.size else 0.0
-        domain_tokens = float(ids.size * seq)
-        planned = {b["name"]: b["target_tokens"] / plan["train_tokens"] for b in domain["buckets"]}
-        if plan["strategy"] == "cut":  # pieces are all short: compare the domain only
-            realized = {"short": domain_tokens / total, "long": 0.0}
-            planned = {"short": sum(planned.values()), "long": 0.0}
-        else:
-            realized = {"short": (domain_tokens - long_tokens) / total,
-                        "long": long_tokens / total}
-        for bucket in ("short", "long"):
-            diff = realized[bucket] - planned[bucket]
-            worst = max(worst, abs(diff))
-            rows.append({"domain": domain["domain"], "bucket": bucket,
-                         "planned": planned[bucket], "realized": realized[bucket], "diff": diff})
-        domain_diff = domain_tokens / total - domain["target_share"]
-        worst = max(worst, abs(domain_diff))
-        rows.append({"domain": domain["domain"], "bucket": "all",
-                     "planned": domain["target_share"], "realized": domain_tokens / total,
-                     "diff": domain_diff})
+        rows += _domain_rows(plan, by_path[ds.dataset_path], ds, sample_ids[choice == k], total)
+    worst = max((abs(r["diff"]) for r in rows), default=0.0)
     return {"samples": int(len(choice)), "rows": rows, "max_abs_diff": worst,
             "tolerance": tolerance, "within_tolerance": worst <= tolerance}
 
@@ -95,10 +102,10 @@ def audit_plan(plan_path: str, tolerance: float = 0.01, cache_dir: str | None = 
 
     plan = load_plan(plan_path)
     ensure_process_group()
-    tok = plan["tokenizer"]
-    tokenizer = DatasetTokenizer(tok["vocab_size"], tok["eod"], tok.get("sha256", ""))
+    tok = plan.tokenizer
+    tokenizer = DatasetTokenizer(tok.vocab_size, tok.eod, tok.sha256)
     cache_dir = cache_dir or os.path.join(os.path.dirname(os.path.abspath(plan_path)), "cache")
-    train, _, _ = build_plan_datasets(plan, tokenizer, (plan["train_samples"], 0, 0),
+    train, _, _ = build_plan_datasets(plan, tokenizer, (plan.train_samples, 0, 0),
                                       cache_dir=cache_dir)
     return audit_datasets(plan, train, tolerance)
 

@@ -15,8 +15,12 @@ attributes) can never serve indices of an older plan.
 Samples carry `segment_ids` (int32 per token: which packed document a token belongs to) when
 `return_document_boundaries` is set, for intra-document attention masking; no s x s mask is ever
 built (`create_attention_mask` is forced off: at 128K a dense boolean mask is 16 GiB per sample).
-`cut` plans train on the planner's piece views, so pieces are documents and no segment is longer
-than `--cut-length`.
+`cut` plans train on the planner's piece views (`views/` beside the plan file), so pieces are
+documents and no segment is longer than `--cut-length`.
+
+Splits: with a plan, each dataset's train and valid ranges come from `plan.split_documents`
+(the held-out tail of `--valid-fraction`), the same function the view writer and the
+evaluation use; `eod_mask_loss` follows `--eod-mask-loss` as on the `--data-path` route.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ import os
 import zlib
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
@@ -36,8 +39,14 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import Split
 
 from megatron_longctx.data import native
-from megatron_longctx.mixture.outputs import split_string
-from megatron_longctx.mixture.planner import bucket_repeats
+from megatron_longctx.data.indexed import read_index
+from megatron_longctx.mixture.plan import (
+    DomainPlan,
+    MixturePlan,
+    split_documents,
+    split_string,
+    view_prefix,
+)
 
 
 class DatasetTokenizer:
@@ -65,6 +74,10 @@ class LongCtxGPTDatasetConfig(GPTDatasetConfig):
     plan_key: str = ""
     #: Add `segment_ids` (packed document id per token) to every sample.
     return_document_boundaries: bool = False
+    #: A plan's `--valid-fraction`: each dataset's train split is its first n - round(f * n)
+    #: documents and its valid split the rest (`plan.split_documents`), whatever megatron makes
+    #: of the `split` string. None: megatron's `split` ranges (the `--data-path` route).
+    held_out_fraction: float | None = None
 
     def __post_init__(self) -> None:
         self.create_attention_mask = False
@@ -80,12 +93,26 @@ class LongCtxGPTDataset(GPTDataset):
 
     def __init__(self, indexed_dataset, dataset_path, indexed_indices, num_samples, index_split,
                  config: LongCtxGPTDatasetConfig) -> None:
+        if config.held_out_fraction is not None and index_split in (Split.train, Split.valid):
+            train_ids, held_ids = split_documents(len(indexed_dataset.sequence_lengths),
+                                                  config.held_out_fraction)
+            indexed_indices = (train_ids if index_split == Split.train else held_ids).astype(
+                np.int32)
         repeats = (config.bucket_repeats or {}).get(dataset_path)
         if repeats is not None and index_split == Split.train:
-            indexed_indices = upsample_documents(
+            kept = upsample_documents(
                 indexed_dataset, indexed_indices, config.length_threshold, repeats,
                 config.random_seed ^ zlib.crc32(os.path.basename(dataset_path).encode()),
             )
+            if kept.size == 0 and len(indexed_indices) and num_samples:
+                raise ValueError(
+                    f"{dataset_path}: the plan keeps none of its {len(indexed_indices)} training "
+                    f"documents (repeat factors {', '.join(f'{r:.3g}' for r in repeats)} round "
+                    f"to 0 documents) but the blend draws {num_samples} samples from it: the "
+                    "budget is too small for this corpus; raise --train-tokens or give this "
+                    "domain weight 0 (--domain-weights)"
+                )
+            indexed_indices = kept
         super().__init__(indexed_dataset, dataset_path, indexed_indices, num_samples,
                          index_split, config)
 
@@ -139,48 +166,71 @@ def upsample_documents(indexed_dataset, indices: np.ndarray, threshold: int,
     return np.asarray(indices)[order].astype(np.int32)
 
 
-def plan_dataset_inputs(plan: dict[str, Any]) -> tuple[list[str], list[float], dict]:
-    """(dataset prefixes, blend weights, bucket repeats) that realize a plan in our trainer."""
-    if plan["strategy"] == "cut":
-        views = {v["domain"]: v for v in plan["realization"]["views"]}
-        prefixes, weights, repeats = [], [], {}
-        for d in plan["domains"]:
-            view = views[d["domain"]]
-            target = sum(b["target_tokens"] for b in d["buckets"])
-            prefixes.append(view["view"])
-            weights.append(d["target_share"])
-            r = target / view["tokens"] if view["tokens"] else 0.0
-            repeats[view["view"]] = [r, r]
-        return prefixes, weights, repeats
-    prefixes = [d["prefix"] for d in plan["domains"] if d["target_share"] > 0]
-    weights = [d["target_share"] for d in plan["domains"] if d["target_share"] > 0]
-    return prefixes, weights, bucket_repeats(plan)
+@dataclass(frozen=True)
+class PlanInputs:
+    """What our trainer blends for a plan: one dataset per domain with a positive share."""
+
+    prefixes: list[str]
+    weights: list[float]
+    #: {prefix: [repeat of short, repeat of long]}.
+    repeats: dict[str, list[float]]
+    #: The plan's domain of each prefix.
+    domains: list[DomainPlan]
+
+
+def plan_dataset_inputs(plan: MixturePlan) -> PlanInputs:
+    """The datasets, blend weights and repeat factors that realize `plan` in our trainer.
+
+    `cut` plans train on the piece views beside the plan file (`plan.views_dir`, written by
+    `outputs.write_plan_outputs`), each repeated target / view tokens times; the others on the
+    stage-1 datasets with the plan's per-bucket repeat factors.
+    """
+    domains = plan.active_domains
+    if plan.strategy != "cut":
+        return PlanInputs([d.prefix for d in domains], [d.target_share for d in domains],
+                          {d.prefix: d.repeats for d in domains}, domains)
+    prefixes, repeats = [], {}
+    for d in domains:
+        view = view_prefix(plan.views_dir, d, "cut")
+        if not os.path.exists(view + ".idx"):
+            raise FileNotFoundError(f"{plan.source}: cut view {view}.idx not found (written by "
+                                    "tools/blend_mixture.py beside the plan)")
+        tokens = int(read_index(view).document_lengths().sum())
+        r = d.target_tokens / tokens if tokens else 0.0
+        prefixes.append(view)
+        repeats[view] = [r, r]
+    return PlanInputs(prefixes, [d.target_share for d in domains], repeats, domains)
 
 
 def build_plan_datasets(
-    plan: dict[str, Any],
+    plan: MixturePlan,
     tokenizer: DatasetTokenizer,
     num_samples: tuple[int, int, int],
     seed: int | None = None,
     cache_dir: str | None = None,
     return_document_boundaries: bool = False,
     seq_length: int | None = None,
+    eod_mask_loss: bool = False,
 ):
-    """(train, valid, test) BlendedDatasets realizing `plan` (None for empty splits)."""
-    prefixes, weights, repeats = plan_dataset_inputs(plan)
+    """(train, valid, test) BlendedDatasets realizing `plan` (None for empty splits).
+
+    `eod_mask_loss` is `--eod-mask-loss` (no loss on EOD tokens), as on the `--data-path` route.
+    """
+    inputs = plan_dataset_inputs(plan)
     config = LongCtxGPTDatasetConfig(
-        random_seed=plan["parameters"]["seed"] if seed is None else seed,
-        sequence_length=seq_length or plan["seq_length"],
-        blend=(prefixes, weights),
-        split=split_string(plan["parameters"]["valid_fraction"]),
+        random_seed=plan.seed if seed is None else seed,
+        sequence_length=seq_length or plan.seq_length,
+        blend=(inputs.prefixes, inputs.weights),
+        split=split_string(plan.valid_fraction),
         path_to_cache=cache_dir,
         tokenizer=tokenizer,
         reset_position_ids=False,
         reset_attention_mask=False,
-        eod_mask_loss=False,
-        length_threshold=plan["long_threshold"] if plan["strategy"] != "cut" else 2**62,
-        bucket_repeats=repeats,
+        eod_mask_loss=eod_mask_loss,
+        length_threshold=plan.long_threshold if plan.strategy != "cut" else 2**62,
+        bucket_repeats=inputs.repeats,
         return_document_boundaries=return_document_boundaries,
+        held_out_fraction=plan.valid_fraction,
     )
     # A split asked for 0 samples is not built: megatron's _get_num_epochs never terminates for
     # a non-empty document range that must yield 0 samples (it needs > 0 tokens).

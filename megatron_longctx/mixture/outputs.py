@@ -2,12 +2,16 @@
 
 Files in `--output-dir`:
 - `views/{dataset}_{bucket}.idx/.bin`: one view per (domain, length bucket) with a target (one per
-  domain for `cut`, listing pieces), and `views/{dataset}_valid` when `--valid-fraction` > 0.
+  domain for `cut`, listing pieces), and `views/{dataset}_valid` when `--valid-fraction` > 0
+  (the last `plan.held_out_count(n, f) = round(f * n)` documents of each dataset).
 - `blend.txt`: `w1 p1 w2 p2 ...` for Megatron's `--data-args-path`, weights = planned token shares.
 - `blend_per_split.json`: {"train": [...], "valid": [...] | null, "test": null} for
   `--per-split-data-args-path` (null splits are skipped by Megatron's `get_blend_from_list`).
 - `report.md` and PNG plots.
 - `mixture_plan.json` last, so its presence means everything above is complete.
+
+The views are not recorded in the plan: `planned_views` derives them from the plan and the
+stage-1 indexes, and the training dataset derives its `cut` views the same way (plan.py says why).
 
 How exact the stock-Megatron route is: blending picks whole samples, so each bucket's token
 share matches its weight up to one sample per bucket; but each view packs only its own bucket's
@@ -19,111 +23,122 @@ together and matches the plan's bucket shares at document level).
 from __future__ import annotations
 
 import os
-import re
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
-from megatron_longctx.data.indexed import read_index
-from megatron_longctx.data.stats import write_json_atomic
+from megatron_longctx.atomic import write_json_atomic, write_text_atomic
+from megatron_longctx.data.indexed import IndexInfo, read_index
+from megatron_longctx.mixture.plan import (
+    PLAN_FILE,
+    VIEWS_DIR,
+    DomainPlan,
+    MixturePlan,
+    split_documents,
+    view_prefix,
+)
+from megatron_longctx.mixture.report import write_report
 from megatron_longctx.mixture.views import write_view
 
-
-def split_string(valid_fraction: float) -> str:
-    """Megatron's --split for the held-out tail (train first, then valid, no test)."""
-    return f"{1.0 - valid_fraction:.10g},{valid_fraction:.10g},0"
+VIEWS_NOTE = "views pack each bucket separately; shares exact up to one sample per view"
 
 
-def _split_docs(n_docs: int, valid_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """Train documents first, the last `valid_fraction` held out: megatron-core's own arithmetic
-    for `--split` (normalised ratios, `round(ratio * n)` bounds), so views and the training
-    dataset hold out exactly the same documents."""
-    ratios = np.array([float(x) for x in re.findall(r"[.0-9]+", split_string(valid_fraction))])
-    ratios = ratios / ratios.sum()
-    n_train = int(round(ratios[0] * float(n_docs)))
-    return np.arange(n_train, dtype=np.int64), np.arange(n_train, n_docs, dtype=np.int64)
+@dataclass(frozen=True)
+class PlannedView:
+    """One view a plan realizes: which source documents, under which prefix, with what weight."""
+
+    domain: str
+    #: "short", "long", "cut" (train) or "valid" (held out).
+    bucket: str
+    #: `{view}.idx/.bin` prefix.
+    view: str
+    #: Source document ids, in order.
+    document_ids: np.ndarray
+    #: Tokens in those documents.
+    tokens: int
+    #: Train views: the plan's target tokens; valid views: the domain's target share.
+    weight: float
+
+    @property
+    def documents(self) -> int:
+        return int(self.document_ids.size)
 
 
-def write_views_and_blends(plan: dict[str, Any], output_dir: str) -> dict[str, Any]:
-    """Create the views and blend files; returns the `realization` section of the plan."""
-    views_dir = os.path.join(output_dir, "views")
-    valid_fraction = plan["parameters"]["valid_fraction"]
-    threshold = plan["long_threshold"]
+@dataclass(frozen=True)
+class Realization:
+    """What `write_views_and_blends` wrote (returned, and shown in the report; not in the plan)."""
+
+    blend_file: str
+    per_split_file: str
+    views: list[PlannedView]
+    note: str = VIEWS_NOTE
+
+
+def _domain_views(plan: MixturePlan, domain: DomainPlan, views_dir: str,
+                  index: IndexInfo) -> list[PlannedView]:
+    """The train views (buckets with a target and documents) and the valid view of a domain."""
+    lengths = index.document_lengths()
+    train_docs, valid_docs = split_documents(len(lengths), plan.valid_fraction)
+    if plan.strategy == "cut":
+        groups = [("cut", train_docs, domain.target_tokens)]
+    else:
+        is_long = lengths[train_docs] > plan.long_threshold
+        groups = [(b.name, train_docs[is_long == (b.name == "long")], b.target_tokens)
+                  for b in domain.buckets]
+    out = [PlannedView(domain.domain, bucket, view_prefix(views_dir, domain, bucket), docs,
+                       int(lengths[docs].sum()), target)
+           for bucket, docs, target in groups if target > 0 and docs.size > 0]
+    if valid_docs.size:
+        out.append(PlannedView(domain.domain, "valid", view_prefix(views_dir, domain, "valid"),
+                               valid_docs, int(lengths[valid_docs].sum()), domain.target_share))
+    return out
+
+
+def planned_views(plan: MixturePlan, views_dir: str) -> list[PlannedView]:
+    """Every view of the plan, domain by domain (train views, then the domain's valid view)."""
+    return [v for d in plan.domains
+            for v in _domain_views(plan, d, views_dir, read_index(d.prefix))]
+
+
+def _flat(blend: list[tuple[float, str]]) -> list[str]:
+    total = sum(w for w, _ in blend)
+    return [x for w, p in blend for x in (f"{w / total:.10g}", p)]
+
+
+def write_views_and_blends(plan: MixturePlan, output_dir: str) -> Realization:
+    """Create the views and the blend files."""
+    views_dir = os.path.join(output_dir, VIEWS_DIR)
+    views: list[PlannedView] = []
     train_blend: list[tuple[float, str]] = []
     valid_blend: list[tuple[float, str]] = []
-    realized: list[dict[str, Any]] = []
-    for domain in plan["domains"]:
-        prefix = domain["prefix"]
-        index = read_index(prefix)
-        lengths = index.document_lengths()
-        train_docs, valid_docs = _split_docs(len(lengths), valid_fraction)
-        name = os.path.basename(prefix)
-        if plan["strategy"] == "cut":
-            groups = [("cut", train_docs, sum(b["target_tokens"] for b in domain["buckets"]))]
-        else:
-            is_long = lengths[train_docs] > threshold
-            groups = [(b["name"], train_docs[is_long == (b["name"] == "long")], b["target_tokens"])
-                      for b in domain["buckets"]]
-        for bucket, docs, target in groups:
-            if target <= 0 or docs.size == 0:
-                continue
-            view = os.path.join(views_dir, f"{name}_{bucket}")
-            write_view(prefix, view, docs, plan["cut_length"], index)
-            train_blend.append((target / plan["train_tokens"], os.path.abspath(view)))
-            realized.append({"domain": domain["domain"], "bucket": bucket, "view": view,
-                             "documents": int(docs.size),
-                             "tokens": int(lengths[docs].sum())})
-        if valid_docs.size:
-            view = os.path.join(views_dir, f"{name}_valid")
-            write_view(prefix, view, valid_docs, plan["cut_length"], index)
-            valid_blend.append((domain["target_share"], os.path.abspath(view)))
-
-    def flat(blend: list[tuple[float, str]]) -> list[str]:
-        total = sum(w for w, _ in blend)
-        return [x for w, p in blend for x in (f"{w / total:.10g}", p)]
-
+    for domain in plan.domains:
+        index = read_index(domain.prefix)
+        for v in _domain_views(plan, domain, views_dir, index):
+            write_view(domain.prefix, v.view, v.document_ids, plan.cut_length, index)
+            views.append(v)
+            if v.bucket == "valid":
+                valid_blend.append((v.weight, os.path.abspath(v.view)))
+            else:
+                train_blend.append((v.weight / plan.train_tokens, os.path.abspath(v.view)))
     blend_path = os.path.join(output_dir, "blend.txt")
-    tmp = blend_path + ".tmp"
-    with open(tmp, "w") as fh:
-        fh.write(" ".join(flat(train_blend)) + "\n")
-    os.replace(tmp, blend_path)
+    write_text_atomic(blend_path, " ".join(_flat(train_blend)) + "\n")
     per_split_path = os.path.join(output_dir, "blend_per_split.json")
     write_json_atomic(per_split_path, {
-        "train": flat(train_blend),
-        "valid": flat(valid_blend) if valid_blend else None,
+        "train": _flat(train_blend),
+        "valid": _flat(valid_blend) if valid_blend else None,
         "test": None,
     })
-    return {"blend_file": blend_path, "per_split_file": per_split_path, "views": realized,
-            "note": "views pack each bucket separately; shares exact up to one sample per view"}
+    return Realization(blend_path, per_split_path, [v for v in views if v.bucket != "valid"])
 
 
-def write_plan_outputs(plan: dict[str, Any], output_dir: str) -> dict[str, str]:
+def write_plan_outputs(plan: MixturePlan, output_dir: str) -> dict[str, str]:
     """Views, blends, report, then `mixture_plan.json` last. Returns the main paths."""
-    from megatron_longctx.mixture.report import write_report
-
     os.makedirs(output_dir, exist_ok=True)
-    plan_path = os.path.join(output_dir, "mixture_plan.json")
+    plan_path = os.path.join(output_dir, PLAN_FILE)
     if os.path.exists(plan_path):
         os.unlink(plan_path)  # a rerun that fails midway must not leave the old plan standing
-    plan["realization"] = write_views_and_blends(plan, output_dir)
-    report = write_report(plan, output_dir)
-    write_json_atomic(plan_path, plan)
-    return {"plan": plan_path, "blend": plan["realization"]["blend_file"],
-            "per_split": plan["realization"]["per_split_file"], "report": report}
-
-
-def dumps_table(plan: dict[str, Any]) -> str:
-    """A plain-text table of the plan (console and report)."""
-    rows = [f"{'domain':24s} {'share':>7s} {'target':>7s} {'long':>6s} {'->':>6s} "
-            f"{'short x':>8s} {'long x':>8s}"]
-    for d in plan["domains"]:
-        short, long_ = d["buckets"]
-        rows.append(
-            f"{d['domain']:24s} {d['weight_share']:7.2%} {d['target_share']:7.2%} "
-            f"{d['long_share_before']:6.1%} {d['long_share_after']:6.1%} "
-            f"{short['repeat']:8.3f} {long_['repeat']:8.3f}"
-        )
-    t = plan["totals"]
-    rows.append(f"{'total':24s} {'':7s} {'':7s} {t['long_share_before']:6.1%} "
-                f"{t['long_share_after']:6.1%}   max repeat {t['max_repeat']:.2f}")
-    return "\n".join(rows)
+    realization = write_views_and_blends(plan, output_dir)
+    report = write_report(plan, output_dir, realization)
+    plan.save(plan_path)
+    return {"plan": plan_path, "blend": realization.blend_file,
+            "per_split": realization.per_split_file, "report": report}

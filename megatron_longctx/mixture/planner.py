@@ -25,17 +25,22 @@ Books and ArXiv up by several points each, which the paper shows hurts.
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
-from dataclasses import asdict
 from typing import Any
 
 from megatron_longctx.config.mixture import SLIMPAJAMA_SHARES, MixtureConfig
 from megatron_longctx.data.stats import documents_longer_than, load_stats, tokens_longer_than
-
-PLAN_FORMAT = "megatron_longctx.mixture_plan/1"
-BUCKETS = ("short", "long")
+from megatron_longctx.mixture.plan import (
+    BUCKETS,
+    BucketPlan,
+    DomainPlan,
+    MixturePlan,
+    PlanTokenizer,
+    PlanTotals,
+)
 
 
 class PlanError(Exception):
@@ -165,12 +170,8 @@ def _domain_long_shares(
     return long_share, shares, details
 
 
-def plan_mixture(cfg: MixtureConfig) -> dict[str, Any]:
-    """Compute the plan (pure: reads stats files only, writes nothing)."""
-    cfg.validate()
-    entries = load_domain_stats(cfg.data_prefixes)
-    weights = resolve_weights(cfg, entries)
-    warnings: list[str] = []
+def _bucket_inputs(cfg: MixtureConfig, entries: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per domain, from its stats: natural long share, unique tokens and documents per bucket."""
     natural: dict[str, float] = {}
     unique: dict[str, dict[str, float]] = {}
     docs: dict[str, dict[str, float]] = {}
@@ -181,86 +182,95 @@ def plan_mixture(cfg: MixtureConfig) -> dict[str, Any]:
         unique[e["domain"]] = {"short": s["tokens"] - long_tokens, "long": long_tokens}
         docs[e["domain"]] = {"short": s["documents"] - long_docs, "long": long_docs}
         natural[e["domain"]] = long_tokens / s["tokens"] if s["tokens"] else 0.0
+    return {"natural": natural, "unique": unique, "docs": docs}
+
+
+def _bucket_plans(cfg: MixtureConfig, domain: str, targets: dict[str, float],
+                  inputs: dict[str, Any], warnings: list[str]) -> tuple[BucketPlan, BucketPlan]:
+    """The domain's (short, long) buckets: target tokens, repeat factors, blend weights."""
+    budget = float(cfg.train_tokens)
+    buckets = []
+    for b in BUCKETS:
+        avail = inputs["unique"][domain][b]
+        target = targets[b]
+        if target > 0 and avail <= 0:
+            what = "longer than" if b == "long" else "of at most"
+            raise PlanError(
+                f"{domain}: the budget needs {target:.3g} tokens from documents {what} "
+                f"{cfg.long_threshold} tokens, but the dataset has none; change "
+                "--domain-weights, --long-threshold or the data"
+            )
+        repeat = target / avail if avail > 0 else 0.0
+        if repeat > cfg.max_epochs:
+            warnings.append(f"{domain}/{b}: repeats {repeat:.2f} times (> --max-epochs "
+                            f"{cfg.max_epochs:g}); add data or lower --train-tokens")
+        buckets.append(BucketPlan(
+            name=b,
+            min_length=1 if b == "short" else cfg.long_threshold + 1,
+            max_length=cfg.long_threshold if b == "short" else None,
+            documents=inputs["docs"][domain][b],
+            unique_tokens=avail,
+            target_tokens=target,
+            repeat=repeat,
+            sampling_weight=target / budget,
+        ))
+    return buckets[0], buckets[1]
+
+
+def plan_mixture(cfg: MixtureConfig) -> MixturePlan:
+    """Compute the plan (pure: reads stats files only, writes nothing)."""
+    cfg.validate()
+    entries = load_domain_stats(cfg.data_prefixes)
+    weights = resolve_weights(cfg, entries)
+    warnings: list[str] = []
+    inputs = _bucket_inputs(cfg, entries)
+    natural = inputs["natural"]
     long_share, shares, details = _domain_long_shares(cfg, weights, natural, warnings)
 
     budget = float(cfg.train_tokens)
     total_tokens = sum(e["stats"]["tokens"] for e in entries)
-    domains_out = []
+    domains = []
     for e in entries:
         d = e["domain"]
         domain_budget = shares[d] * budget
         targets = {"short": domain_budget * (1.0 - long_share[d]),
                    "long": domain_budget * long_share[d]}
-        buckets = []
-        for b in BUCKETS:
-            avail = unique[d][b]
-            target = targets[b]
-            if target > 0 and avail <= 0:
-                what = "longer than" if b == "long" else "of at most"
-                raise PlanError(
-                    f"{d}: the budget needs {target:.3g} tokens from documents {what} "
-                    f"{cfg.long_threshold} tokens, but the dataset has none; change "
-                    "--domain-weights, --long-threshold or the data"
-                )
-            repeat = target / avail if avail > 0 else 0.0
-            if repeat > cfg.max_epochs:
-                warnings.append(f"{d}/{b}: repeats {repeat:.2f} times (> --max-epochs "
-                                f"{cfg.max_epochs:g}); add data or lower --train-tokens")
-            buckets.append({
-                "name": b,
-                "min_length": 1 if b == "short" else cfg.long_threshold + 1,
-                "max_length": cfg.long_threshold if b == "short" else None,
-                "documents": docs[d][b],
-                "unique_tokens": avail,
-                "target_tokens": target,
-                "repeat": repeat,
-                "sampling_weight": target / budget,
-            })
-        domains_out.append({
-            "domain": d,
-            "prefix": e["prefix"],
-            "stats": e["stats_path"],
-            "documents": e["stats"]["documents"],
-            "tokens": e["stats"]["tokens"],
-            "natural_share": e["stats"]["tokens"] / total_tokens if total_tokens else 0.0,
-            "weight_share": weights[d],
-            "target_share": shares[d],
-            "long_share_before": natural[d],
-            "long_share_after": 0.0 if cfg.strategy == "cut" else long_share[d],
-            "buckets": buckets,
-        })
-    long_after = sum(x["target_share"] * x["long_share_after"] for x in domains_out)
-    long_before = sum(x["weight_share"] * x["long_share_before"] for x in domains_out)
-    return {
-        "format": PLAN_FORMAT,
-        "strategy": cfg.strategy,
-        "parameters": asdict(cfg),
-        "details": details,
-        "train_tokens": budget,
-        "seq_length": cfg.seq_length,
-        "train_samples": math.ceil(budget / cfg.seq_length),
-        "long_threshold": cfg.long_threshold,
-        "cut_length": cfg.cut_length if cfg.strategy == "cut" else None,
-        "tokenizer": entries[0]["stats"]["tokenizer"],
-        "domains": domains_out,
-        "totals": {
-            "unique_tokens": total_tokens,
-            "long_share_before": long_before,
-            "long_share_after": long_after,
-            "max_repeat": max(b["repeat"] for x in domains_out for b in x["buckets"]),
-        },
-        "warnings": warnings,
-    }
+        domains.append(DomainPlan(
+            domain=d,
+            prefix=e["prefix"],
+            stats=e["stats_path"],
+            documents=e["stats"]["documents"],
+            tokens=e["stats"]["tokens"],
+            natural_share=e["stats"]["tokens"] / total_tokens if total_tokens else 0.0,
+            weight_share=weights[d],
+            target_share=shares[d],
+            long_share_before=natural[d],
+            long_share_after=0.0 if cfg.strategy == "cut" else long_share[d],
+            buckets=_bucket_plans(cfg, d, targets, inputs, warnings),
+        ))
+    return MixturePlan(
+        strategy=cfg.strategy,
+        parameters=copy.deepcopy(cfg),
+        details=details,
+        train_tokens=budget,
+        seq_length=cfg.seq_length,
+        train_samples=math.ceil(budget / cfg.seq_length),
+        long_threshold=cfg.long_threshold,
+        cut_length=cfg.cut_length if cfg.strategy == "cut" else None,
+        tokenizer=_plan_tokenizer(entries[0]["stats"]["tokenizer"]),
+        domains=tuple(domains),
+        totals=PlanTotals(
+            unique_tokens=total_tokens,
+            long_share_before=sum(x.weight_share * x.long_share_before for x in domains),
+            long_share_after=sum(x.target_share * x.long_share_after for x in domains),
+            max_repeat=max(b.repeat for x in domains for b in x.buckets),
+        ),
+        warnings=tuple(warnings),
+    )
 
 
-def bucket_repeats(plan: dict[str, Any]) -> dict[str, list[float]]:
-    """{dataset prefix: [repeat of short, repeat of long]} for the training-side dataset."""
-    return {d["prefix"]: [b["repeat"] for b in d["buckets"]] for d in plan["domains"]}
-
-
-def load_plan(path: str) -> dict[str, Any]:
-    with open(path) as fh:
-        plan = json.load(fh)
-    if plan.get("format") != PLAN_FORMAT:
-        raise ValueError(f"{path}: not a {PLAN_FORMAT} file (--mixture-plan)")
-    return plan
+def _plan_tokenizer(record: dict[str, Any]) -> PlanTokenizer:
+    """The stats file's tokenizer record, typed (vocab size, EOD, sha256; the rest kept)."""
+    rest = {k: v for k, v in record.items() if k not in ("vocab_size", "eod", "sha256")}
+    return PlanTokenizer(vocab_size=int(record["vocab_size"]), eod=int(record["eod"]),
+                         sha256=record.get("sha256") or "", details=rest)

@@ -22,14 +22,13 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from megatron_longctx.config.dtypes import torch_dtype
 from megatron_longctx.config.model import (
     ModelConfig,
     ParallelConfig,
     PrecisionConfig,
     validate_all,
 )
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @functools.cache
@@ -49,12 +48,6 @@ def default_device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def padded_vocab_size(vocab_size: int, tp: int, divisible_by: int = 128) -> int:
-    """Megatron-LM's --make-vocab-size-divisible-by padding (multiple of divisible_by * TP)."""
-    multiple = divisible_by * tp
-    return ((vocab_size + multiple - 1) // multiple) * multiple
 
 
 def build_transformer_config(
@@ -90,49 +83,66 @@ def build_transformer_config(
     precision = precision or PrecisionConfig()
     have_te = te_available() if have_te is None else have_te
     validate_all(model, parallel, precision, te_available=have_te)
+    precision = dataclasses.replace(precision,
+                                    transformer_impl=precision.implementation(have_te))
     cuda = torch.cuda.is_available()
-    dtype = _DTYPES[precision.params_dtype]
-    vpp = parallel.virtual_pipeline_model_parallel_size
-    kwargs: dict[str, Any] = dict(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        ffn_hidden_size=model.ffn_hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.query_groups,
-        kv_channels=model.head_dim,
-        layernorm_epsilon=model.norm_epsilon,
-        init_method_std=model.init_method_std,
-        normalization="RMSNorm",
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
-        add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
-        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
-        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=vpp if vpp and vpp > 1 else None,
-        context_parallel_size=parallel.context_parallel_size,
-        cp_comm_type=parallel.cp_comm_type,
-        sequence_parallel=parallel.sequence_parallel,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=precision.params_dtype == "bf16",
-        fp16=precision.params_dtype == "fp16",
-        use_cpu_initialization=(not cuda) if use_cpu_initialization is None
+    kwargs: dict[str, Any] = {
+        **LLAMA_SETTINGS,
+        **_shape_kwargs(model),
+        **_parallel_kwargs(parallel),
+        **_precision_kwargs(precision, cuda),
+        "use_cpu_initialization": (not cuda) if use_cpu_initialization is None
         else use_cpu_initialization,
-        perform_initialization=True,
-        transformer_impl=precision.transformer_impl,
-        # Fusions need CUDA kernels (apex/TE or jit-compiled CUDA); off on CPU.
-        bias_activation_fusion=cuda,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=cuda,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
+        "perform_initialization": True,
         # [] = whole layer, the non-deprecated spelling of the default "full" (which warns).
-        cuda_graph_scope=[],
-    )
+        "cuda_graph_scope": [],
+    }
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+#: What makes the model LLaMA: RMSNorm, SwiGLU, no biases, no dropout.
+LLAMA_SETTINGS: dict[str, Any] = {
+    "normalization": "RMSNorm", "gated_linear_unit": True, "activation_func": F.silu,
+    "add_bias_linear": False, "add_qkv_bias": False, "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
+}
+
+
+def _shape_kwargs(model: ModelConfig) -> dict[str, Any]:
+    return {
+        "num_layers": model.num_layers, "hidden_size": model.hidden_size,
+        "ffn_hidden_size": model.ffn_hidden_size,
+        "num_attention_heads": model.num_attention_heads,
+        "num_query_groups": model.query_groups, "kv_channels": model.head_dim,
+        "layernorm_epsilon": model.norm_epsilon, "init_method_std": model.init_method_std,
+    }
+
+
+def _parallel_kwargs(parallel: ParallelConfig) -> dict[str, Any]:
+    vpp = parallel.virtual_pipeline_model_parallel_size
+    return {
+        "tensor_model_parallel_size": parallel.tensor_model_parallel_size,
+        "pipeline_model_parallel_size": parallel.pipeline_model_parallel_size,
+        "virtual_pipeline_model_parallel_size": vpp if vpp and vpp > 1 else None,
+        "context_parallel_size": parallel.context_parallel_size,
+        "cp_comm_type": parallel.cp_comm_type,
+        "sequence_parallel": parallel.sequence_parallel,
+    }
+
+
+def _precision_kwargs(precision: PrecisionConfig, cuda: bool) -> dict[str, Any]:
+    dtype = torch_dtype(precision.params_dtype)
+    kwargs: dict[str, Any] = {
+        "params_dtype": dtype, "pipeline_dtype": dtype,
+        "bf16": precision.params_dtype == "bf16", "fp16": precision.params_dtype == "fp16",
+        "transformer_impl": precision.transformer_impl,
+        # Fusions need CUDA kernels (apex/TE or jit-compiled CUDA); off on CPU. The trainer
+        # turns RoPE and gradient-accumulation fusion on where they exist (training/setup.py).
+        "bias_activation_fusion": cuda, "masked_softmax_fusion": False,
+        "bias_dropout_fusion": cuda, "apply_rope_fusion": False,
+        "gradient_accumulation_fusion": False, "persist_layer_norm": False,
+    }
     if precision.fp8 is not None:
         kwargs.update(
             fp8=precision.fp8,
@@ -141,8 +151,7 @@ def build_transformer_config(
             fp8_amax_compute_algo=precision.fp8_amax_compute_algo,
             fp8_dot_product_attention=precision.fp8_dot_product_attention,
         )
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    return kwargs
 
 
 def get_local_layer_spec() -> Any:
@@ -256,8 +265,7 @@ def build_model(
     use_te = precision.transformer_impl == "transformer_engine"
     vpp_on = parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None
     stage = vp_stage if vpp_on else None
-    vocab = (padded_vocab_size(model.vocab_size, parallel.tensor_model_parallel_size)
-             if model.pad_vocab else model.vocab_size)
+    vocab = model.padded_vocab(parallel.tensor_model_parallel_size)
     gpt = GPTModel(
         config=config,
         transformer_layer_spec=get_block_spec(config, use_te, vp_stage=stage),
@@ -302,7 +310,3 @@ def unwrap_model(chunk: Any) -> Any:
         chunk = chunk.module
     return chunk
 
-
-def describe(model: ModelConfig) -> dict[str, Any]:
-    """Plain dict of a ModelConfig (for logs and saved run configs)."""
-    return dataclasses.asdict(model)

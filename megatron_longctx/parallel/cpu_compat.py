@@ -9,17 +9,23 @@ megatron-core assumes CUDA at about 30 call sites (device="cuda" literals,
   and each patch is listed here with the 0.16.1 call site it exists for.
 
 `apply_cpu_patches()` does nothing when CUDA is available (GPU runs use megatron unchanged) and
-is idempotent. Patches are grouped; `PATCH_GROUPS` maps a group name to its appliers so later
-groups (optimizer, pipeline schedules, dist checkpointing) are one function plus one entry away.
-
-Groups applied today, enough for GPTModel forward/backward with TP, CP and SP and activation
-recompute:
+is idempotent. Patches are grouped; `PATCH_GROUPS` maps a group name to its appliers, each
+listing the 0.16.1 call sites it exists for. The groups, all applied by default:
 
 * "device": `torch.cuda.current_device` -> CPU device.
 * "rng": a CPU RNG tracker for `model_parallel_cuda_manual_seed` / `get_cuda_rng_tracker`, and a
   seed wrapper that also seeds the CPU generator (megatron seeds only the CUDA one, so CPU
   initialisation was otherwise unseeded: a silent source of run-to-run differences).
 * "model": CUDA literals in the model path (RoPE CP slicing, default causal mask).
+* "optimizer": `device="cuda"` literals of the optimizer, grad scaler, gradient clipping and
+  gradient buffers, and `torch.cuda.empty_cache`.
+* "pipeline": the schedules' `total_num_tokens` CUDA tensors and the p2p
+  `torch.cuda.synchronize()` calls.
+* "checkpoint": dist_checkpointing's async filesystem writer (`torch.cuda.synchronize()`
+  before staging, and its spawn-context result queue).
+
+Together they run GPTModel training with TP, PP (virtual stages), CP, SP, DP with the
+distributed optimizer, activation recompute and dist checkpoints on gloo.
 """
 
 from __future__ import annotations
@@ -432,7 +438,3 @@ def apply_cpu_patches(groups: tuple[str, ...] | None = None, force: bool = False
         _APPLIED.add(name)
     return sorted(_APPLIED)
 
-
-def applied_patch_groups() -> list[str]:
-    """Groups applied so far in this process."""
-    return sorted(_APPLIED)

@@ -11,7 +11,7 @@ ShardedTensor keys onto whatever TP/PP/CP/DP the loader has (the distributed opt
 Model-only checkpoints (converted from HF, `has_optimizer: false`) and `--finetune` load just
 the weights and start at iteration 0 with a fresh optimizer.
 
-Two fixes megatron-core 0.16.1 needs (FACTS.md silent wrong results 2 and 3):
+Two fixes megatron-core 0.16.1 needs (both silent wrong results without them):
 * torch AdamW under the distributed optimizer without TE/apex: load_state_dict gives every
   parameter the *same* `step` tensor, which AdamW increments in place once per parameter, so
   bias correction drifts after a resume (loss off by ~7.5e-4 after a few steps). We de-alias
@@ -25,7 +25,6 @@ process ~4 s on CPU (a helper process is started), later ones ~0.5 s.
 from __future__ import annotations
 
 import logging
-import os
 import random
 import shutil
 import time
@@ -39,10 +38,12 @@ import torch.distributed as dist
 
 from megatron_longctx.checkpoint import meta as checkpoint_meta
 from megatron_longctx.checkpoint.model_io import (
+    checkpoint_tensor_info,
     load_model_checkpoint,
     model_sharded_state_dict,
     model_state_keys,
 )
+from megatron_longctx.config.tokenizer import NULL_TOKENIZER
 from megatron_longctx.config.training import PretrainConfig
 from megatron_longctx.model.build import unwrap_model
 
@@ -123,6 +124,62 @@ def _sharded_state(model_chunks: list[Any], optimizer: Any | None, scheduler: An
     if with_rng:
         sharded["rng_state"] = _rng_sharded_object()
     return sharded
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint cannot be loaded into the model this run builds; the message is one line
+    naming the checkpoint, both values and the flag to change (the entrypoint exits 2)."""
+
+
+#: Name of the embedding in the checkpoint's tensor metadata (its rows are the padded vocab).
+EMBEDDING_KEY = "embedding.word_embeddings.weight"
+
+
+def _tokenizer_flag(cfg: PretrainConfig) -> str:
+    if cfg.data.tokenizer_type == NULL_TOKENIZER:
+        return "--vocab-size"
+    if cfg.data.mixture_plan and not cfg.data.tokenizer_model:
+        return "--tokenizer-model (the plan's tokenizer is used without it)"
+    return "--tokenizer-model"
+
+
+def check_vocabulary(directory: Path, meta: dict[str, Any], cfg: PretrainConfig, *,
+                     weights_only: bool) -> None:
+    """Refuse, before any tensor is read, a checkpoint whose vocabulary this run cannot load.
+
+    Compared: the tokenizer vocabulary recorded in longctx_meta.json (`model.vocab_size` when
+    `pad_vocab`) with this run's, and the embedding rows in the checkpoint's tensor metadata
+    (the padded vocabulary it was saved with) with the rows this run builds
+    (`ModelConfig.padded_vocab`: --make-vocab-size-divisible-by x TP, or --padded-vocab-size).
+
+    * Different tokenizer vocabularies: always refused (token ids would address other rows).
+    * Same tokenizer, different padding (a TP change: LLaMA-3's 128256 rows at TP1 vs 129024
+      at TP8): weights-only loads (model-only checkpoint, --finetune, --no-load-optim) absorb it,
+      padding rows are never targets (checkpoint/model_io.py); a full resume is refused, since
+      the optimizer state of the embedding has the saved shape.
+
+    Raises:
+        CheckpointMismatchError: naming `directory`, both sizes and the flag to change.
+    """
+    saved_model = meta.get("model") or {}
+    tp = cfg.parallel.tensor_model_parallel_size
+    rows = cfg.model.padded_vocab(tp)
+    info = checkpoint_tensor_info(directory)
+    saved_rows = info[EMBEDDING_KEY][0][0] if EMBEDDING_KEY in info else \
+        saved_model.get("vocab_size")
+    saved_vocab = saved_model.get("vocab_size") if saved_model.get("pad_vocab") else None
+    vocab = cfg.model.vocab_size if cfg.model.pad_vocab else None
+    if saved_vocab is not None and vocab is not None and saved_vocab != vocab:
+        raise CheckpointMismatchError(
+            f"--load {directory}: checkpoint vocabulary {saved_vocab} (padded {saved_rows}), "
+            f"this run's tokenizer {vocab} (padded {rows}); change {_tokenizer_flag(cfg)} to "
+            "the checkpoint's tokenizer")
+    if saved_rows is not None and saved_rows != rows and not weights_only:
+        raise CheckpointMismatchError(
+            f"--load {directory}: checkpoint padded vocabulary {saved_rows}, this run's {rows} "
+            f"(tokenizer {cfg.model.vocab_size}, TP {tp}); change "
+            "--make-vocab-size-divisible-by (or --padded-vocab-size) so they agree, or pass "
+            "--no-load-optim to load the weights only")
 
 
 #: longctx_meta.json keys carried from a loaded checkpoint into the ones this run saves
@@ -255,6 +312,7 @@ def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, schedule
     meta = checkpoint_meta.read_meta(directory)
     ck = cfg.checkpoint
     full = meta.get("has_optimizer", False) and not ck.finetune
+    check_vocabulary(directory, meta, cfg, weights_only=not full or ck.no_load_optim)
     same_layout = meta.get("saved_with") == _layout()
     carried = {k: meta[k] for k in CARRIED_META_KEYS if k in meta}
     start = time.time()
@@ -318,8 +376,3 @@ def _load_model_state(model_chunks: list[Any], loaded: dict) -> None:
     for key, chunk in zip(model_state_keys(len(model_chunks)), model_chunks):
         unwrap_model(chunk).load_state_dict(loaded[key], strict=True)
 
-
-def checkpoint_exists(path: str | None) -> bool:
-    """True when `path` holds a complete checkpoint to resume from."""
-    return bool(path) and os.path.isdir(path) and \
-        checkpoint_meta.resolve_checkpoint(path) is not None

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_longctx.config.tokenizer import NULL_TOKENIZER, TokenizerSpec
 from megatron_longctx.config.training import PretrainConfig
 from megatron_longctx.data.stats import domain_of_prefix
 from megatron_longctx.mixture.dataset import DatasetTokenizer
@@ -43,18 +44,20 @@ class TrainData:
 
 
 def resolve_tokenizer(cfg: PretrainConfig) -> DatasetTokenizer:
-    """vocab size and EOD: NullTokenizer flags, the mixture plan's record, or the HF files."""
+    """vocab size and EOD: NullTokenizer flags, the mixture plan's record, or the tokenizer
+    files (any text tokenizer type of config/tokenizer.py)."""
     data = cfg.data
-    if data.tokenizer_type == "NullTokenizer":
+    if data.tokenizer_type == NULL_TOKENIZER:
         vocab = int(data.vocab_size or 0)
         return DatasetTokenizer(vocab, vocab - 1, "null")
     if data.mixture_plan and not data.tokenizer_model:
-        with open(data.mixture_plan, encoding="utf-8") as handle:
-            tok = json.load(handle)["tokenizer"]
-        return DatasetTokenizer(int(tok["vocab_size"]), int(tok["eod"]), tok.get("sha256", ""))
-    from megatron_longctx.data.tokenizers import TokenizerSpec, build_tokenizer
+        from megatron_longctx.mixture.plan import load_plan
 
-    tok = build_tokenizer(TokenizerSpec("HuggingFaceTokenizer", data.tokenizer_model))
+        tok = load_plan(data.mixture_plan).tokenizer
+        return DatasetTokenizer(tok.vocab_size, tok.eod, tok.sha256)
+    from megatron_longctx.data.tokenizers import build_tokenizer
+
+    tok = build_tokenizer(TokenizerSpec(data.tokenizer_type, data.tokenizer_model))
     if tok.eod is None:
         raise ValueError(f"--tokenizer-model {data.tokenizer_model}: the tokenizer has no EOS "
                          "token to use as end-of-document")
@@ -120,15 +123,16 @@ def build_datasets(cfg: PretrainConfig, world_size: int,
             MockGPTDataset, list(sizes), lambda: True, config).build()
         return TrainData(train, valid, tokenizer, ["mock"])
     if data.mixture_plan:
-        from megatron_longctx.mixture.planner import load_plan
+        from megatron_longctx.mixture.plan import load_plan
 
         plan = load_plan(data.mixture_plan)
         cache = data.data_cache_path or os.path.join(
             os.path.dirname(os.path.abspath(data.mixture_plan)), "cache")
         train, valid, _ = build_plan_datasets(
             plan, tokenizer, sizes, seed=cfg.training.seed, cache_dir=cache,
-            return_document_boundaries=boundaries, seq_length=seq)
-        names = [d["domain"] for d in plan["domains"] if d["target_share"] > 0]
+            return_document_boundaries=boundaries, seq_length=seq,
+            eod_mask_loss=data.eod_mask_loss)
+        names = [d.domain for d in plan.active_domains]
         return TrainData(train, valid, tokenizer, names)
     blend = blend_per_split = None
     if data.per_split_data_args_path:

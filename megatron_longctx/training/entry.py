@@ -1,8 +1,15 @@
-"""`pretrain_longctx.py`'s body: flags -> validated config -> process groups -> loop -> exit code.
+"""`pretrain_longctx.py`'s body: flags -> resolved, validated config -> process groups -> loop.
 
 Everything that can be checked without a process group is checked first (flags, world size
-against TP x PP x CP, batch divisibility, FP8 without TE), so a wrong launch fails in a second
-with the flag named instead of after the model is built or inside a collective.
+against TP x PP x CP, batch divisibility, FP8 without TE, the vocabulary against
+--padded-vocab-size), so a wrong launch fails in a second with the flag named instead of after
+the model is built or inside a collective. Order matters in one place:
+CUDA_DEVICE_MAX_CONNECTIONS is exported before anything can import Transformer Engine (the
+`te_available()` probe resolving the default --transformer-impl does), because the CUDA driver
+reads it once, when the context is created.
+
+The config is resolved (transformer implementation, the tokenizer's vocabulary) into a new
+object and then validated; nothing replaces it afterwards.
 """
 
 from __future__ import annotations
@@ -11,28 +18,47 @@ import logging
 import os
 import sys
 
-from megatron_longctx.config.training import build_pretrain_parser, config_from_args
+from megatron_longctx.config.training import (
+    PretrainConfig,
+    build_pretrain_parser,
+    config_from_args,
+    resolve_runtime,
+)
 from megatron_longctx.parallel.init import set_cuda_connections
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run the trainer; returns the process exit code (see pretrain_longctx.py)."""
+def _resolved_config(argv: list[str] | None, world_size: int) -> tuple[PretrainConfig, object]:
+    """(resolved and validated config, its tokenizer); ValueError names the flag."""
+    from megatron_longctx.model import build
+
     parser = build_pretrain_parser()
     args = parser.parse_args(argv)
-    # First, before anything can create a CUDA context: resolving the default
-    # --transformer-impl and te_available() below import Transformer Engine.
-    set_cuda_connections(args.tensor_model_parallel_size, args.context_parallel_size)
     try:
         cfg = config_from_args(args)
     except ValueError as err:
         parser.error(str(err))
-    from megatron_longctx.model.build import te_available
+    # First, before anything can create a CUDA context: te_available() imports TE.
+    set_cuda_connections(cfg.parallel.tensor_model_parallel_size,
+                         cfg.parallel.context_parallel_size)
+    have_te = build.te_available()
+    cfg.validate(world_size, te_available=have_te)  # the flags alone, before reading files
+    from megatron_longctx.training.data import resolve_tokenizer
+
+    tokenizer = resolve_tokenizer(cfg)
+    resolved = resolve_runtime(cfg, te_available=have_te, tokenizer_vocab=tokenizer.vocab_size)
+    resolved.validate(world_size, te_available=have_te)
+    return resolved, tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the trainer; returns the process exit code (see pretrain_longctx.py)."""
     from megatron_longctx.parallel.init import read_dist_env
+    from megatron_longctx.training.checkpointing import CheckpointMismatchError
 
     env = read_dist_env()
     try:
-        cfg.validate(env.world_size, te_available=te_available())
-    except ValueError as err:
+        cfg, tokenizer = _resolved_config(argv, env.world_size)
+    except (ValueError, FileNotFoundError) as err:
         print(f"pretrain_longctx.py: error: {err}", file=sys.stderr)
         return 2
     logging.basicConfig(
@@ -44,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
     initialize_distributed(cfg.parallel, seed=cfg.training.seed)
     try:
-        result = pretrain(cfg)
+        result = pretrain(cfg, tokenizer=tokenizer)
+    except CheckpointMismatchError as err:
+        if env.rank == 0:
+            print(f"pretrain_longctx.py: error: {err}", file=sys.stderr)
+        return 2
     finally:
         destroy_distributed()
     return result.exit_code

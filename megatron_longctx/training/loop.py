@@ -14,7 +14,6 @@ agreed on by all ranks (one small all-reduce) so no rank is left waiting in a co
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import signal
 import time
@@ -24,7 +23,13 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from megatron_longctx.config.training import EXIT_NAN, EXIT_REQUEUE, PretrainConfig
+from megatron_longctx.config.training import (
+    EXIT_NAN,
+    EXIT_REQUEUE,
+    PretrainConfig,
+    resolve_runtime,
+)
+from megatron_longctx.mixture.dataset import DatasetTokenizer
 from megatron_longctx.training import metrics
 from megatron_longctx.training.checkpointing import (
     TrainState,
@@ -118,26 +123,41 @@ def _prepare(batches: list[dict], cfg: PretrainConfig, eod: int) -> list[dict]:
                                device=device) for b in batches]
 
 
-def pretrain(cfg: PretrainConfig, *, world_size: int | None = None) -> RunResult:
-    """Run training as configured; process groups must already be initialised."""
-    world = world_size or dist.get_world_size()
-    gbs = cfg.global_batch_size(world)
-    n_micro = cfg.num_microbatches(world)
-    mbs = cfg.training.micro_batch_size
-    seq = cfg.model.seq_length
-    start_time = time.time()
+@dataclass
+class Session:
+    """Everything one run holds between steps (built by `_start`)."""
 
-    tokenizer = resolve_tokenizer(cfg)
-    if not cfg.model.pad_vocab or cfg.model.vocab_size != tokenizer.vocab_size:
-        # The model's vocabulary is the tokenizer's, padded to a multiple of 128 x TP as
-        # Megatron-LM's --make-vocab-size-divisible-by does (a preset's vocab is a default).
-        cfg.model = dataclasses.replace(cfg.model, vocab_size=tokenizer.vocab_size,
-                                        pad_vocab=True)
+    cfg: PretrainConfig
+    world: int
+    data: Any
+    chunks: list[Any]
+    optimizer: Any
+    scheduler: Any
+    state: TrainState
+    carried_meta: dict[str, Any]
+    train_sampler: BatchSampler
+    valid_sampler: BatchSampler | None
+    writer: Any
+    meter: Any
+    flag: SignalFlag
+    logging_rank: bool
+    start_time: float
+
+
+def _start(cfg: PretrainConfig, world: int, tokenizer: DatasetTokenizer | None) -> Session:
+    """Resolve the config (a new object), build data, model, optimizer; load; samplers."""
+    from megatron_longctx.model.build import te_available
+
+    start_time = time.time()
+    tokenizer = tokenizer or resolve_tokenizer(cfg)
+    have_te = te_available()
+    cfg = resolve_runtime(cfg, te_available=have_te, tokenizer_vocab=tokenizer.vocab_size)
+    cfg.validate(world, te_available=have_te)
+    gbs = cfg.global_batch_size(world)
     data = build_datasets(cfg, world, tokenizer)
     chunks = build_training_model(cfg)
     optimizer = build_optimizer(cfg, chunks)
     scheduler = build_scheduler(cfg, optimizer, gbs)
-
     state, carried_meta = TrainState(), {}
     if cfg.checkpoint.load:
         loaded = load_checkpoint(cfg.checkpoint.load, chunks, optimizer, scheduler, cfg)
@@ -147,89 +167,117 @@ def pretrain(cfg: PretrainConfig, *, world_size: int | None = None) -> RunResult
             print(f"[load] no checkpoint in --load {cfg.checkpoint.load}; starting from "
                   "scratch", flush=True)
     dp_rank, dp_size, _ = _data_position()
+    mbs = cfg.training.micro_batch_size
     train_sampler = BatchSampler(data.train, mbs, dp_rank, dp_size,
                                  state.consumed_train_samples)
     valid_sampler = BatchSampler(data.valid, mbs, dp_rank, dp_size,
                                  state.consumed_valid_samples) if data.valid is not None else None
-
     logging_rank = _is_logging_rank()
-    writer = metrics.MetricsWriter(cfg.logging.tensorboard_dir, logging_rank)
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     peak = metrics.peak_tflops(device_name, cfg.precision.params_dtype,
                                cfg.precision.fp8 is not None, override=cfg.logging.peak_tflops)
+    seq = cfg.model.seq_length
     meter = metrics.ThroughputMeter(gbs * seq, world, metrics.flops_per_token(cfg.model, seq),
                                     peak)
-    flag = SignalFlag()
-    if cfg.training.exit_signal_handler:
-        flag.install()
+    return Session(cfg, world, data, chunks, optimizer, scheduler, state, carried_meta,
+                   train_sampler, valid_sampler,
+                   metrics.MetricsWriter(cfg.logging.tensorboard_dir, logging_rank), meter,
+                   SignalFlag(), logging_rank, start_time)
 
-    result = RunResult(exit_code=0, state=state)
-    save = cfg.checkpoint.save
+
+def pretrain(cfg: PretrainConfig, *, world_size: int | None = None,
+             tokenizer: DatasetTokenizer | None = None) -> RunResult:
+    """Run training as configured; process groups must already be initialised.
+
+    `cfg` is not modified: the run works on `resolve_runtime(cfg, ...)` (the tokenizer's
+    vocabulary, the transformer implementation), a new config; `tokenizer` saves reading the
+    tokenizer again when the caller (the entrypoint) already resolved it.
+    """
+    run = _start(cfg, world_size or dist.get_world_size(), tokenizer)
+    if run.cfg.training.exit_signal_handler:
+        run.flag.install()
+    result = RunResult(exit_code=0, state=run.state)
     try:
-        while state.iteration < cfg.training.train_iters:
-            step_start = time.time()
-            batches = _prepare(train_sampler.next_step(n_micro), cfg, data.tokenizer.eod)
-            try:
-                step = train_step(chunks, optimizer, scheduler, batches, seq_length=seq,
-                                  micro_batch_size=mbs, global_batch_size=gbs,
-                                  domain_names=data.domain_names,
-                                  on_nan_loss=cfg.training.on_nan_loss)
-            except NonFiniteLossError as err:
-                log.error("iteration %d: %s; stopping", state.iteration + 1, err)
-                if logging_rank:
-                    print(f"[error] iteration {state.iteration + 1}: {err}", flush=True)
-                result.exit_code, result.reason = EXIT_NAN, "nan"
-                return result
-            state.iteration += 1
-            state.consumed_train_samples = train_sampler.consumed_samples
-            state.skipped_iterations += int(step.skipped)
-            state.nan_iterations += int(step.nan)
-            result.losses.append(step.loss)
-            result.grad_norms.append(step.grad_norm)
-            elapsed = time.time() - step_start
-
-            if state.iteration % cfg.logging.log_interval == 0 or \
-                    state.iteration == cfg.training.train_iters:
-                _log_step(writer, meter, state, step, scheduler, elapsed, gbs, cfg,
-                          logging_rank)
-
-            if valid_sampler is not None and cfg.training.eval_interval and \
-                    state.iteration % cfg.training.eval_interval == 0:
-                loss = _evaluate(chunks, valid_sampler, cfg, n_micro, data)
-                state.consumed_valid_samples = valid_sampler.consumed_samples
-                result.eval_losses.append(loss)
-                writer.add_scalars(state.iteration, {"lm loss validation": loss})
-                if logging_rank:
-                    print(f" validation loss at iteration {state.iteration} | lm loss: "
-                          f"{loss:.6E} |", flush=True)
-
-            limit = cfg.training.exit_duration_in_mins
-            signalled, timed_out = _any_rank(
-                flag.received is not None,
-                limit is not None and time.time() - start_time > 60 * limit)
-            interval = (cfg.training.exit_interval is not None
-                        and state.iteration % cfg.training.exit_interval == 0)
-            done = state.iteration >= cfg.training.train_iters
-            periodic = (save and cfg.checkpoint.save_interval
-                        and state.iteration % cfg.checkpoint.save_interval == 0)
-            if save and (periodic or signalled or timed_out or interval or done):
-                save_checkpoint(save, state, chunks, optimizer, scheduler, cfg, carried_meta)
-            if signalled or timed_out:
-                reason = "signal" if signalled else "exit-duration"
-                if logging_rank:
-                    print(f"[exit] {reason} at iteration {state.iteration}: checkpoint saved, "
-                          f"exit code {EXIT_REQUEUE} (requeue to continue)", flush=True)
-                result.exit_code, result.reason = EXIT_REQUEUE, reason
-                return result
-            if interval and not done:
-                result.reason = "exit-interval"
+        while run.state.iteration < run.cfg.training.train_iters:
+            if not _train_one(run, result) or _after_step(run, result):
                 return result
         result.reason = "done"
         return result
     finally:
-        flag.restore()
-        writer.close()
-        result.state = state
+        run.flag.restore()
+        run.writer.close()
+        result.state = run.state
+
+
+def _train_one(run: Session, result: RunResult) -> bool:
+    """One optimizer step with logging; False when a non-finite loss stops the run."""
+    cfg, state = run.cfg, run.state
+    n_micro, gbs = cfg.num_microbatches(run.world), cfg.global_batch_size(run.world)
+    step_start = time.time()
+    batches = _prepare(run.train_sampler.next_step(n_micro), cfg, run.data.tokenizer.eod)
+    try:
+        step = train_step(run.chunks, run.optimizer, run.scheduler, batches,
+                          seq_length=cfg.model.seq_length,
+                          micro_batch_size=cfg.training.micro_batch_size,
+                          global_batch_size=gbs, domain_names=run.data.domain_names,
+                          on_nan_loss=cfg.training.on_nan_loss)
+    except NonFiniteLossError as err:
+        log.error("iteration %d: %s; stopping", state.iteration + 1, err)
+        if run.logging_rank:
+            print(f"[error] iteration {state.iteration + 1}: {err}", flush=True)
+        result.exit_code, result.reason = EXIT_NAN, "nan"
+        return False
+    state.iteration += 1
+    state.consumed_train_samples = run.train_sampler.consumed_samples
+    state.skipped_iterations += int(step.skipped)
+    state.nan_iterations += int(step.nan)
+    result.losses.append(step.loss)
+    result.grad_norms.append(step.grad_norm)
+    elapsed = time.time() - step_start
+    if state.iteration % cfg.logging.log_interval == 0 or \
+            state.iteration == cfg.training.train_iters:
+        _log_step(run.writer, run.meter, state, step, run.scheduler, elapsed, gbs, cfg,
+                  run.logging_rank)
+    return True
+
+
+def _after_step(run: Session, result: RunResult) -> bool:
+    """Validation, saves and the stop conditions; True when the run stops here."""
+    cfg, state = run.cfg, run.state
+    if run.valid_sampler is not None and cfg.training.eval_interval and \
+            state.iteration % cfg.training.eval_interval == 0:
+        loss = _evaluate(run.chunks, run.valid_sampler, cfg,
+                         cfg.num_microbatches(run.world), run.data)
+        state.consumed_valid_samples = run.valid_sampler.consumed_samples
+        result.eval_losses.append(loss)
+        run.writer.add_scalars(state.iteration, {"lm loss validation": loss})
+        if run.logging_rank:
+            print(f" validation loss at iteration {state.iteration} | lm loss: "
+                  f"{loss:.6E} |", flush=True)
+    limit = cfg.training.exit_duration_in_mins
+    signalled, timed_out = _any_rank(
+        run.flag.received is not None,
+        limit is not None and time.time() - run.start_time > 60 * limit)
+    interval = (cfg.training.exit_interval is not None
+                and state.iteration % cfg.training.exit_interval == 0)
+    done = state.iteration >= cfg.training.train_iters
+    save = cfg.checkpoint.save
+    periodic = (save and cfg.checkpoint.save_interval
+                and state.iteration % cfg.checkpoint.save_interval == 0)
+    if save and (periodic or signalled or timed_out or interval or done):
+        save_checkpoint(save, state, run.chunks, run.optimizer, run.scheduler, cfg,
+                        run.carried_meta)
+    if signalled or timed_out:
+        reason = "signal" if signalled else "exit-duration"
+        if run.logging_rank:
+            print(f"[exit] {reason} at iteration {state.iteration}: checkpoint saved, "
+                  f"exit code {EXIT_REQUEUE} (requeue to continue)", flush=True)
+        result.exit_code, result.reason = EXIT_REQUEUE, reason
+        return True
+    if interval and not done:
+        result.reason = "exit-interval"
+        return True
+    return False
 
 
 def _evaluate(chunks: list[Any], sampler: BatchSampler, cfg: PretrainConfig, n_micro: int,

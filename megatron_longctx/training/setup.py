@@ -9,7 +9,7 @@ One function per concern, in the order the entrypoint calls them:
   global token count in finalize_model_grads: the only averaging that is exact across
   micro-batches, DP and CP when ranks hold different numbers of unmasked tokens, and the one
   that gives 0 rather than NaN for a rank with none), `batch_p2p_comm=False` for virtual PP at
-  PP=2 (FACTS.md: batched p2p swaps tensors when the previous and next peer are the same rank).
+  PP=2 (batched p2p swaps tensors when the previous and next peer are the same rank).
 * GPU performance defaults (`performance_settings`), as Megatron-LM's: TE's fused RoPE,
   gradient-accumulation fusion into `main_grad` and overlapped DP gradient reduction are on
   with CUDA wherever their kernels exist, and off on CPU (no kernels; overlap buys nothing on
@@ -27,9 +27,8 @@ from typing import Any
 
 import torch
 
+from megatron_longctx.config.dtypes import torch_dtype
 from megatron_longctx.config.training import PretrainConfig
-
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def grad_accum_fusion_kernel_available(transformer_impl: str) -> bool:
@@ -77,7 +76,7 @@ def transformer_overrides(cfg: PretrainConfig) -> dict[str, Any]:
     vpp = par.virtual_pipeline_model_parallel_size or 1
     overrides: dict[str, Any] = {
         "calculate_per_token_loss": True,
-        # FACTS.md silent-wrong-result 1: at PP=2 with virtual stages the previous and next
+        # A silent wrong result otherwise: at PP=2 with virtual stages the previous and next
         # pipeline peer are the same rank and batch_isend_irecv pairs the tensors wrongly.
         "batch_p2p_comm": not (vpp > 1 and par.pipeline_model_parallel_size == 2),
         "deallocate_pipeline_outputs": True,
@@ -154,7 +153,7 @@ def build_optimizer(cfg: PretrainConfig, model_chunks: list[Any]) -> Any:
         clip_grad=o.clip_grad,
         bf16=prec.params_dtype == "bf16",
         fp16=prec.params_dtype == "fp16",
-        params_dtype=_DTYPES[prec.params_dtype],
+        params_dtype=torch_dtype(prec.params_dtype),
         use_distributed_optimizer=o.use_distributed_optimizer,
         # fp16 only: dynamic loss scaling (bf16 and fp32 need none).
         loss_scale=None,

@@ -67,7 +67,7 @@ def test_mixture_plan_per_domain_loss_and_validation(prefixes, tmp_path):
     assert len(values["lm loss validation"]) == 1
     domains = [t for t in values if t.startswith("lm loss/")]
     assert domains, sorted(values)
-    assert {t.split("/", 1)[1] for t in domains} <= {d["domain"] for d in plan["domains"]}
+    assert {t.split("/", 1)[1] for t in domains} <= {d.domain for d in plan.domains}
     for tag in ("learning-rate", "grad-norm", "tokens-per-second", "iteration-time"):
         assert len(values[tag]) == 3
 
@@ -92,3 +92,25 @@ def test_empty_held_out_split_is_a_clear_error(tmp_path):
     data = DataConfig(mixture_plan=str(tmp_path / "plan" / "mixture_plan.json"))
     with pytest.raises(RuntimeError, match="valid split has no documents"):
         train(config(data, str(tmp_path / "tb")), 1)
+
+
+def test_eod_mask_loss_reaches_the_plan_dataset(prefixes, tmp_path, single_rank_group):
+    """Issue 15: `--eod-mask-loss` was ignored with `--mixture-plan` (hard-coded off)."""
+    import numpy as np
+
+    from megatron_longctx.training.data import build_datasets
+    from tests.unit.mixture_fixtures import EOD
+
+    plan = plan_mixture(MixtureConfig(data_prefixes=prefixes, output_dir=str(tmp_path / "plan"),
+                                      train_tokens=50_000, seq_length=256, long_threshold=128,
+                                      domain_weights="natural"))
+    write_plan_outputs(plan, str(tmp_path / "plan"))
+    data = DataConfig(mixture_plan=str(tmp_path / "plan" / "mixture_plan.json"),
+                      eod_mask_loss=True)
+    built = build_datasets(config(data, str(tmp_path / "tb")), 1)
+    assert built.tokenizer.eod == EOD
+    samples = [built.train[i] for i in range(8)]
+    tokens = np.concatenate([x["tokens"].numpy() for x in samples])
+    loss_mask = np.concatenate([x["loss_mask"].numpy() for x in samples])
+    assert (tokens == EOD).any()
+    assert (loss_mask[tokens == EOD] == 0).all() and loss_mask[tokens != EOD].all()

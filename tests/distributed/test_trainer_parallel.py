@@ -78,7 +78,7 @@ def test_reference_learns(reference):
     (dict(tp=2, sp=True), 2),
     (dict(pp=2), 2),
     # 4 micro-batches: with only PP=2 of them the interleaved schedule never overlaps chunks
-    # and batched p2p's tensor swap (FACTS.md) would not show.
+    # and batched p2p's tensor swap (megatron issues #750, #1450) would not show.
     (dict(pp=2, vpp=2, mbs=1), 2),
     (dict(cp=2), 2),
     (dict(distopt=True), 2),

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
+from megatron_longctx.atomic import write_json_atomic
 from megatron_longctx.config.mixture import SLIMPAJAMA_SHARES
 from megatron_longctx.data.indexed import IndexedDatasetWriter
-from megatron_longctx.data.stats import STATS_FORMAT, document_stats, write_json_atomic
+from megatron_longctx.data.stats import STATS_FORMAT, document_stats
 
 # (median tokens, lognormal sigma) per domain, scaled down from the paper's medians.
 SHAPES = {
@@ -73,3 +74,34 @@ def make_slimpajama_like(root: Path, total_tokens: int = 3_000_000, seed: int = 
         prefixes.append(write_dataset(str(root / f"sp_{domain}_text_document"), lengths,
                                       domain, seed=seed + i))
     return prefixes
+
+
+def hand_made_plan(domains: list[tuple[str, str, int]], valid_fraction: float = 0.0):
+    """A valid `MixturePlan` over datasets without stats files: (domain, prefix, documents)
+    each, equal shares, every token short (for tests that only need prefixes and the split)."""
+    from megatron_longctx.config.mixture import MixtureConfig
+    from megatron_longctx.mixture.plan import (
+        BucketPlan,
+        DomainPlan,
+        MixturePlan,
+        PlanTokenizer,
+        PlanTotals,
+    )
+
+    share = 1.0 / len(domains)
+    plans = tuple(
+        DomainPlan(domain=name, prefix=prefix, stats=prefix + ".stats.json", documents=n,
+                   tokens=n, natural_share=share, weight_share=share, target_share=share,
+                   long_share_before=0.0, long_share_after=0.0,
+                   buckets=(BucketPlan("short", 1, 4096, n, n, share * 1e4, share * 1e4 / n,
+                                       share),
+                            BucketPlan("long", 4097, None, 0, 0, 0.0, 0.0, 0.0)))
+        for name, prefix, n in domains)
+    cfg = MixtureConfig(data_prefixes=[p for _, p, _ in domains], output_dir="unused",
+                        strategy="original", domain_weights="natural", train_tokens=1e4,
+                        seq_length=1024, valid_fraction=valid_fraction)
+    return MixturePlan(strategy="original", parameters=cfg, details={}, train_tokens=1e4,
+                       seq_length=1024, train_samples=10, long_threshold=4096, cut_length=None,
+                       tokenizer=PlanTokenizer(VOCAB, EOD), domains=plans,
+                       totals=PlanTotals(sum(n for *_, n in domains), 0.0, 0.0,
+                                         max(d.buckets[0].repeat for d in plans)))

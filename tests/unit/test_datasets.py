@@ -9,6 +9,7 @@ from megatron_longctx.config.mixture import MixtureConfig
 from megatron_longctx.mixture.audit import audit_datasets, format_audit, sample_bucket_tokens
 from megatron_longctx.mixture.dataset import DatasetTokenizer, build_plan_datasets
 from megatron_longctx.mixture.outputs import write_plan_outputs
+from megatron_longctx.mixture.plan import MixturePlan, load_plan
 from megatron_longctx.mixture.planner import plan_mixture
 from tests.unit.mixture_fixtures import EOD, VOCAB, make_slimpajama_like, write_dataset
 
@@ -20,16 +21,16 @@ def sp_prefixes(tmp_path_factory) -> list[str]:
     return make_slimpajama_like(tmp_path_factory.mktemp("spd"), total_tokens=4_000_000, seed=3)
 
 
-def _plan(prefixes, out, **kw) -> dict:
+def _plan(prefixes, out, **kw) -> MixturePlan:
+    """Plan, write, and load back: the trainer's route (a `cut` plan finds its views/ so)."""
     kw.setdefault("train_tokens", 6e6)
     kw.setdefault("seq_length", 4096)
     plan = plan_mixture(MixtureConfig(data_prefixes=prefixes, output_dir=str(out), **kw))
-    write_plan_outputs(plan, str(out))
-    return plan
+    return load_plan(write_plan_outputs(plan, str(out))["plan"])
 
 
 def _build(plan, cache, **kw):
-    train, _, _ = build_plan_datasets(plan, TOKENIZER, (plan["train_samples"], 0, 0),
+    train, _, _ = build_plan_datasets(plan, TOKENIZER, (plan.train_samples, 0, 0),
                                       cache_dir=str(cache), **kw)
     return train
 
@@ -83,7 +84,7 @@ def test_deterministic_for_a_seed(sp_prefixes, tmp_path, single_rank_group):
     for x, y in zip(one.datasets, two.datasets):
         np.testing.assert_array_equal(x.document_index, y.document_index)
         np.testing.assert_array_equal(x.shuffle_index, y.shuffle_index)
-    other = build_plan_datasets(plan, TOKENIZER, (plan["train_samples"], 0, 0), seed=99,
+    other = build_plan_datasets(plan, TOKENIZER, (plan.train_samples, 0, 0), seed=99,
                                 cache_dir=str(tmp_path / "c3"))[0]
     assert any(not np.array_equal(x.document_index, y.document_index)
                for x, y in zip(one.datasets, other.datasets))
@@ -151,7 +152,7 @@ def test_held_out_split_with_zero_requested_samples_is_skipped(sp_prefixes, tmp_
     old = signal.signal(signal.SIGALRM, timeout)
     signal.alarm(60)
     try:
-        train, valid, test = build_plan_datasets(plan, TOKENIZER, (plan["train_samples"], 0, 0),
+        train, valid, test = build_plan_datasets(plan, TOKENIZER, (plan.train_samples, 0, 0),
                                                  cache_dir=str(tmp_path / "cache"))
     finally:
         signal.alarm(0)
@@ -162,3 +163,107 @@ def test_held_out_split_with_zero_requested_samples_is_skipped(sp_prefixes, tmp_
     for ds in train.datasets:
         n_docs = len(ds.dataset.document_indices) - 1
         assert ds.document_index.max() < int(round(0.95 * n_docs))
+
+
+# --------------------------------------------------------------------------------------------
+# issue 15: same samples as before the refactor; the held-out split; --eod-mask-loss
+# --------------------------------------------------------------------------------------------
+def _digest(train, valid) -> tuple[str, str]:
+    """sha256 of every index array of the train blend, every 97th sample, all valid samples."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for ds in train.datasets:
+        for array in (ds.document_index, ds.shuffle_index, ds.sample_index):
+            h.update(array.tobytes())
+    h.update(np.asarray(train.dataset_index).tobytes())
+    h.update(np.asarray(train.dataset_sample_index).tobytes())
+    for i in range(0, len(train), 97):
+        h.update(train[i]["tokens"].numpy().tobytes())
+    hv = hashlib.sha256()
+    for i in range(len(valid) if valid is not None else 0):
+        hv.update(valid[i]["tokens"].numpy().tobytes())
+    return h.hexdigest(), hv.hexdigest()
+
+
+EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+
+
+@pytest.mark.parametrize("strategy,kw,digest", [
+    # Generated with the code before issue 15 (commit ba75c04).
+    ("per-source", {}, "1ebc7679c7b1f75530cea6dbd51d933693aa281655ebc0760a95ba11ccb883a6"),
+    ("cut", {"cut_length": 1024, "domain_weights": "natural"},
+     "016932a059a97645225d5cd4bd6c68542166f2cf8077dc6a27ed1c95acf722ba"),
+])
+def test_training_samples_pinned(sp_prefixes, tmp_path, strategy, kw, digest,
+                                 single_rank_group):
+    plan = _plan(sp_prefixes, tmp_path / "p", strategy=strategy, valid_fraction=0.05, **kw)
+    train, valid, _ = build_plan_datasets(plan, TOKENIZER, (plan.train_samples, 0, 0),
+                                          cache_dir=str(tmp_path / "cache"))
+    assert len(train) == {"per-source": 1467, "cut": 1469}[strategy]
+    assert _digest(train, valid) == (digest, EMPTY)
+
+
+def test_validation_samples_pinned(tmp_path, single_rank_group):
+    prefixes = make_slimpajama_like(tmp_path / "sp", total_tokens=600_000, seed=5,
+                                    domains=["RedPajamaCommonCrawl", "RedPajamaC4",
+                                             "RedPajamaWikipedia"])
+    plan = _plan(prefixes, tmp_path / "p", strategy="per-source", valid_fraction=0.05,
+                 domain_weights="natural", train_tokens=2e5, seq_length=256, long_threshold=128)
+    train, valid, _ = build_plan_datasets(plan, TOKENIZER, (plan.train_samples, 8, 0),
+                                          cache_dir=str(tmp_path / "cache"))
+    assert len(train) == 783
+    assert _digest(train, valid) == (
+        "f3b82aff555d6cb16b0775ef969fec13afa04f2cd2686b8acede497d938d86ae",
+        "c84ed738652635405b0b3d8b2dbadad0d2b21d5520e7903d2f239ca826c79b7a")
+
+
+def test_tiny_valid_fraction_trains_on_all_but_round_f_times_n(tmp_path, single_rank_group):
+    """Issue 15: at --valid-fraction 5e-5 megatron read the split `5e-05` as 5 and 05 and the
+    trainer kept only 9% of the documents; now the last round(5e-5 * n) documents are held out."""
+    src = write_dataset(str(tmp_path / "t_text_document"), np.full(40_000, 3), "T")
+    plan = _plan([src], tmp_path / "p", strategy="original", domain_weights="natural",
+                 valid_fraction=5e-5, train_tokens=1.3e5, seq_length=64)  # repeat ~1.08
+    train, valid, _ = build_plan_datasets(plan, TOKENIZER, (plan.train_samples, 1, 0),
+                                          cache_dir=str(tmp_path / "cache"))
+    ds = train.datasets[0] if hasattr(train, "datasets") else train
+    np.testing.assert_array_equal(np.unique(ds.document_index), np.arange(39_998))
+    held = valid.datasets[0] if hasattr(valid, "datasets") else valid
+    assert sorted(set(held.document_index.tolist())) == [39_998, 39_999]
+
+
+def test_eod_mask_loss_applies_to_plan_datasets(sp_prefixes, tmp_path, single_rank_group):
+    """Issue 15: the plan dataset hard-coded eod_mask_loss=False."""
+    plan = _plan(sp_prefixes, tmp_path / "p", strategy="per-source")
+    for masked in (False, True):
+        train, _, _ = build_plan_datasets(plan, TOKENIZER, (plan.train_samples, 0, 0),
+                                          cache_dir=str(tmp_path / "cache"),
+                                          eod_mask_loss=masked)
+        samples = [train[i] for i in range(8)]
+        tokens = np.concatenate([x["tokens"].numpy() for x in samples])
+        loss_mask = np.concatenate([x["loss_mask"].numpy() for x in samples])
+        at_eod = tokens == EOD  # megatron masks the loss where the input token is EOD
+        assert at_eod.any() and loss_mask[~at_eod].all()
+        assert (loss_mask[at_eod] == 0).all() if masked else loss_mask[at_eod].all()
+
+
+def test_audit_process_group_store_is_not_a_mktemp_name(tmp_path):
+    """Issue 15: the audit's gloo store name came from the racy `tempfile.mktemp`."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import tempfile, torch.distributed as dist\n"
+        "def racy(*a, **k): raise AssertionError('tempfile.mktemp is racy')\n"
+        "tempfile.mktemp = racy\n"
+        "from megatron_longctx.mixture.audit import ensure_process_group\n"
+        "ensure_process_group(); assert dist.is_initialized(); print('ok')\n"
+    )
+    repo = Path(__file__).resolve().parents[2]
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=repo, env={"TMPDIR": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-2000:]
+    stores = list(tmp_path.glob("mlc-pg-*"))
+    assert len(stores) == 1 and stores[0].is_dir()
+    assert stores[0].stat().st_mode & 0o077 == 0  # private to this user

@@ -1,11 +1,28 @@
-"""`make demo`'s driver end to end on a reduced corpus (the same tools and flags)."""
+"""`make demo`'s driver end to end on a reduced corpus (the same tools and flags), and its
+settings, flags and report writer without running anything."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+from megatron_longctx.demo.cli import add_settings_arguments, flag_of, settings_from_args
+from megatron_longctx.demo.corpus import CorpusConfig
+from megatron_longctx.demo.pipeline import (
+    DemoPaths,
+    DemoSettings,
+    build_report,
+    report_lines,
+    summary_lines,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -17,7 +34,8 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
          "--total-words", "400000", "--workers", "2", "--model-preset", "tiny",
          "--stage1-iters", "3", "--stage2-iters", "2", "--tokens-per-step", "1024",
          "--stage1-tokens-per-step", "512",
-         "--short-length", "128", "--long-length", "512", "--needle-depths", "2"],
+         "--short-length", "128", "--long-length", "512", "--needle-depths", "2",
+         "--ruler-tasks", "niah_single_1,fwe", "--ruler-samples", "1"],
         capture_output=True, text=True, cwd=REPO, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "max |diff|" in proc.stdout and ": OK" in proc.stdout
@@ -45,3 +63,95 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     assert cells["settings"]["max_new_tokens"] == 2 and len(cells["cells"]) == 2
     assert (out / "mixture" / "report.md").exists()
     assert len(list((out / "data").glob("slimpajama_*_text_document.idx"))) == 7
+    # The RULER subset ran on both checkpoints at the long length, one sample per task.
+    for name, stage in (("before", "stage1"), ("after", "stage2")):
+        assert 0.0 <= report[f"ruler_{name}"] <= 100.0
+        assert set(report[f"ruler_by_task_{name}"]) == {"niah_single_1", "fwe"}
+        ruler = json.loads((out / "eval" / f"ruler_{stage}_512" / "results.json").read_text())
+        assert ruler["settings"]["lengths"] == [512] and ruler["cells_done"] == 2
+    assert "| RULER at 512 tokens" in proc.stdout
+    assert not list(out.glob(".report*"))  # no temporary file left behind
+
+
+def _parser(cls: type) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_settings_arguments(parser, cls)
+    return parser
+
+
+@pytest.mark.parametrize("cls", [DemoSettings, CorpusConfig])
+def test_flags_come_from_the_dataclass(cls):
+    """Every field has its flag, no flag restates a default: parsing nothing gives the
+    dataclass's defaults, and each flag sets its field."""
+    parser = _parser(cls)
+    usage = parser.format_usage()
+    for field in dataclasses.fields(cls):
+        assert f"[{flag_of(field)} " in usage, field.name
+        assert field.metadata.get("help"), field.name
+    assert settings_from_args(cls, parser.parse_args([])) == cls()
+    assert settings_from_args(cls, parser.parse_args(["--seed" if cls is CorpusConfig else
+                                                      "--stage2-iters", "7"])) != cls()
+
+
+def test_demo_flags_parse_types():
+    parser = _parser(DemoSettings)
+    settings = settings_from_args(DemoSettings, parser.parse_args(
+        ["--long-fraction", "0.5", "--ruler-tasks", "fwe, niah_single_2", "--workers", "3"]))
+    assert (settings.long_fraction, settings.ruler_tasks, settings.workers) == (
+        0.5, ("fwe", "niah_single_2"), 3)
+    assert settings_from_args(DemoSettings, parser.parse_args(
+        ["--ruler-tasks", "none"])).ruler_tasks == ()
+
+
+@pytest.mark.parametrize(
+    ("changes", "flag"),
+    [
+        ({"total_words": 0}, "--total-words"),
+        ({"workers": 0}, "--workers"),
+        ({"stage1_iters": 0}, "--stage1-iters"),
+        ({"needle_depths": 1.5}, "--needle-depths"),
+        ({"long_length": 64}, "--long-length"),
+        ({"model_preset": "nope"}, "--model-preset"),
+        ({"strategy": "nope"}, "--strategy"),
+        ({"long_fraction": 1.0}, "--long-fraction"),
+        ({"ruler_tasks": ("qa_1",)}, "--ruler-tasks"),
+        ({"ruler_samples": 0}, "--ruler-samples"),
+    ],
+)
+def test_settings_validation_names_the_flag(changes, flag):
+    with pytest.raises(ValueError, match=re.escape(flag)):
+        DemoSettings(**changes)
+
+
+def test_bad_flag_exits_2_naming_it():
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "demo.py"), "--short-length", "512"],
+        capture_output=True, text=True, cwd=REPO, timeout=60)
+    assert proc.returncode == 2 and "--long-length must be > --short-length" in proc.stderr
+
+
+def test_report_files(tmp_path):
+    """report.json keeps its key order (scores, settings, paths); report.md has both tables;
+    both are written through a temporary file that does not stay behind."""
+    settings = DemoSettings(workers=2, ruler_tasks=("niah_single_1", "fwe"))
+    scores = {"needle_before": 0.0, "needle_short_before": 95.0, "needle_after": 95.0,
+              "needle_short_after": 100.0, "ruler_before": 0.0, "ruler_after": 12.5,
+              "ruler_by_task_before": {"niah_single_1": 0.0, "fwe": 0.0},
+              "ruler_by_task_after": {"niah_single_1": 0.0, "fwe": 25.0}}
+    paths = DemoPaths(tmp_path)
+    report = build_report(settings, paths, scores)
+    write_report(paths, report, report_lines(settings, scores))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "report.md"]
+    text = (tmp_path / "report.json").read_text()
+    assert text == json.dumps(report, indent=1) + "\n"
+    loaded = json.loads(text)
+    assert list(loaded)[:4] == ["needle_before", "needle_short_before", "needle_after",
+                                "needle_short_after"]
+    assert list(loaded)[-2:] == ["settings", "paths"]
+    assert list(loaded["settings"])[:3] == ["total_words", "workers", "model_preset"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| 512 tokens | 0.0 | 95.0 |" in md and "| 64 tokens | 95.0 | 100.0 |" in md
+    assert "| fwe | 0.0 | 25.0 |" in md and "| mean | 0.0 | 12.5 |" in md
+    assert summary_lines(settings, scores)[0].startswith("| needle score")
+    no_ruler = {k: v for k, v in scores.items() if not k.startswith("ruler")}
+    assert "RULER" not in "\n".join(summary_lines(settings, no_ruler))

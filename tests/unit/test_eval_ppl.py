@@ -75,23 +75,24 @@ def test_bucket_sums_add_up_to_the_document_loss() -> None:
 
 
 def test_held_out_documents_from_plan_and_data_paths(tmp_path) -> None:
-    from megatron_longctx.mixture.planner import PLAN_FORMAT
+    import dataclasses
+
+    from tests.unit.mixture_fixtures import hand_made_plan
 
     book = write_dataset(tmp_path / "sp_RedPajamaBook_text_document",
                          [50, 400, 30, 500, 600, 20, 450, 700], vocab=500)
     c4 = write_dataset(tmp_path / "sp_RedPajamaC4_text_document", [10, 20, 30, 40], vocab=500)
-    plan = {"format": PLAN_FORMAT, "parameters": {"valid_fraction": 0.5},
-            "domains": [{"domain": "RedPajamaBook", "prefix": book},
-                        {"domain": "RedPajamaC4", "prefix": c4}]}
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    plan = hand_made_plan([("RedPajamaBook", book, 8), ("RedPajamaC4", c4, 4)], 0.5)
+    plan.save(tmp_path / "plan.json")
     sources = sources_from_mixture_plan(tmp_path / "plan.json")
     assert [s.domain for s in sources] == ["RedPajamaBook", "RedPajamaC4"]
     assert sources[0].documents.tolist() == [4, 5, 6, 7]  # the held-out half
     docs = select_documents(sources, seq_length=512, min_length=400, max_docs_per_domain=2)
     assert [(d.domain, d.index, d.length, len(d.tokens)) for d in docs] == [
         ("RedPajamaBook", 4, 600, 512), ("RedPajamaBook", 6, 450, 450)]
-    plan["parameters"]["valid_fraction"] = 0.0
-    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    dataclasses.replace(plan, parameters=dataclasses.replace(plan.parameters,
+                                                              valid_fraction=0.0)
+                        ).save(tmp_path / "plan.json")
     with pytest.raises(ValueError, match="held out"):
         sources_from_mixture_plan(tmp_path / "plan.json")
 

@@ -1,4 +1,5 @@
-"""Training metrics: exact FLOP counts (FACTS.md), peaks, meter math, TensorBoard, console."""
+"""Training metrics: exact FLOP counts (causal attention, as NeMo/Megatron count), peaks, meter
+math, TensorBoard, console."""
 
 from __future__ import annotations
 
@@ -27,9 +28,9 @@ def test_llama2_7b_at_128k_matches_published_count() -> None:
     assert n == 32 * (4 * 4096**2 + 3 * 4096 * 11008) + 4096 * 32000 == 6_607_077_376
     causal = flops_per_token(cfg, S128K)
     assert causal == 6 * n + 6 * 32 * 4096 * S128K == 142_721_679_360
-    assert abs(causal / 1e9 - 143) < 0.5  # FACTS.md: ~143 GFLOP/token
+    assert abs(causal / 1e9 - 143) < 0.5  # LLaMA-2 7B at 128K: ~143 GFLOP/token
     share = attention_flops_per_token(cfg, S128K) / causal
-    assert abs(share - 0.722) < 0.001  # FACTS.md: attention ~72%
+    assert abs(share - 0.722) < 0.001  # of which attention ~72%
 
     full = flops_per_token(cfg, S128K, causal=False)
     assert full == 6 * n + 12 * 32 * 4096 * S128K == 245_800_894_464

@@ -147,7 +147,8 @@ def test_transformer_config_fp8_fields_without_te() -> None:
 def test_local_fp32_transformer_config() -> None:
     import torch
 
-    from megatron_longctx.model.build import build_transformer_config, padded_vocab_size
+    from megatron_longctx.config.model import padded_vocab_size
+    from megatron_longctx.model.build import build_transformer_config
 
     cfg = build_transformer_config(get_preset("llama3-8b"), ParallelConfig())
     assert cfg.fp8 is None and cfg.params_dtype == torch.float32 and not cfg.bf16

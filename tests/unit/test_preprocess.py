@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from megatron_longctx.config.cli import parse_preprocess_args, slurm_array_defaults
-from megatron_longctx.config.preprocess import PreprocessConfig
+from megatron_longctx.config.cli import parse_preprocess_args
+from megatron_longctx.config.preprocess import PreprocessConfig, slurm_array_defaults
+from megatron_longctx.config.tokenizer import TokenizerSpec
 from megatron_longctx.data.indexed import read_document, read_index
 from megatron_longctx.data.merge import MergeError, merge_shards
 from megatron_longctx.data.preprocess import PreprocessError, run_preprocess
 from megatron_longctx.data.sentences import SentenceSplitter, resolve_splitter
 from megatron_longctx.data.stats import load_stats
-from megatron_longctx.data.tokenizers import TokenizerSpec, build_tokenizer
+from megatron_longctx.data.tokenizers import build_tokenizer
 from tests.conftest import DOMAINS, make_records, write_jsonl
 from tests.reference.upstream_preprocess import megatron_preprocess
 

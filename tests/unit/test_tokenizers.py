@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from megatron_longctx.data.tokenizers import TokenizerSpec, build_tokenizer
+from megatron_longctx.config.tokenizer import TokenizerSpec
+from megatron_longctx.data.tokenizers import build_tokenizer
 from tests.reference.upstream_preprocess import build_megatron_tokenizer
 
 SAMPLES = [
@@ -100,7 +101,8 @@ def test_resolved_tokenizer_cache_skips_transformers(tmp_path, hf_tokenizer_dir)
     env = {**os.environ, "MEGATRON_LONGCTX_CACHE": str(tmp_path / "cache")}
     code = (
         "import sys, json\n"
-        "from megatron_longctx.data.tokenizers import TokenizerSpec, build_tokenizer\n"
+        "from megatron_longctx.config.tokenizer import TokenizerSpec\n"
+        "from megatron_longctx.data.tokenizers import build_tokenizer\n"
         f"t = build_tokenizer(TokenizerSpec('HuggingFaceTokenizer', {hf_tokenizer_dir!r}))\n"
         f"print(json.dumps([t.encode({SAMPLES[2]!r}), t.vocab_size, t.eod,\n"
         "                  'transformers' in sys.modules]))\n"

@@ -299,7 +299,7 @@ def test_questions_follow_their_facts(records: list[dict]) -> None:
         key, value = stated[0].groups()
         assert key in FACT_KEYS and value in FACT_VALUES
         assert n_words(text[:stated[0].start()]) <= 0.1 * length + 40  # early (a sentence late)
-        near = max(int(synthetic._near_zone(length) // 24), 1)
+        near = max(int(synthetic.near_zone(length) // 24), 1)
         assert len(asked) >= near
         for match in asked:
             assert match.groups() == (key, value)
