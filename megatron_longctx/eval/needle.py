@@ -482,15 +482,20 @@ def check_resumable(path: Path, results: dict[str, Any], identity: dict[str, Any
             f"{model_identity(description)}; use another --output-dir or --overwrite")
 
 
-def load_results(path: str | Path) -> dict[str, Any] | None:
-    """A results.json written by `run_needle`, or None when absent."""
+def read_results(path: str | Path, fmt: str) -> dict[str, Any] | None:
+    """A results.json of format `fmt` (needle, RULER), or None when absent."""
     path = Path(path)
     if not path.is_file():
         return None
     results = json.loads(path.read_text(encoding="utf-8"))
-    if results.get("format") != FORMAT:
-        raise ResultsMismatchError(f"{path}: not a {FORMAT} file")
+    if results.get("format") != fmt:
+        raise ResultsMismatchError(f"{path}: not a {fmt} file")
     return results
+
+
+def load_results(path: str | Path) -> dict[str, Any] | None:
+    """A results.json written by `run_needle`, or None when absent."""
+    return read_results(path, FORMAT)
 
 
 def summarize(cells: Iterable[dict[str, Any]], lengths: list[int],

@@ -36,7 +36,6 @@ run (`ResultsMismatchError`, from the needle tool).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -47,7 +46,12 @@ import numpy as np
 
 from megatron_longctx.atomic import write_json_atomic, write_text_atomic
 from megatron_longctx.eval.models import CausalLM
-from megatron_longctx.eval.needle import ResultsMismatchError, check_resumable, length_label
+from megatron_longctx.eval.needle import (
+    ResultsMismatchError,
+    check_resumable,
+    length_label,
+    read_results,
+)
 from megatron_longctx.eval.ruler_tasks import (
     QA_TASKS,
     RULER_LENGTHS,
@@ -162,13 +166,7 @@ class RulerSettings:
 # --------------------------------------------------------------------------------------------
 def load_results(path: str | Path) -> dict[str, Any] | None:
     """A results.json written by `run_ruler`, or None when absent."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    results = json.loads(path.read_text(encoding="utf-8"))
-    if results.get("format") != FORMAT:
-        raise ResultsMismatchError(f"{path}: not a {FORMAT} file")
-    return results
+    return read_results(path, FORMAT)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -23,9 +23,6 @@ together and matches the plan's bucket shares at document level).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-
-import numpy as np
 
 from megatron_longctx.atomic import write_json_atomic, write_text_atomic
 from megatron_longctx.data.indexed import IndexInfo, read_index
@@ -38,40 +35,7 @@ from megatron_longctx.mixture.plan import (
     view_prefix,
 )
 from megatron_longctx.mixture.report import write_report
-from megatron_longctx.mixture.views import write_view
-
-VIEWS_NOTE = "views pack each bucket separately; shares exact up to one sample per view"
-
-
-@dataclass(frozen=True)
-class PlannedView:
-    """One view a plan realizes: which source documents, under which prefix, with what weight."""
-
-    domain: str
-    #: "short", "long", "cut" (train) or "valid" (held out).
-    bucket: str
-    #: `{view}.idx/.bin` prefix.
-    view: str
-    #: Source document ids, in order.
-    document_ids: np.ndarray
-    #: Tokens in those documents.
-    tokens: int
-    #: Train views: the plan's target tokens; valid views: the domain's target share.
-    weight: float
-
-    @property
-    def documents(self) -> int:
-        return int(self.document_ids.size)
-
-
-@dataclass(frozen=True)
-class Realization:
-    """What `write_views_and_blends` wrote (returned, and shown in the report; not in the plan)."""
-
-    blend_file: str
-    per_split_file: str
-    views: list[PlannedView]
-    note: str = VIEWS_NOTE
+from megatron_longctx.mixture.views import PlannedView, Realization, write_view
 
 
 def _domain_views(plan: MixturePlan, domain: DomainPlan, views_dir: str,

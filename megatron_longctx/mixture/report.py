@@ -17,7 +17,7 @@ from megatron_longctx.data.stats import load_stats
 from megatron_longctx.mixture.plan import MixturePlan
 
 if TYPE_CHECKING:
-    from megatron_longctx.mixture.outputs import Realization
+    from megatron_longctx.mixture.views import Realization
 
 
 def dumps_table(plan: MixturePlan) -> str:

@@ -14,10 +14,44 @@ document, so Megatron's shuffling separates them ("Cut at 4K").
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import numpy as np
 
 from megatron_longctx.data.indexed import IndexInfo, bin_path, idx_path, index_bytes, read_index
+
+VIEWS_NOTE = "views pack each bucket separately; shares exact up to one sample per view"
+
+
+@dataclass(frozen=True)
+class PlannedView:
+    """One view a plan realizes: which source documents, under which prefix, with what weight."""
+
+    domain: str
+    #: "short", "long", "cut" (train) or "valid" (held out).
+    bucket: str
+    #: `{view}.idx/.bin` prefix.
+    view: str
+    #: Source document ids, in order.
+    document_ids: np.ndarray
+    #: Tokens in those documents.
+    tokens: int
+    #: Train views: the plan's target tokens; valid views: the domain's target share.
+    weight: float
+
+    @property
+    def documents(self) -> int:
+        return int(self.document_ids.size)
+
+
+@dataclass(frozen=True)
+class Realization:
+    """What `write_views_and_blends` wrote (returned, and shown in the report; not in the plan)."""
+
+    blend_file: str
+    per_split_file: str
+    views: list[PlannedView]
+    note: str = VIEWS_NOTE
 
 
 def _sequence_ranges(index: IndexInfo, doc_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

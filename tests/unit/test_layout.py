@@ -112,7 +112,7 @@ def test_imports_only_go_down_the_layers():
 
 def test_no_import_cycles():
     """Runtime imports only: a type annotation may name a class of a module that imports
-    this one (mixture.report annotates with outputs.Realization)."""
+    this one."""
     graph = {m: {t for t, _ in ts} for m, ts in _imports(runtime_only=True).items()}
     state: dict[str, int] = {}
     cycles = []
