@@ -1,5 +1,7 @@
 # make test: create .venv, install (CPU torch pinned first), build csrc, run the test suite.
 # make demo: the same install, then the whole pipeline on the embedded synthetic corpus.
+# make ablation: the demo's stage 1, then every stage-2 mixture strategy from it, side by side
+#   (docs/demo.md "The ablation"; ~25 minutes on 2 idle cores; resumable: rerun to continue).
 # make bench: the benchmarks that print ratios against in-run baselines.
 # make gpu-wheels: wheels the lent GPU machine lacks (cp312 manylinux x86_64) into gpu-wheels/.
 PYTHON ?= python3
@@ -9,9 +11,10 @@ PIP := $(PY) -m pip
 STAMP := $(VENV)/.installed
 TORCH_VERSION ?= 2.13.0
 DEMO_DIR ?= demo_output
+ABLATION_DIR ?= ablation_output
 PYTEST_ARGS ?=
 
-.PHONY: install test demo bench lint clean gpu-wheels
+.PHONY: install test demo ablation bench lint clean gpu-wheels
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +38,9 @@ lint: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) tools/demo.py --output-dir $(DEMO_DIR)
+
+ablation: $(STAMP)
+	$(PY) tools/demo.py --ablation --output-dir $(ABLATION_DIR)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_preprocess.py
@@ -61,4 +67,4 @@ gpu-wheels: $(PY)
 		test $$size -lt 48 || { echo "over 48 MiB: the tree + wheels must stay under 64"; exit 1; }
 
 clean:
-	rm -rf build *.egg-info megatron_longctx/_csrc*.so $(DEMO_DIR)
+	rm -rf build *.egg-info megatron_longctx/_csrc*.so $(DEMO_DIR) $(ABLATION_DIR)

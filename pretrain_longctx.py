@@ -4,15 +4,25 @@
 Megatron-LM flag names (see `python pretrain_longctx.py --help` and docs/training.md). Launch
 with torchrun or srun (one process per GPU); ranks come from the environment.
 
-Exit codes: 0 done; 2 bad flags; 3 NaN/Inf loss with --on-nan-loss stop; 75 saved after
-SIGTERM/SIGUSR1 (--exit-signal-handler) or --exit-duration-in-mins: requeue to continue.
+Exit codes: 0 done; 2 bad flags or inputs (one line naming the file); 3 NaN/Inf loss with
+--on-nan-loss stop; 75 saved after SIGTERM/SIGUSR1 (--exit-signal-handler) or
+--exit-duration-in-mins, or signalled before the first step (nothing to save): requeue to
+continue.
+
+SIGTERM/SIGUSR1 are recorded from the first statement on, before torch and megatron are
+imported (~6 s), so a preemption signal during start-up cannot kill the rank
+(megatron_longctx/training/signals.py).
 """
 
 from __future__ import annotations
 
-import sys
+from megatron_longctx.training.signals import install_early
 
-from megatron_longctx.training.entry import main
+install_early()
+
+import sys  # noqa: E402  (after the signal handler, on purpose)
+
+from megatron_longctx.training.entry import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

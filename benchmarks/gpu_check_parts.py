@@ -56,10 +56,12 @@ FP32_RTOL = 1e-4
 BF16_RTOL = 1e-2
 FP8_RTOL = 2e-2
 
-#: The pretrain flags that select the stock loss path and ours (issue 16), once it exists,
-#: e.g. {"stock": ["--cross-entropy-impl", "megatron"], "ours": ["--cross-entropy-impl",
-#: "chunked"]}. None: the part looks for such a flag, reports candidates, and skips.
-LOSS_PATH_ARGS: dict[str, list[str]] | None = None
+#: The pretrain flags that select the stock loss path and ours (issue 16: model/loss.py).
+#: None would make the part look for such a flag, report candidates, and skip.
+LOSS_PATH_ARGS: dict[str, list[str]] | None = {
+    "stock": ["--cross-entropy-impl", "megatron"],
+    "ours": ["--cross-entropy-impl", "chunked"],
+}
 #: Flags that name the loss but do not select its implementation (not issue 16's option).
 NOT_LOSS_PATH_FLAGS = ("--on-nan-loss", "--eod-mask-loss")
 

@@ -10,7 +10,11 @@
 # configuration but runs the same code path (rendezvous, signal forwarding, requeue, resume).
 # Preemption: Slurm sends USR1 to this shell 300 s before the time limit (--signal=B:USR1@300);
 # we forward it to the srun'd trainer, which saves a checkpoint and exits 75; on 75 we requeue
-# the job, and the next attempt resumes from the newest checkpoint in $SAVE_DIR.
+# the job, and the next attempt resumes from the newest checkpoint in $SAVE_DIR. A USR1/TERM
+# at any other moment ends in a requeue too, never a failed job: before srun starts it is
+# recorded and the job requeued without starting the trainer; while ranks start, the trainer
+# records it from its first line and exits 75 without saving (nothing trained yet).
+# Multi-node: SOCKET_IFNAME picks the network interface of gloo and NCCL (docs/slurm.md).
 # See docs/slurm.md for the memory arithmetic behind the layout and for the data pipeline.
 #
 #SBATCH --job-name=longctx-128k
@@ -25,6 +29,11 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --open-mode=append
 #SBATCH --output=%x-%j.out
+# First command (sbatch reads #SBATCH lines only above it): from here on USR1/TERM are recorded,
+# not fatal; the launch below acts on a recorded signal (phases: docs/slurm.md).
+PENDING_SIGNAL=
+trap 'PENDING_SIGNAL=USR1' USR1
+trap 'PENDING_SIGNAL=TERM' TERM
 set -euo pipefail
 
 SMOKE=${SMOKE:-0}
@@ -93,11 +102,18 @@ else
   #   parallel: 32 x 32768 x 4096 / 2 = 2.15 GB per layer, 69 GB for 32 layers: too much.
   #   Full recompute of a layer keeps only its input, 2 x 32768 x 4096 / 2 = 134 MB.
   #   Recomputing 20 of 32 layers (block): 12 x 2.15 + 20 x 0.13 + 2.15 (the layer being
-  #   recomputed) = 30.6 GB. Logits 32768 x 32000/TP2 x (2 + 4 B fp32 loss) = 3.1 GB; CP ring
-  #   K/V buffers ~1 GB; NCCL/cuBLAS workspaces and fragmentation ~6 GB -> total ~69 GB at 4
-  #   nodes, ~76 GB on 1 node. FP8 keeps GEMM inputs in 1 byte (~-20% of activations): margin.
-  #   16 layers (38.7 GB, ~77 GB total at >= 4 nodes) saves ~4% of step time once measured
-  #   to fit; 32 always fits (~6.6 GB) at ~+33% compute instead of ~+21% for 20.
+  #   recomputed) = 30.6 GB. Loss: megatron's stock path (CROSS_ENTROPY_IMPL=megatron) keeps
+  #   logits 32768 x 32000/TP2 x (2 B bf16 + 4 B fp32 softmax) = 3.1 GB; the chunked loss
+  #   (default, issue 16) keeps a 1024-token chunk (1024 x 16000 x 6 B = 0.1 GB), an fp32
+  #   weight gradient 16000 x 4096 x 4 B = 0.26 GB and grad_hidden 32768 x 4096 x 2 B =
+  #   0.27 GB: ~0.6 GB, 2.5 GB less. CP ring K/V buffers ~1 GB; NCCL/cuBLAS workspaces and
+  #   fragmentation ~6 GB -> total ~66.5 GB at 4 nodes, ~73.5 GB on 1 node. FP8 keeps GEMM
+  #   inputs in 1 byte (~-20% of activations): margin. Each recomputed layer kept instead costs
+  #   2.15 - 0.13 = 2.0 GB: the chunked loss pays for one (19 layers, ~1% of step time);
+  #   16 layers (~74.5 GB total at >= 4 nodes) saves ~4% of step time once measured to fit;
+  #   32 always fits (~6.6 GB) at ~+33% compute instead of ~+21% for 20. LLaMA-3 8B
+  #   (128,256 rows): stock logits 32768 x 64128 x 6 B = 12.6 GB vs ~1.7 GB chunked, 10.9 GB
+  #   freed = 4-5 recomputed layers fewer (docs/slurm.md).
   # Why TP2 x CP4 rather than TP1 x CP8: TP2 halves weights and grads (-20 GB per GPU) for a
   # small GEMM-efficiency cost; both keep TP and CP on NVLink inside a node. CP p2p (ring)
   # overlaps the K/V exchange with attention compute; a2a is the alternative (heads/TP = 16 is
@@ -110,6 +126,11 @@ else
   : "${TRANSFORMER_IMPL:=transformer_engine}"
   : "${SMOKE_DEVICE:=gpu}"
 fi
+# Output-layer loss: chunked (fused with the output GEMM, never [tokens, vocab] logits, padded
+# vocabulary rows excluded) | megatron (stock, for comparison). Chunk: tokens per chunk; its
+# fp32 logits are chunk x vocab/TP x 4 B (1024 x 16000 x 4 B = 66 MB for LLaMA-2 at TP2).
+: "${CROSS_ENTROPY_IMPL:=chunked}"
+: "${CROSS_ENTROPY_CHUNK_SIZE:=1024}"
 : "${LR:=2e-5}"                        # the paper: constant 2e-5
 : "${LR_WARMUP_ITERS:=0}"
 : "${WEIGHT_DECAY:=0.1}"
@@ -201,6 +222,28 @@ export TORCH_NCCL_AVOID_RECORD_STREAMS=${TORCH_NCCL_AVOID_RECORD_STREAMS:-1}
 # default). Set 0 to keep the attention backward in BF16 if loss or needle accuracy suffers.
 export NVTE_FP8_DPA_BWD=${NVTE_FP8_DPA_BWD:-1}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}
+# Network interface of gloo (the CPU groups, and the whole smoke run) and NCCL (its bootstrap
+# and socket transport). Both bind to the address the host name resolves to unless told
+# otherwise; where that is a loopback address (Debian's default /etc/hosts maps the host name
+# to 127.0.1.1) ranks on other nodes cannot reach it and the rendezvous fails.
+# SOCKET_IFNAME=eth0 sets both GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (either may also be
+# set on its own, and wins); unset, a multi-node job whose host name resolves to loopback uses
+# the interface of the default route and says so.
+: "${SOCKET_IFNAME:=}"
+if [[ -z $SOCKET_IFNAME && -z ${GLOO_SOCKET_IFNAME:-} && ${SLURM_JOB_NUM_NODES:-1} -gt 1 ]]; then
+  HOST_ADDR=$(getent hosts "$(hostname)" 2>/dev/null | awk '{print $1; exit}' || true)
+  if [[ $HOST_ADDR == 127.* || $HOST_ADDR == ::1 ]]; then
+    SOCKET_IFNAME=$(ip -o route show default 2>/dev/null \
+                    | awk '{for (i = 1; i < NF; i++) if ($i == "dev") {print $(i + 1); exit}}' \
+                    || true)
+    echo "warning: $(hostname) resolves to loopback $HOST_ADDR; gloo/NCCL use interface" \
+         "'${SOCKET_IFNAME:-(none found)}' (set SOCKET_IFNAME to choose)" >&2
+  fi
+fi
+if [[ -n $SOCKET_IFNAME ]]; then
+  export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$SOCKET_IFNAME}
+  export NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$SOCKET_IFNAME}
+fi
 TASK_ENV=()
 if [[ $SMOKE == 1 && $SMOKE_DEVICE == cpu ]]; then
   TASK_ENV=(env CUDA_VISIBLE_DEVICES=)  # slurmd sets it per step; override inside the task
@@ -250,7 +293,8 @@ if (( RECOMPUTE_NUM_LAYERS > 0 )); then
   PARALLEL_ARGS+=(--recompute-granularity full --recompute-method block
                   --recompute-num-layers "$RECOMPUTE_NUM_LAYERS")
 fi
-PRECISION_ARGS=(--transformer-impl "$TRANSFORMER_IMPL")
+PRECISION_ARGS=(--transformer-impl "$TRANSFORMER_IMPL" --cross-entropy-impl "$CROSS_ENTROPY_IMPL"
+                --cross-entropy-chunk-size "$CROSS_ENTROPY_CHUNK_SIZE")
 case $PRECISION in
   fp8)
     # hybrid: E4M3 forward, E5M2 gradients; delayed scaling from a 1024-step amax history
@@ -295,8 +339,8 @@ CMD=(
        "TP$TP CP$CP PP$PP DP$DP), $(date -Is)"
   for var in MASTER_ADDR MASTER_PORT CUDA_DEVICE_MAX_CONNECTIONS TORCH_NCCL_ASYNC_ERROR_HANDLING \
              NCCL_DEBUG NCCL_IB_TIMEOUT TORCH_NCCL_AVOID_RECORD_STREAMS NVTE_FP8_DPA_BWD \
-             OMP_NUM_THREADS; do
-    printf 'export %s=%q\n' "$var" "${!var}"
+             OMP_NUM_THREADS GLOO_SOCKET_IFNAME NCCL_SOCKET_IFNAME; do
+    if [[ -n ${!var+set} ]]; then printf 'export %s=%q\n' "$var" "${!var}"; fi
   done
   printf '%q ' srun "${SRUN_ARGS[@]}" "${CMD[@]}"
   echo
@@ -305,29 +349,8 @@ cp "$LOG_DIR/command-$SLURM_JOB_ID-attempt$ATTEMPT.sh" "$RUN_DIR/command.sh"
 echo "run dir $RUN_DIR; attempt $ATTEMPT; log $TRAIN_LOG"
 
 # ---------------------------------------------------------------------------------------------
-# Launch in the background so this shell can take signals while the trainer runs (bash runs a
-# trap only between foreground commands); output goes to the job log and the attempt's log.
-srun "${SRUN_ARGS[@]}" "${CMD[@]}" > >(tee -a "$TRAIN_LOG") 2>&1 &
-SRUN_PID=$!
-# shellcheck disable=SC2317  # called from the traps below
-forward() {
-  echo "$(date -Is) got SIG$1: forwarding to the trainer (srun pid $SRUN_PID)"
-  kill -s "$1" "$SRUN_PID" 2>/dev/null || true  # srun passes USR1/TERM on to every task
-}
-trap 'forward USR1' USR1
-trap 'forward TERM' TERM
-while :; do
-  RC=0
-  wait "$SRUN_PID" || RC=$?
-  # wait returns >128 when a trapped signal interrupted it; keep waiting while srun runs.
-  if (( RC > 128 )) && kill -0 "$SRUN_PID" 2>/dev/null; then continue; fi
-  break
-done
-trap - USR1 TERM
-echo "$(date -Is) trainer exited with $RC"
-
-if (( RC == 75 )); then
-  # Checkpoint saved on a signal or at --exit-duration-in-mins: run again from it.
+# Requeue: the next attempt resumes from the newest complete checkpoint in SAVE_DIR.
+requeue() {
   if (( ATTEMPT >= MAX_RESTARTS )); then
     echo "not requeueing: $ATTEMPT restarts already (MAX_RESTARTS=$MAX_RESTARTS)" >&2
     exit 75
@@ -335,5 +358,61 @@ if (( RC == 75 )); then
   echo "requeueing job $SLURM_JOB_ID (attempt $(( ATTEMPT + 1 )) resumes from $SAVE_DIR)"
   scontrol requeue "$SLURM_JOB_ID"  # ends this attempt; the job returns to the queue
   exit 0
+}
+
+# A signal recorded during the set-up above: nothing was started, so nothing to save.
+if [[ -n $PENDING_SIGNAL ]]; then
+  echo "$(date -Is) got SIG$PENDING_SIGNAL before the trainer started"
+  requeue
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Launch in the background so this shell can take signals while the trainer runs (bash runs a
+# trap only between foreground commands); output goes to the job log and the attempt's log.
+srun "${SRUN_ARGS[@]}" "${CMD[@]}" > >(tee -a "$TRAIN_LOG") 2>&1 &
+SRUN_PID=$!
+SRUN_START=$SECONDS
+: "${SIGNAL_RESEND_SECS:=10}"  # srun drops a signal that arrives before its tasks exist
+# shellcheck disable=SC2317  # called from the traps below
+forward() {
+  echo "$(date -Is) got SIG$1: forwarding to the trainer (srun pid $SRUN_PID)"
+  FORWARDED=$1
+  kill -s "$1" "$SRUN_PID" 2>/dev/null || true  # srun passes USR1/TERM on to every task
+  local age=$(( SECONDS - SRUN_START ))
+  if (( age < SIGNAL_RESEND_SECS )); then
+    # srun may still be creating the step and then loses the signal; send it once more when
+    # the ranks surely run (they record it from their first line; a second copy is harmless).
+    { sleep $(( SIGNAL_RESEND_SECS - age )); kill -s "$1" "$SRUN_PID" 2>/dev/null || true; } &
+    RESEND_PID=$!
+  fi
+}
+trap 'forward USR1' USR1
+trap 'forward TERM' TERM
+# A signal between the check above and these traps was only recorded: forward it now.
+if [[ -n $PENDING_SIGNAL ]]; then forward "$PENDING_SIGNAL"; fi
+while :; do
+  RC=0
+  wait "$SRUN_PID" || RC=$?
+  # wait returns >128 when a trapped signal interrupted it; keep waiting while srun runs.
+  if (( RC > 128 )) && kill -0 "$SRUN_PID" 2>/dev/null; then continue; fi
+  break
+done
+# After the trainer: a signal is recorded, never fatal; the trainer's exit code decides.
+trap 'PENDING_SIGNAL=USR1' USR1
+trap 'PENDING_SIGNAL=TERM' TERM
+if [[ -n ${RESEND_PID:-} ]]; then kill "$RESEND_PID" 2>/dev/null || true; fi
+echo "$(date -Is) trainer exited with $RC"
+
+if (( RC == 75 )); then
+  # Checkpoint saved on a signal or at --exit-duration-in-mins (or a signal before the first
+  # step: nothing to save): run again from the newest checkpoint.
+  requeue
+fi
+if [[ -n ${FORWARDED:-} ]] && (( RC == 138 || RC == 143 )); then
+  # The forwarded USR1/TERM (138/143) ended srun before it could pass it on (the moment
+  # between its fork and its own handlers) or a rank before its handler existed: nothing was
+  # saved by this attempt, the newest checkpoint stands.
+  echo "srun ended by the forwarded SIG$FORWARDED before the trainer could save"
+  requeue
 fi
 exit "$RC"

@@ -5,7 +5,8 @@
         --output-dir mix --strategy per-source --long-fraction 0.7 \
         --train-tokens 5e9 --seq-length 81920 [--audit]
 
-Reads only the stats files for the plan (and the .idx files to write views); see
+Reads the stats files for the plan, checked against their .idx/.bin (and the .idx files for
+the held-out tail and the views); see
 megatron_longctx/mixture/planner.py for the strategies' definitions. Exit 2 with one line on
 bad flags or data (including a budget too small for `--audit` to build the training index),
 3 when the audit finds realized shares off the plan by more than 1%.
@@ -24,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = plan_mixture(cfg)
         paths = write_plan_outputs(plan, cfg.output_dir)
-    except (PlanError, FileNotFoundError, ValueError) as err:
+    except (PlanError, OSError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     for warning in plan.warnings:
@@ -37,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
 
         try:
             result = audit_plan(paths["plan"])
-        except ValueError as err:
+        except (OSError, ValueError) as err:
             print(f"error: --audit: {err}", file=sys.stderr)
             return 2
         print(format_audit(result))

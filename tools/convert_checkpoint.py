@@ -16,14 +16,16 @@ import argparse
 import sys
 
 from megatron_longctx.config.dtypes import PARAMS_DTYPES
+from megatron_longctx.convert.hf_checks import check_hf_dir
 from megatron_longctx.convert.hf_llama import (
     ConversionError,
     convert_hf_to_megatron,
     convert_megatron_to_hf,
 )
-from megatron_longctx.tool_env import quiet_tool_warnings
+from megatron_longctx.tool_env import quiet_tool_warnings, tool_error
 
 quiet_tool_warnings()
+TOOL = "convert_checkpoint.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "hf-to-megatron":
+            check_hf_dir(args.hf_dir)  # before any work: truncated files, missing tensors
             out = convert_hf_to_megatron(
                 args.hf_dir, args.save,
                 tensor_model_parallel_size=args.tensor_model_parallel_size,
@@ -70,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_shard_size=args.max_shard_size, dtype=args.dtype,
                 progress=not args.no_progress)
     except (ConversionError, OSError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return tool_error(err, TOOL)
     print(f"wrote {out}")
     return 0
 

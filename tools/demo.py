@@ -2,12 +2,15 @@
 """`make demo`: the whole recipe on the embedded synthetic corpus, through the tools' own CLIs.
 
     python tools/demo.py --output-dir demo_output               # what `make demo` runs
-    python tools/demo.py --output-dir demo_cut --strategy cut   # the paper's mixture ablation
+    python tools/demo.py --output-dir demo_cut --strategy cut   # one other stage-2 mixture
+    python tools/demo.py --ablation --output-dir ablation_output  # `make ablation`: all five
 
 Parse the flags into `DemoSettings` (one flag per field: defaults and help are the dataclass's),
 run megatron_longctx/demo/pipeline.py's stages, print the needle table and the report's path.
-`--strategy cut` or `original` changes only stage 2's mixture. Numbers and settings:
-docs/demo.md. Exit codes: 0 done, 2 bad flags, otherwise the failing step's.
+`--strategy cut` or `original` changes only stage 2's mixture. `--ablation` runs the demo's
+stage 1 once, then every strategy's stage 2 from it (megatron_longctx/demo/ablation.py; the
+generic tool is tools/ablate_mixture.py). Numbers and settings: docs/demo.md. Exit codes: 0
+done, 2 bad flags or inputs, otherwise the failing step's.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import subprocess
 import sys
 
+from megatron_longctx.demo.ablation import run_demo_ablation
 from megatron_longctx.demo.cli import add_settings_arguments, settings_from_args
 from megatron_longctx.demo.pipeline import DemoSettings, run_demo
 
@@ -25,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default="demo_output",
                         help="where everything goes (default: demo_output)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="the stage-2 mixture comparison: every strategy from one stage 1 "
+                        "(--strategy is then unused; report.md, results.json, plots/)")
     add_settings_arguments(parser, DemoSettings)
     return parser
 
@@ -37,7 +44,16 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     try:
+        if args.ablation:
+            ablation = run_demo_ablation(settings, args.output_dir)
+            print("\n" + "\n".join(ablation.summary))
+            root = ablation.paths.root
+            print(f"\nreport: {root / 'report.md'} (numbers: {root / 'results.json'})")
+            return 0
         result = run_demo(settings, args.output_dir)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except subprocess.CalledProcessError as err:
         print(f"\ndemo: step failed (exit {err.returncode}): {' '.join(err.cmd)}",
               file=sys.stderr)

@@ -25,9 +25,10 @@ from megatron_longctx.eval.needle import (
     paper_lengths,
     run_needle,
 )
-from megatron_longctx.tool_env import quiet_tool_warnings
+from megatron_longctx.tool_env import quiet_tool_warnings, tool_error
 
 quiet_tool_warnings()
+TOOL = "eval_needle.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,8 +107,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         model = model_from_args(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return tool_error(err, TOOL)
     if settings.training_length is None:
         settings.training_length = model.training_length
 
@@ -120,8 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         drive(model, job)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return tool_error(err, TOOL)
     return 0
 
 

@@ -24,9 +24,10 @@ from megatron_longctx.eval.ppl import (
     sources_from_data_paths,
     sources_from_mixture_plan,
 )
-from megatron_longctx.tool_env import quiet_tool_warnings
+from megatron_longctx.tool_env import quiet_tool_warnings, tool_error
 
 quiet_tool_warnings()
+TOOL = "eval_ppl.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,6 +56,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_datasets(items: list[str]) -> None:
+    """Every --data-path prefix is a complete .bin/.idx pair (a truncated .bin would otherwise
+    give short documents silently); DatasetError names the file."""
+    from megatron_longctx.data.indexed import check_dataset
+
+    for item in items:
+        try:
+            float(item)  # Megatron's weights in `w1 p1 w2 p2`
+        except ValueError:
+            check_dataset(item)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -63,12 +76,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.mixture_plan is not None and args.valid_fraction is not None:
             raise ValueError("--valid-fraction applies to --data-path (a mixture plan knows "
                              "its held-out documents)")
+        if args.data_path is not None:
+            _check_datasets(args.data_path)
         sources = (sources_from_mixture_plan(args.mixture_plan) if args.mixture_plan
                    else sources_from_data_paths(args.data_path, args.valid_fraction))
         model = model_from_args(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return tool_error(err, TOOL)
 
     def job(m) -> None:
         seq = args.seq_length or m.training_length or m.max_position_embeddings
@@ -94,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         drive(model, job)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return tool_error(err, TOOL)
     return 0
 
 

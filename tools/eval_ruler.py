@@ -22,9 +22,10 @@ import sys
 from megatron_longctx.eval.models import add_model_arguments, drive, model_from_args
 from megatron_longctx.eval.ruler import RulerSettings, run_ruler
 from megatron_longctx.eval.ruler_tasks import RULER_LENGTHS, TASKS
-from megatron_longctx.tool_env import quiet_tool_warnings
+from megatron_longctx.tool_env import quiet_tool_warnings, tool_error
 
 quiet_tool_warnings()
+TOOL = "eval_ruler.py"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -90,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings_from_args(args)
         model = model_from_args(args)
     except (ValueError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return tool_error(err, TOOL)
     if settings.training_length is None:
         settings.training_length = model.training_length
     reuse = not (args.no_prefix_reuse or args.no_cache)
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         drive(model, job)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return tool_error(err, TOOL)
     return 0
 
 

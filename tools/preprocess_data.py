@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_preprocess_args(argv)
     try:
         result = run_preprocess(cfg)
-    except (PreprocessError, ValueError, FileNotFoundError) as err:
+    except (PreprocessError, ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     s = result.summary

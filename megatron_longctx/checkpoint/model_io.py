@@ -36,11 +36,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_longctx.checkpoint.integrity import guarded_read, open_checkpoint
 from megatron_longctx.checkpoint.meta import (
     META_NAME,
     iter_dir,
-    read_meta,
-    resolve_checkpoint,
+    model_config_of,
     write_latest,
     write_meta,
 )
@@ -153,10 +153,14 @@ def checkpoint_tensor_info(ckpt_dir: str | Path) -> dict[str, tuple[tuple[int, .
     """Global shape and dtype of every tensor in a checkpoint directory, without loading data.
 
     Keys are the global ShardedTensor keys (layers stacked on a leading axis).
+
+    Raises:
+        CheckpointError: the tensor index cannot be read (named).
     """
     from megatron.core import dist_checkpointing
 
-    meta = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
+    with guarded_read(ckpt_dir, "tensor metadata cannot be read"):
+        meta = dist_checkpointing.load_tensors_metadata(str(ckpt_dir))
     return {key: (tuple(t.global_shape), t.dtype) for key, t in meta.items()}
 
 
@@ -170,7 +174,7 @@ def checkpoint_params_dtype(ckpt_dir: str | Path) -> str:
 
 
 def _check_architecture(meta: dict[str, Any], model_chunks: Sequence[Any], where: Path) -> None:
-    saved = ModelConfig(**meta["model"])
+    saved = model_config_of(meta, where)
     model = unwrap_model(model_chunks[0])
     config = model.config
     have = {"num_layers": config.num_layers, "hidden_size": config.hidden_size,
@@ -202,7 +206,8 @@ def _prepare_request(sharded: dict[str, Any], directory: Path) -> None:
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
     from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    available = load_sharded_metadata(str(directory))
+    with guarded_read(directory, "tensor metadata cannot be read"):
+        available = load_sharded_metadata(str(directory))
     object_keys = {key.split("/shard_")[0] for key in available}
     missing = []
     for parent, key, value in _iter_sharded(sharded):
@@ -236,21 +241,19 @@ def load_model_checkpoint(model_chunks: Sequence[Any], ckpt_path: str | Path) ->
         The checkpoint's longctx_meta.json (iteration, model config, has_optimizer, ...).
 
     Raises:
-        FileNotFoundError: no complete checkpoint at `ckpt_path`.
+        CheckpointNotFoundError: no complete checkpoint at `ckpt_path` (a FileNotFoundError).
+        CheckpointError: a damaged marker, metadata or tensor file (checkpoint/integrity.py).
         ValueError: the checkpoint's architecture differs from the model's.
         KeyError: the checkpoint lacks tensors the model needs.
     """
     from megatron.core import dist_checkpointing
 
-    directory = resolve_checkpoint(ckpt_path)
-    if directory is None:
-        raise FileNotFoundError(f"{ckpt_path}: no complete checkpoint (no longctx_meta.json and "
-                                "no latest_checkpointed_iteration.txt)")
-    meta = read_meta(directory)
+    directory, meta = open_checkpoint(ckpt_path)
     _check_architecture(meta, model_chunks, directory)
     request = model_sharded_state_dict(model_chunks)
     _prepare_request(request, directory)
-    state = dist_checkpointing.load(request, str(directory))
+    with guarded_read(directory):
+        state = dist_checkpointing.load(request, str(directory))
     for name, chunk in zip(model_state_keys(len(model_chunks)), model_chunks):
         result = unwrap_model(chunk).load_state_dict(state[name], strict=False)
         missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]

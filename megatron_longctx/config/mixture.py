@@ -102,14 +102,14 @@ class MixtureConfig:
             raise ValueError("--upweight only applies to --strategy domain-upsample")
         if self.strategy == "domain-upsample" and not self.upweight:
             raise ValueError("--strategy domain-upsample needs --upweight DOMAIN=FACTOR,...")
-        if any(v <= 0 for v in self.upweight.values()):
+        if any(not 0 < v < float("inf") for v in self.upweight.values()):
             raise ValueError(f"--upweight factors must be > 0, got {self.upweight}")
-        if not self.train_tokens > 0:
-            raise ValueError(f"--train-tokens must be > 0, got {self.train_tokens}")
+        if not 0 < self.train_tokens < float("inf"):
+            raise ValueError(f"--train-tokens must be a finite number > 0, got {self.train_tokens}")
         if self.seq_length < 1:
             raise ValueError(f"--seq-length must be >= 1, got {self.seq_length}")
-        if not self.max_epochs > 0:
-            raise ValueError(f"--max-epochs must be > 0, got {self.max_epochs}")
+        if not 0 < self.max_epochs < float("inf"):
+            raise ValueError(f"--max-epochs must be a finite number > 0, got {self.max_epochs}")
         if not 0.0 <= self.valid_fraction < 1.0:
             raise ValueError(f"--valid-fraction must be in [0, 1), got {self.valid_fraction}")
 

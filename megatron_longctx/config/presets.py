@@ -3,7 +3,9 @@
 The real shapes are those of the released Hugging Face checkpoints (config.json), so a converted
 checkpoint loads without reshaping. Sequence length and RoPE base are left at the pretraining
 values; the 128K recipes change them in one place (`with_context`), following Fu et al.: raise
-the RoPE base so it covers > 128K positions, then continue training.
+the RoPE base so it covers > 128K positions, then continue training. `llama3.1-8b` keeps its
+released `llama3` RoPE scaling (docs/rope.md: continue a model with the scheme it was trained
+with).
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ PRESETS: dict[str, ModelConfig] = {
         num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
         num_query_groups=8, vocab_size=128256, max_position_embeddings=8192, seq_length=8192,
         rotary_base=500000, norm_epsilon=1e-5,
+    ),
+    # LLaMA-3.1 / 3.2 8B: llama3 RoPE scaling (factor 8, low / high frequency factors 1 / 4,
+    # original length 8192) over base 500000, 128K positions; continue it with this scheme.
+    "llama3.1-8b": ModelConfig(
+        num_layers=32, hidden_size=4096, ffn_hidden_size=14336, num_attention_heads=32,
+        num_query_groups=8, vocab_size=128256, max_position_embeddings=131072,
+        seq_length=8192, rotary_base=500000, norm_epsilon=1e-5, rope_type="llama3",
+        rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+        rope_original_max_position_embeddings=8192,
     ),
     # ~0.2M parameters: 2 layers, GQA 4 heads / 2 groups; a CPU forward+backward at 64 tokens
     # takes a few ms, so multi-process equivalence tests stay fast.

@@ -17,17 +17,11 @@ Flags accepted for compatibility whose value is fixed in this fork (LLaMA only) 
 ignored: `--normalization` must be RMSNorm, `--position-embedding-type` rope; `--swiglu` and
 `--disable-bias-linear` describe what the model always is.
 
-RoPE and long context (which to use when):
-* `--rotary-base B`: raise the base before continual pretraining at a longer length. Fu et al.
-  continue LLaMA-2 (base 1e4) at 80K with an effective base of ~2.1M (the released 7B: dynamic
-  NTK, factor 10); any base that keeps the lowest frequency's wavelength above 128K works. This
-  is the recipe's default and needs training to adapt (0.5-5B tokens).
-* `--rotary-seq-len-interpolation-factor F`: linear position interpolation (positions / F):
-  extends a model by F with little or no training, at some cost in short-context resolution.
-* `--use-rope-scaling --rope-scaling-factor F`: LLaMA-3.1's frequency-dependent scaling (high
-  frequencies kept, low ones divided by F); use it to continue a LLaMA-3.1-style checkpoint that
-  was trained with it. megatron-core 0.16.1's GPTModel has no YaRN for dense models, so YaRN is
-  not offered.
+RoPE and long context: `--rotary-base B` raises the base before continual pretraining at a
+longer length (Fu et al.: LLaMA-2's 1e4 -> an effective ~2.1M at 80K; the recipe's default, needs
+0.5-5B tokens to adapt). `--rope-type {default,linear,dynamic,yarn,llama3,longrope}` with its
+parameters selects HF transformers' scaling schemes, each exact against HF (model/rotary.py);
+docs/rope.md says which to use when and how each maps to HF's `rope_scaling`.
 """
 
 from __future__ import annotations

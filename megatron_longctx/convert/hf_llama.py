@@ -44,17 +44,26 @@ import torch
 
 from megatron_longctx.config.dtypes import DTYPE_NAMES, HF_DTYPE_NAMES, PARAMS_DTYPES, torch_dtype
 from megatron_longctx.config.model import (
+    ROPE_PARAMETER_FLAGS,
+    ROPE_TYPES,
     ModelConfig,
     ParallelConfig,
     PrecisionConfig,
+    RopeSpec,
     padded_vocab_size,
 )
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
-# megatron-core 0.16.1 RotaryEmbedding._apply_scaling hard-codes these LLaMA-3.1 values; only
-# the factor is configurable (--rope-scaling-factor).
-MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                        "original_max_position_embeddings": 8192}
+#: HF rope parameter -> ModelConfig field (model/rotary.py implements every HF rope_type of a
+#: LLaMA: default, linear, dynamic, yarn, llama3, longrope).
+HF_ROPE_FIELDS = {
+    "factor": "rope_scaling_factor",
+    "original_max_position_embeddings": "rope_original_max_position_embeddings",
+    "low_freq_factor": "rope_low_freq_factor", "high_freq_factor": "rope_high_freq_factor",
+    "beta_fast": "yarn_beta_fast", "beta_slow": "yarn_beta_slow", "mscale": "yarn_mscale",
+    "mscale_all_dim": "yarn_mscale_all_dim", "attention_factor": "rope_attention_factor",
+    "short_factor": "longrope_short_factor", "long_factor": "longrope_long_factor",
+}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
                    "special_tokens_map.json", "added_tokens.json", "generation_config.json")
 CONVERT_SOURCE = "convert_checkpoint.py hf-to-megatron"
@@ -109,13 +118,96 @@ def _hf_rope(hf: dict[str, Any], where: str) -> tuple[float, str, dict[str, Any]
     return float(theta), str(rope_type), params
 
 
+def rope_fields_from_hf(hf: dict[str, Any], rope_type: str, params: dict[str, Any],
+                        where: str = "config.json") -> dict[str, Any]:
+    """ModelConfig RoPE fields (rope_type and its parameters) for an HF rope dict.
+
+    Follows transformers' reading: yarn / llama3 / longrope take the original length from a
+    top-level `original_max_position_embeddings` (Phi-3), else the rope dict, else
+    `max_position_embeddings`; dynamic NTK grows its base beyond `max_position_embeddings`;
+    yarn's beta_fast / beta_slow fall back to 32 / 1 when 0 or null; parameters a type does
+    not read are dropped (transformers ignores them too).
+    """
+    if rope_type not in ROPE_TYPES:
+        raise ConversionError(f"{where}: rope type {rope_type!r} not supported; one of "
+                              f"{list(ROPE_TYPES)}")
+    if rope_type == "default":
+        return {}
+    fields: dict[str, Any] = {"rope_type": rope_type}
+    applies = {field: types for field, (_, types) in ROPE_PARAMETER_FLAGS.items()}
+    applies["rope_scaling_factor"] = ROPE_TYPES[1:]
+    for key, field in HF_ROPE_FIELDS.items():
+        value = params.get(key)
+        if value is None or rope_type not in applies[field] or (
+                key.startswith("beta_") and not value):
+            continue
+        fields[field] = (tuple(float(v) for v in value) if key.endswith("_factor")
+                         and isinstance(value, (list, tuple)) else value)
+    max_pos = int(hf.get("max_position_embeddings", 2048))
+    if rope_type == "dynamic":
+        fields["rope_original_max_position_embeddings"] = max_pos
+    elif rope_type in ("yarn", "llama3", "longrope"):
+        fields["rope_original_max_position_embeddings"] = int(
+            hf.get("original_max_position_embeddings")
+            or params.get("original_max_position_embeddings") or max_pos)
+    if rope_type == "yarn" and params.get("truncate") is False:
+        fields["yarn_truncate"] = False
+    if rope_type in ("linear", "dynamic", "llama3") and "rope_scaling_factor" not in fields:
+        raise ConversionError(f"{where}: rope type {rope_type!r} without a factor")
+    return fields
+
+
+def hf_rope_parameters(spec: RopeSpec) -> dict[str, Any] | None:
+    """The HF rope dict (without rope_theta) of a scheme; None for default."""
+    if spec.rope_type == "default":
+        return None
+    out: dict[str, Any] = {"rope_type": spec.rope_type}
+    if spec.factor is not None:
+        out["factor"] = float(spec.factor)
+    if spec.rope_type in ("yarn", "llama3", "longrope"):
+        out["original_max_position_embeddings"] = spec.original_max_position_embeddings
+    if spec.rope_type == "llama3":
+        out.update(low_freq_factor=spec.low_freq_factor, high_freq_factor=spec.high_freq_factor)
+    if spec.rope_type == "yarn":
+        out.update(beta_fast=spec.beta_fast, beta_slow=spec.beta_slow)
+        for key in ("mscale", "mscale_all_dim"):
+            if getattr(spec, key) is not None:
+                out[key] = getattr(spec, key)
+        if not spec.truncate:
+            out["truncate"] = False
+    if spec.attention_factor is not None:
+        out["attention_factor"] = spec.attention_factor
+    if spec.rope_type == "longrope":
+        out.update(short_factor=list(spec.short_factor or ()),
+                   long_factor=list(spec.long_factor or ()))
+    return out
+
+
+def _same_rope(base: dict[str, Any], spec: RopeSpec, max_pos: int) -> bool:
+    """Whether `base`'s RoPE resolves to `spec` (at `max_pos`, the exported length)."""
+    try:
+        theta, rope_type, params = _hf_rope(base, "base")
+        fields = rope_fields_from_hf({**base, "max_position_embeddings": max_pos}, rope_type,
+                                     params)
+    except (ConversionError, TypeError, ValueError):
+        return False
+    if int(base.get("max_position_embeddings", 2048)) != max_pos:
+        return False
+    probe = ModelConfig(num_layers=1, hidden_size=8, ffn_hidden_size=8, num_attention_heads=1,
+                        max_position_embeddings=max_pos, seq_length=1, rotary_base=theta,
+                        **fields)  # type: ignore[arg-type]
+    try:
+        return probe.rope_spec() == dataclasses.replace(spec, max_position_embeddings=max_pos)
+    except ValueError:
+        return False
+
+
 def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """Our ModelConfig for a LLaMA config.json; ConversionError for anything we cannot map.
 
-    RoPE: `rope_theta` -> rotary_base; `llama3` scaling -> rope_scaling + rope_scaling_factor
-    (its other parameters must be megatron's fixed 1 / 4 / 8192); `linear` ->
-    seq_len_interpolation_factor; `dynamic`, `yarn`, `longrope`, ... have no megatron-core
-    equivalent and are rejected. Vocabulary padding is on (pad_vocab, Megatron-LM's default).
+    RoPE: `rope_theta` -> rotary_base; the rope type and each of its parameters -> rope_type
+    and one field each (`rope_fields_from_hf`). Vocabulary padding is on (pad_vocab,
+    Megatron-LM's default).
     """
     model_type = hf.get("model_type")
     if model_type != "llama":
@@ -149,30 +241,14 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
         raise ConversionError(f"{where}: partial_rotary_factor {partial} not supported")
-    rope_scaling, scaling_factor, interpolation = False, 8.0, None
-    if rope_type == "llama3":
-        for key, expected in MEGATRON_LLAMA3_ROPE.items():
-            if float(params.get(key, expected)) != expected:
-                raise ConversionError(
-                    f"{where}: llama3 rope {key}={params.get(key)}; megatron-core 0.16.1 fixes "
-                    f"it at {expected} (only the factor is configurable)")
-        rope_scaling, scaling_factor = True, float(params["factor"])
-    elif rope_type == "linear":
-        interpolation = float(params["factor"])
-    elif rope_type != "default":
-        raise ConversionError(
-            f"{where}: rope type {rope_type!r} not supported; megatron-core has a fixed base "
-            "(rope_theta), 'llama3' frequency scaling and 'linear' interpolation only. For "
-            "'dynamic' (NTK) models, set rope_theta to the effective base and remove the "
-            "scaling, as Fu et al. advise (any base covering the target length works).")
+    rope = rope_fields_from_hf(hf, rope_type, params, where)
     max_pos = int(hf.get("max_position_embeddings", 2048))
     cfg = ModelConfig(
         num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
         num_query_groups=groups, vocab_size=int(hf.get("vocab_size", 32000)),
         max_position_embeddings=max_pos, seq_length=max_pos,
         rotary_base=int(theta) if theta.is_integer() else theta,  # type: ignore[arg-type]
-        rope_scaling=rope_scaling, rope_scaling_factor=scaling_factor,
-        seq_len_interpolation_factor=interpolation,
+        **rope,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         init_method_std=float(hf.get("initializer_range", 0.02)),
         untie_embeddings_and_output_weights=not hf.get("tie_word_embeddings", False),
@@ -221,20 +297,26 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str,
         tie_word_embeddings=not cfg.untie_embeddings_and_output_weights,
         attention_bias=False, mlp_bias=False,
     )
-    theta = float(cfg.rotary_base)
-    scaling: dict[str, Any] | None = None
-    if cfg.rope_scaling:
-        scaling = {"rope_type": "llama3", "factor": float(cfg.rope_scaling_factor),
-                   **MEGATRON_LLAMA3_ROPE}
-    elif cfg.seq_len_interpolation_factor is not None:
-        scaling = {"rope_type": "linear", "factor": float(cfg.seq_len_interpolation_factor)}
+    spec = cfg.rope_spec()
+    if spec.rope_type == "dynamic":  # HF's dynamic NTK grows the base beyond this length
+        out["max_position_embeddings"] = spec.original_max_position_embeddings
+    if base is not None and _same_rope(base, spec, out["max_position_embeddings"]):
+        return _with_dtype(out, dtype)  # the scheme is unchanged: keep its spelling as is
+    for key in ("rope_parameters", "rope_theta", "rope_scaling",
+                "original_max_position_embeddings"):
+        out.pop(key, None)
+    scaling = hf_rope_parameters(spec)
     v5_style = base is not None and isinstance(base.get("rope_parameters"), dict)
-    legacy_style = base is None or not v5_style
     if v5_style or base is None:
-        out["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
-    if legacy_style:
-        out["rope_theta"] = theta
+        out["rope_parameters"] = {"rope_type": "default", **(scaling or {}),
+                                  "rope_theta": spec.theta}
+    if base is None or not v5_style:
+        out["rope_theta"] = spec.theta
         out["rope_scaling"] = scaling
+    return _with_dtype(out, dtype)
+
+
+def _with_dtype(out: dict[str, Any], dtype: str) -> dict[str, Any]:
     dtype_keys = [k for k in ("dtype", "torch_dtype") if k in out] or ["dtype", "torch_dtype"]
     for key in dtype_keys:
         out[key] = DTYPE_NAMES[dtype]
@@ -314,6 +396,15 @@ def megatron_region(tensor: torch.Tensor, part: str, cfg: ModelConfig) -> torch.
     if part == "v":
         return grouped[:, per_group + 1]
     raise ValueError(f"unknown part {part!r}")
+
+
+def unexpected_tensor(path: str | os.PathLike, name: str, cfg: ModelConfig) -> ConversionError:
+    """The error for an HF tensor that the LLaMA layout of `cfg` has no place for, with a hint
+    (a bias, or a layer beyond config.json's num_hidden_layers)."""
+    hint = (" (biases are not supported)" if name.endswith(".bias") else
+            f" (config.json has num_hidden_layers={cfg.num_layers})"
+            if name.startswith("model.layers.") else "")
+    return ConversionError(f"{path}: unexpected tensor {name!r}{hint}")
 
 
 def hf_weight_files(hf_dir: str | os.PathLike) -> list[Path]:
@@ -405,10 +496,7 @@ def load_hf_weights(model: Any, files: list[Path], cfg: ModelConfig, *,
                 tied_head = (file, tensor)
                 continue
             if name not in mapping:
-                hint = (" (biases are not supported)" if name.endswith(".bias") else
-                        f" (config.json has num_hidden_layers={cfg.num_layers})"
-                        if name.startswith("model.layers.") else "")
-                raise ConversionError(f"{file}: unexpected tensor {name!r}{hint}")
+                raise unexpected_tensor(file, name, cfg)
             if name in seen:
                 raise ConversionError(f"{file}: tensor {name!r} appears twice")
             if tuple(tensor.shape) != shapes[name]:
@@ -501,7 +589,13 @@ def write_hf_weights(model: Any, cfg: ModelConfig, out_dir: Path, dtype: torch.d
     bar = tqdm(total=len(shard_of), desc="megatron -> hf", unit="tensor", disable=not progress)
 
     def flush() -> None:
-        save_file(current, str(out_dir / names[current_index]), metadata={"format": "pt"})
+        path = out_dir / names[current_index]
+        save_file(current, str(path), metadata={"format": "pt"})
+        # safetensors 0.8 creates its files mode 0600 (unreadable for the group that shares
+        # the model); give them the mode the umask gives any other new file (issue 21).
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(path, 0o666 & ~umask)
         current.clear()
 
     for name, tensor in iter_hf_state(model, cfg, dtype):

@@ -15,14 +15,23 @@ ints leave the small-int cache), we keep numpy chunks (4-8 bytes per entry), and
 half-written pair: tokens go to `{prefix}.bin.tmp`, the index to `{prefix}.idx.tmp`; `finalize`
 removes any old `.idx` first, then renames `.bin` and finally `.idx`. A reader needs both names,
 so a kill at any moment leaves either the previous complete pair, no pair, or the new one.
+
+Reading is strict: `read_index` checks the header, the array sizes against the file size and
+the document index's shape, and raises `DatasetError` naming the file and what is wrong (a
+truncated .idx used to surface as a bare `struct.error` or numpy ValueError); `check_dataset`
+adds the .bin: its size must be the index's tokens times the dtype size (a truncated .bin is
+otherwise found only when training reads past its end). Both cost one read of the .idx (12
+bytes per sequence) and a stat of the .bin, never a read of the tokens.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import struct
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +48,10 @@ _DTYPE_CODES = {
     np.dtype(np.uint16): 8,
 }
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+class DatasetError(ValueError):
+    """A dataset file that is missing, truncated or inconsistent; the message names the file."""
 
 
 def optimal_dtype(vocab_size: int | None) -> np.dtype:
@@ -131,18 +144,24 @@ class IndexedDatasetWriter:
         per_doc = _concat(self._seqs_per_doc, np.int64)
         return index_bytes(self.dtype, seq, pointers, np.concatenate([[0], np.cumsum(per_doc)]))
 
-    def finalize(self) -> None:
-        """Write the index and publish the pair (old .idx removed first, new .idx renamed last)."""
+    def finalize(self) -> dict[str, Any]:
+        """Write the index and publish the pair (old .idx removed first, new .idx renamed last).
+
+        Returns the published pair's identity (`index_identity`), for the stats file.
+        """
         _fsync_and_close(self._bin)
         idx_tmp = idx_path(self.prefix) + ".tmp"
+        data = self.index_bytes()
         with open(idx_tmp, "wb") as fh:
-            fh.write(self.index_bytes())
+            fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
         if os.path.exists(idx_path(self.prefix)):
             os.unlink(idx_path(self.prefix))
         os.replace(self._bin_tmp, bin_path(self.prefix))
         os.replace(idx_tmp, idx_path(self.prefix))
+        return {"idx_bytes": len(data), "idx_sha256": hashlib.sha256(data).hexdigest(),
+                "bin_bytes": self.num_tokens * self.dtype.itemsize}
 
     def abort(self) -> None:
         """Close and delete the temporary files (outputs of earlier runs stay untouched)."""
@@ -192,26 +211,93 @@ class IndexInfo:
         return csum[self.document_indices[1:]] - csum[self.document_indices[:-1]]
 
 
-def read_index(prefix: str) -> IndexInfo:
-    """Parse `{prefix}.idx` (no torch, no megatron import)."""
-    path = idx_path(prefix)
-    with open(path, "rb") as fh:
-        data = fh.read()
+def _parse_index(path: str, data: bytes) -> IndexInfo:
+    """Parse .idx bytes; every inconsistency is a DatasetError naming `path`."""
+    header = len(INDEX_MAGIC) + 8 + 1 + 16
     if not data.startswith(INDEX_MAGIC):
-        raise ValueError(f"{path}: not a Megatron index file (bad magic)")
+        raise DatasetError(f"{path}: not a Megatron index file (bad magic)")
+    if len(data) < header:
+        raise DatasetError(f"{path}: truncated index ({len(data)} bytes, header needs {header})")
     offset = len(INDEX_MAGIC)
     (version,) = struct.unpack_from("<Q", data, offset)
     (code,) = struct.unpack_from("<B", data, offset + 8)
     seq_count, doc_count = struct.unpack_from("<QQ", data, offset + 9)
     if version != INDEX_VERSION or code not in _CODE_DTYPES:
-        raise ValueError(f"{path}: unsupported version {version} or dtype code {code}")
-    offset += 9 + 16
+        raise DatasetError(f"{path}: unsupported version {version} or dtype code {code}")
+    expected = header + 12 * seq_count + 8 * doc_count
+    if len(data) != expected:
+        what = "truncated" if len(data) < expected else "trailing bytes in"
+        raise DatasetError(f"{path}: {what} index ({len(data)} bytes; {seq_count} sequences and "
+                           f"{doc_count} document entries need {expected})")
+    offset = header
     lengths = np.frombuffer(data, np.int32, seq_count, offset)
     offset += 4 * seq_count
     pointers = np.frombuffer(data, np.int64, seq_count, offset)
     offset += 8 * seq_count
     doc_idx = np.frombuffer(data, np.int64, doc_count, offset)
+    if doc_count < 1 or doc_idx[0] != 0 or doc_idx[-1] != seq_count or (
+            doc_count > 1 and (np.diff(doc_idx) < 0).any()):
+        raise DatasetError(f"{path}: inconsistent document index (must rise from 0 to the "
+                           f"{seq_count} sequences)")
+    if seq_count and lengths.min() < 0:
+        raise DatasetError(f"{path}: negative sequence length")
     return IndexInfo(_CODE_DTYPES[code], lengths, pointers, doc_idx)
+
+
+def read_index(prefix: str) -> IndexInfo:
+    """Parse `{prefix}.idx` (no torch, no megatron import).
+
+    Raises:
+        DatasetError: the file is missing, truncated or inconsistent (message names it).
+    """
+    path = idx_path(prefix)
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read()
+    except OSError as err:
+        raise DatasetError(
+            f"{path}: cannot read the dataset index ({err.strerror or err})") from err
+    return _parse_index(path, data)
+
+
+def check_dataset(prefix: str) -> IndexInfo:
+    """Read `{prefix}.idx` strictly and check `{prefix}.bin` holds exactly its tokens.
+
+    The one dataset check for every consumer (planner, audit, merge, the trainer's
+    `--data-path`): a missing, truncated or mismatched pair becomes one `DatasetError` line
+    naming the file, instead of a traceback (or silently wrong samples) later.
+
+    Raises:
+        DatasetError: naming the .idx or .bin and what is wrong.
+    """
+    index = read_index(prefix)
+    path = bin_path(prefix)
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the dataset tokens ({err.strerror or err}); "
+                           f"its index is {idx_path(prefix)}") from err
+    itemsize = np.dtype(index.dtype).itemsize
+    expected = int(index.sequence_lengths.sum(dtype=np.int64)) * itemsize
+    if index.sequence_pointers.size:
+        end = index.sequence_pointers.astype(np.int64) + index.sequence_lengths * itemsize
+        expected = max(expected, int(end.max()))
+    if size < expected:
+        raise DatasetError(f"{path}: truncated ({size} bytes; {idx_path(prefix)} needs "
+                           f"{expected})")
+    if size > expected and not os.path.islink(path):  # views link to a larger source .bin
+        raise DatasetError(f"{path}: {size} bytes but {idx_path(prefix)} describes {expected}: "
+                           "the pair comes from different runs")
+    return index
+
+
+def file_sha256(path: str, chunk: int = 16 << 20) -> str:
+    """sha256 of a file's bytes (streamed; ~1 GB/s, a few % of tokenizing the same bytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def read_document(prefix: str, index: IndexInfo, doc: int) -> np.ndarray:

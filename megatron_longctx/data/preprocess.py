@@ -19,7 +19,17 @@ size, and equal Megatron-LM's for the same input, tokenizer and flags.
 Sharding: `--num-shards K --shard-index i` takes the i-th contiguous slice of the sorted file
 list (so concatenating shard outputs in order equals one run), writes outputs under
 `{prefix}.shard{i:05d}-of{K:05d}` and a completion marker `{that}.done.json` last; a rerun whose
-marker matches the same configuration skips the shard.
+marker matches the same configuration and the same input contents skips the shard.
+
+Publication order and provenance (issue 21): a rerun first removes the stats files of the
+datasets the previous marker listed, then the marker; each dataset is published as: old stats
+removed, `.bin/.idx` renamed (indexed.py), new stats written (with the published .idx's
+sha256); the marker comes last and lists each dataset with that sha256. A kill at any point
+leaves no stats file that describes other data than the pair beside it, and the planner
+refuses stats whose run's marker does not list them with that .idx
+(`stats.load_checked_stats`). Inputs are identified by content: the fingerprint hashes every
+input (sha256, ~1 GB/s: a few % of tokenizing the same bytes), so an input edited in place,
+even keeping its size and mtime, is rebuilt.
 """
 
 from __future__ import annotations
@@ -40,9 +50,14 @@ import numpy as np
 from megatron_longctx.atomic import write_json_atomic
 from megatron_longctx.config.preprocess import PreprocessConfig
 from megatron_longctx.data import records as rec
-from megatron_longctx.data.indexed import IndexedDatasetWriter, optimal_dtype
+from megatron_longctx.data.indexed import (
+    DatasetError,
+    IndexedDatasetWriter,
+    file_sha256,
+    optimal_dtype,
+)
 from megatron_longctx.data.sentences import SentenceSplitter, SplitterSpec, resolve_splitter
-from megatron_longctx.data.stats import STATS_FORMAT, document_stats
+from megatron_longctx.data.stats import STATS_FORMAT, document_stats, load_checked_stats
 from megatron_longctx.data.tokenizers import TextTokenizer, build_tokenizer
 
 MARKER_SUFFIX = ".done.json"
@@ -289,10 +304,23 @@ class Progress:
             self._bar.close()
 
 
-def config_fingerprint(cfg: PreprocessConfig, files: list[str], tokenizer_sha: str) -> str:
-    """Hash of everything that changes a shard's bytes (not workers, logging or batch size)."""
+def input_records(files: list[str]) -> list[dict[str, Any]]:
+    """Path, size, mtime and content sha256 of each input file (what a run was made from)."""
+    out = []
+    for path in files:
+        st = os.stat(path)
+        out.append({"path": path, "bytes": st.st_size, "mtime_ns": st.st_mtime_ns,
+                    "sha256": file_sha256(path)})
+    return out
+
+
+def config_fingerprint(cfg: PreprocessConfig, inputs: list[dict[str, Any]],
+                       tokenizer_sha: str) -> str:
+    """Hash of everything that changes a shard's bytes (not workers, logging or batch size):
+    the settings, the tokenizer, and each input's path and content (size and sha256; not the
+    mtime, so a copy or `touch` does not force a rebuild, while an edit always does)."""
     payload = {
-        "files": [(f, os.path.getsize(f)) for f in files],
+        "files": [(f["path"], f["bytes"], f["sha256"]) for f in inputs],
         "tokenizer": asdict(cfg.tokenizer),
         "tokenizer_sha256": tokenizer_sha,
         "json_keys": cfg.json_keys,
@@ -353,7 +381,8 @@ class _ShardRun:
             )
         self.dtype = optimal_dtype(self.tokenizer.vocab_size)
         self.tokenizer_identity = self.tokenizer.identity()
-        self.fingerprint = config_fingerprint(cfg, files, self.tokenizer_identity["sha256"])
+        self.inputs = input_records(files)
+        self.fingerprint = config_fingerprint(cfg, self.inputs, self.tokenizer_identity["sha256"])
         self.counters = RunCounters()
         self.writers: dict[tuple[str | None, str], IndexedDatasetWriter] = {}
         self.splitter: SplitterSpec | None = None
@@ -453,18 +482,87 @@ class _ShardRun:
         return self.prefix + MARKER_SUFFIX
 
     def completed(self) -> dict[str, Any] | None:
+        """The marker of a complete earlier run with the same fingerprint, else None.
+
+        Raises:
+            PreprocessError: the marker matches but a dataset it lists is damaged (truncated,
+                corrupt stats, stats not describing the data): named, with how to rebuild.
+        """
+        marker = self._read_marker()
+        if marker is None or marker.get("fingerprint") != self.fingerprint:
+            return None
+        local = self._listed(marker)
+        if not all(os.path.exists(p + ".idx") and os.path.exists(p + ".bin") for p in local):
+            return None
+        for prefix in local:
+            try:
+                load_checked_stats(prefix)
+            except DatasetError as err:
+                raise PreprocessError(
+                    f"{err} (this shard's marker {self.marker_path()} says it is complete; "
+                    "delete the marker to rebuild the shard)"
+                ) from err
+        return marker
+
+    def _read_marker(self) -> dict[str, Any] | None:
         try:
-            with open(self.marker_path()) as fh:
+            with open(self.marker_path(), encoding="utf-8") as fh:
                 marker = json.load(fh)
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):
             return None
-        if marker.get("fingerprint") != self.fingerprint:
-            return None
-        if not all(
-            os.path.exists(p + ".idx") and os.path.exists(p + ".bin") for p in marker["datasets"]
-        ):
+        if not isinstance(marker, dict) or not isinstance(marker.get("datasets"), dict):
             return None
         return marker
+
+    def _listed(self, marker: dict[str, Any]) -> list[str]:
+        """The datasets a marker lists, beside the marker (where this run writes them; a marker
+        of a moved directory names the old paths)."""
+        here = os.path.dirname(self.marker_path())
+        return [os.path.join(here, os.path.basename(p)) for p in marker["datasets"]]
+
+    def _retire_previous_run(self) -> None:
+        """Before a rebuild: the stats of every dataset the old marker lists go first (a
+        dataset without stats is unusable, not wrong), then the marker."""
+        old = self._read_marker()
+        for prefix in self._listed(old) if old else []:
+            if os.path.exists(prefix + ".stats.json"):
+                os.unlink(prefix + ".stats.json")
+        if os.path.lexists(self.marker_path()):
+            os.unlink(self.marker_path())
+
+    def _check_not_all_skipped(self) -> None:
+        """A run that read records but kept none is bad input, not an empty dataset."""
+        c = self.counters
+        if c.documents_written or not sum(c.skipped.values()):
+            return
+        for writer in self.writers.values():
+            writer.abort()
+        reasons = ", ".join(f"{k} {v}" for k, v in sorted(c.skipped.items()))
+        where = self.files[0] + (f" and {len(self.files) - 1} more" if len(self.files) > 1 else "")
+        raise PreprocessError(
+            f"{where}: no documents written: every record was skipped ({reasons}); check "
+            "--json-keys/--domain-key and the input format (the 'skipped' lines above name "
+            "examples)"
+        )
+
+    def _publish(self) -> dict[str, dict[str, Any]]:
+        """Publish every dataset: old stats removed, .bin/.idx renamed, then the new stats."""
+        datasets: dict[str, dict[str, Any]] = {}
+        for (domain, key), writer in sorted(self.writers.items(), key=lambda kv: str(kv[0])):
+            stats_path = writer.prefix + ".stats.json"
+            if os.path.lexists(stats_path):
+                os.unlink(stats_path)
+            published = writer.finalize()
+            stats = self._stats(domain, key, writer, published)
+            write_json_atomic(stats_path, stats)
+            datasets[writer.prefix] = {
+                "domain": domain,
+                "json_key": key,
+                "documents": stats["documents"],
+                "tokens": stats["tokens"],
+                "idx_sha256": published["idx_sha256"],
+            }
+        return datasets
 
     def run(self) -> ShardResult:
         cfg = self.cfg
@@ -472,8 +570,7 @@ class _ShardRun:
         if marker is not None:
             print(f"{self.marker_path()}: shard already complete, skipping", file=sys.stderr)
             return ShardResult(self.prefix, True, marker["datasets"], marker["summary"])
-        if os.path.exists(self.marker_path()):
-            os.unlink(self.marker_path())  # a stale marker must not outlive a partial rerun
+        self._retire_previous_run()  # a stale marker must not outlive a partial rerun
 
         if cfg.split_sentences:
             sample = _punkt_sample(self.all_files, cfg)
@@ -495,23 +592,14 @@ class _ShardRun:
         finally:
             progress.close()
         elapsed = time.time() - progress.start
+        self._check_not_all_skipped()
 
         if cfg.domain_key is None and not self.writers:  # keep Megatron's one (empty) output
             for key in cfg.json_keys:
                 name = dataset_prefix(self.prefix, None, key, cfg.level)
                 self.writers[(None, key)] = IndexedDatasetWriter(name, self.dtype)
 
-        datasets: dict[str, dict[str, Any]] = {}
-        for (domain, key), writer in sorted(self.writers.items(), key=lambda kv: str(kv[0])):
-            stats = self._stats(domain, key, writer)
-            write_json_atomic(writer.prefix + ".stats.json", stats)
-            writer.finalize()
-            datasets[writer.prefix] = {
-                "domain": domain,
-                "json_key": key,
-                "documents": stats["documents"],
-                "tokens": stats["tokens"],
-            }
+        datasets = self._publish()
         summary = {
             "records_read": self.counters.records_read,
             "documents_written": self.counters.documents_written,
@@ -527,13 +615,15 @@ class _ShardRun:
                 "fingerprint": self.fingerprint,
                 "config": _config_dict(cfg),
                 "files": self.files,
+                "inputs": self.inputs,
                 "datasets": datasets,
                 "summary": summary,
             },
         )
         return ShardResult(self.prefix, False, datasets, summary)
 
-    def _stats(self, domain: str | None, key: str, writer: IndexedDatasetWriter) -> dict:
+    def _stats(self, domain: str | None, key: str, writer: IndexedDatasetWriter,
+               published: dict[str, Any]) -> dict:
         cfg = self.cfg
         return {
             "format": STATS_FORMAT,
@@ -553,7 +643,8 @@ class _ShardRun:
                 "domain_key": cfg.domain_key,
                 "json_keys": cfg.json_keys,
             },
-            "inputs": [{"path": f, "bytes": os.path.getsize(f)} for f in self.files],
+            "inputs": self.inputs,
+            "index": published,
             "records_read": self.counters.records_read,
             "skipped": dict(sorted(self.counters.skipped.items())),
             "skipped_samples": {k: v for k, v in sorted(self.counters.samples.items())},

@@ -79,11 +79,25 @@ class BadRecord:
         return f"{self.path}:{self.line}"
 
 
+def _walk_inputs(directory: str) -> list[str]:
+    """Input files under a directory: recursive, names ending in `INPUT_SUFFIXES`, skipping
+    hidden files and directories (`.cache/`, `._x.jsonl` from macOS, editor swap files)."""
+    matches = []
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        matches += [os.path.join(root, name) for name in names
+                    if name.endswith(INPUT_SUFFIXES) and not name.startswith(".")]
+    return matches
+
+
 def expand_inputs(patterns: Sequence[str]) -> list[str]:
     """Expand files, globs and directories into a sorted, de-duplicated list of input files.
 
-    Directories are searched recursively for names ending in one of `INPUT_SUFFIXES`. Sorting
-    makes the order (and so every output byte) independent of the file system's listing order.
+    Directories are searched recursively for names ending in one of `INPUT_SUFFIXES`, skipping
+    hidden names. Files reached twice (a symlink to a file already listed, or the same file
+    under two patterns) are read once: of the paths resolving to one file, the one that is not
+    a symlink is kept (else the first in sorted order). Sorting makes the order (and so every
+    output byte) independent of the file system's listing order.
 
     Raises:
         FileNotFoundError: naming `--input` and the pattern that matched nothing.
@@ -91,12 +105,7 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
     found: set[str] = set()
     for pattern in patterns:
         if os.path.isdir(pattern):
-            matches = [
-                os.path.join(root, name)
-                for root, _, names in os.walk(pattern)
-                for name in names
-                if name.endswith(INPUT_SUFFIXES)
-            ]
+            matches = _walk_inputs(pattern)
         elif os.path.isfile(pattern):
             matches = [pattern]
         else:
@@ -104,7 +113,10 @@ def expand_inputs(patterns: Sequence[str]) -> list[str]:
         if not matches:
             raise FileNotFoundError(f"--input {pattern!r}: no such file, directory or glob match")
         found.update(os.path.normpath(m) for m in matches)
-    return sorted(found)
+    by_target: dict[str, str] = {}
+    for path in sorted(found, key=lambda p: (os.path.islink(p), p)):  # real files first
+        by_target.setdefault(os.path.realpath(path), path)
+    return sorted(by_target.values())
 
 
 def _zstd_chunks(fh) -> Iterator[bytes]:
@@ -169,7 +181,8 @@ def iter_blocks(path: str, block_bytes: int = _READ_CHUNK) -> Iterator[tuple[int
 
     Raises:
         TruncatedInputError: the compressed stream is cut or corrupt; every complete line before
-            the cut was yielded first, `line` is the last complete line number.
+            the cut was yielded first, `line` is the line the cut is in (the first incomplete
+            one: after N complete lines, line N + 1).
     """
     parts: list[bytes] = []
     size = 0
@@ -204,7 +217,7 @@ def iter_blocks(path: str, block_bytes: int = _READ_CHUNK) -> Iterator[tuple[int
             if cut:
                 yield next_line, pending[:cut]
                 next_line += pending.count(b"\n", 0, cut)
-            raise TruncatedInputError(path, next_line - 1, str(err)) from err
+            raise TruncatedInputError(path, next_line, str(err)) from err
     pending = b"".join(parts)
     if pending:
         yield next_line, pending

@@ -12,6 +12,14 @@ other threshold:
   holds T. That bin spans at most 0.5% of T, so the estimate is within 0.5% of the true count
   unless a large share of all tokens sits within 0.5% of T (tests check 1% on long-tailed data
   for thresholds from 256 to 1M).
+
+Provenance (written by preprocessing and merge, checked by `load_checked_stats`): `index`
+holds the sha256 and sizes of the .idx/.bin the stats describe (written after the pair is
+published) and `inputs` each input file's size, mtime and sha256; the run's completion marker
+lists each dataset with the same .idx sha256. The planner refuses stats whose counts or index
+hash differ from the dataset beside them, and stats whose run's marker is missing or does not
+list them with that .idx (`check_run_marker`). A single run and a merge of its shards write
+equal stats files (same data, inputs and .idx).
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from typing import Any
 
 import numpy as np
 
+from megatron_longctx.data.indexed import DatasetError, check_dataset, file_sha256
 from megatron_longctx.data.native import length_histogram
+from megatron_longctx.data.records import safe_domain_name
 
 STATS_FORMAT = "megatron_longctx.stats/1"
 HISTOGRAM_RULE = "int<256; geometric ratio 1.005; + 2**k and 2**k+1 edges; [lo, hi)"
@@ -124,8 +134,108 @@ def domain_of_prefix(prefix: str) -> str:
 
 
 def load_stats(path: str) -> dict[str, Any]:
-    with open(path) as fh:
-        stats = json.load(fh)
-    if stats.get("format") != STATS_FORMAT:
-        raise ValueError(f"{path}: not a {STATS_FORMAT} stats file")
+    """Read a stats file; raises DatasetError naming it when missing, not JSON or not stats."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            stats = json.load(fh)
+    except OSError as err:
+        raise DatasetError(f"{path}: cannot read the stats file ({err.strerror or err})") from err
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DatasetError(f"{path}: not a JSON stats file ({err}); rerun "
+                           "tools/preprocess_data.py") from err
+    if not isinstance(stats, dict) or stats.get("format") != STATS_FORMAT:
+        raise DatasetError(f"{path}: not a {STATS_FORMAT} stats file")
+    for key in ("documents", "tokens"):
+        value = stats.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise DatasetError(f"{path}: {key}: must be a non-negative integer, got {value!r}")
+    if not isinstance(stats.get("histogram"), dict) or not isinstance(
+            stats["histogram"].get("bins"), list):
+        raise DatasetError(f"{path}: histogram.bins: missing")
+    if not isinstance(stats.get("tokenizer"), dict):
+        raise DatasetError(f"{path}: tokenizer: missing")
+    return stats
+
+
+def run_markers(path: str, stats: dict[str, Any]) -> list[str]:
+    """The completion markers that may list the dataset of stats file `path`: the dataset is
+    `{run}_{domain}_{key}_{level}` (preprocess_data.py's naming), its run's marker
+    `{run}.done.json` (a preprocessing shard or run) or `{run}.merged.done.json` (a merge)."""
+    name = os.path.basename(path).removesuffix(".stats.json")
+    domain = stats.get("domain")
+    suffix = "_".join(["", *([safe_domain_name(domain)] if domain else []),
+                       str(stats.get("json_key")), str(stats.get("level"))])
+    if not name.endswith(suffix) or len(name) == len(suffix):
+        return []
+    run = os.path.join(os.path.dirname(path), name[: -len(suffix)])
+    return [run + ".done.json", run + ".merged.done.json"]
+
+
+def check_run_marker(path: str, stats: dict[str, Any]) -> None:
+    """A dataset's run must have completed and still list it with the same .idx.
+
+    Checked for stats that record their `index` (written by preprocess_data.py and
+    merge_datasets.py since issue 21): a completion marker beside them (`run_markers`) must
+    list the dataset with the same .idx sha256. Otherwise the dataset is left over from an
+    interrupted run, or from an earlier run into the same prefix (a domain the new input no
+    longer has). Moving a run's directory keeps it valid; moving datasets without their
+    marker does not.
+
+    Raises:
+        DatasetError: naming the stats file and the marker.
+    """
+    recorded = (stats.get("index") or {}).get("idx_sha256")
+    markers = run_markers(path, stats)
+    if not recorded or not markers:
+        return
+    name = os.path.basename(path).removesuffix(".stats.json")
+    found = [m for m in markers if os.path.exists(m)]
+    for marker in found:
+        try:
+            with open(marker, encoding="utf-8") as fh:
+                datasets = json.load(fh).get("datasets", {})
+        except (OSError, ValueError, AttributeError):
+            raise DatasetError(f"{marker}: unreadable completion marker (needed by {path}); "
+                               "rerun the run that wrote it") from None
+        for prefix, entry in datasets.items():
+            if os.path.basename(prefix) == name and entry.get("idx_sha256") == recorded:
+                return
+    if not found:
+        raise DatasetError(f"{path}: the run that wrote it did not complete (no {markers[0]}); "
+                           "rerun tools/preprocess_data.py (or tools/merge_datasets.py)")
+    raise DatasetError(f"{path}: left over from an earlier run: the completed run's marker "
+                       f"{found[0]} does not list this dataset with this .idx; delete the "
+                       "dataset or rerun")
+
+
+def check_stats_against_index(path: str, stats: dict[str, Any], prefix: str) -> None:
+    """The stats must describe `{prefix}.idx/.bin` as they are: documents, tokens, and the
+    index's sha256 when recorded; raises DatasetError naming both files."""
+    index = check_dataset(prefix)
+    documents = len(index.document_indices) - 1
+    tokens = int(index.sequence_lengths.sum(dtype=np.int64))
+    if (stats["documents"], stats["tokens"]) != (documents, tokens):
+        raise DatasetError(
+            f"{path} describes {stats['documents']:,} documents / {stats['tokens']:,} tokens "
+            f"but {prefix}.idx has {documents:,} / {tokens:,}: stats and data come from "
+            "different runs; rerun tools/preprocess_data.py"
+        )
+    recorded = (stats.get("index") or {}).get("idx_sha256")
+    if recorded and recorded != file_sha256(prefix + ".idx"):
+        raise DatasetError(f"{path} was written for another {prefix}.idx (sha256 differs): "
+                           "stats and data come from different runs; rerun "
+                           "tools/preprocess_data.py")
+
+
+def load_checked_stats(prefix: str) -> dict[str, Any]:
+    """`{prefix}.stats.json`, checked against its dataset and its run (planner, audit, merge).
+
+    Raises:
+        DatasetError: a missing/corrupt stats file or dataset, stats that do not describe the
+            dataset, or a dataset left over from an interrupted or earlier run.
+    """
+    path = prefix + ".stats.json"
+    stats = load_stats(path)
+    check_stats_against_index(path, stats, prefix)
+    check_run_marker(path, stats)
     return stats

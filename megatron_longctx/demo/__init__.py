@@ -1,9 +1,16 @@
-"""The demo: a synthetic multi-domain corpus with retrievable facts, and the pipeline that runs
-all four stages on it (`make demo`). Not part of the product's data path.
+"""The demo: a synthetic multi-domain corpus with retrievable facts, the pipeline that runs
+all four stages on it (`make demo`), and the stage-2 mixture comparison (`make ablation`).
+Not part of the product's data path.
 
 * `corpus`: the deterministic SlimPajama-style corpus generator (`CorpusConfig`,
   `write_corpus`; the needle and RULER code import its facts and haystack from here).
 * `pipeline`: `DemoSettings` and the stages (`prepare_data`, `plan_mixtures`, `train_stages`,
-  `evaluate_needles`, `evaluate_ruler`, `write_report`), each running repository tools.
-* `cli`: flags generated from a settings dataclass (tools/demo.py, tools/make_corpus.py).
+  `evaluate_needles`, `evaluate_ruler`, `write_report`), each running repository tools;
+  `Stage2Run` is the stage-2 trainer command both the demo and the ablation run.
+* `ablation`: every mixture strategy from one stage-1 checkpoint (`AblationSettings`,
+  `run_ablation` on any per-domain datasets; `run_demo_ablation` on the demo corpus).
+* `plots`: loss by position for several checkpoints on one figure, per-domain loss changes,
+  realised domain shares.
+* `cli`: flags generated from a settings dataclass (tools/demo.py, tools/make_corpus.py,
+  tools/ablate_mixture.py).
 """

@@ -13,7 +13,8 @@ was given; read settings, not the namespace. Validation stays in the dataclass, 
 name the flag (`flag_of` gives the name).
 
 The training and mixture CLIs keep their own bridge (megatron_longctx/config/cli.py, Megatron-LM
-flag names); this one serves the demo's two tools (tools/demo.py, tools/make_corpus.py).
+flag names); this one serves the demo's tools (tools/demo.py, tools/make_corpus.py,
+tools/ablate_mixture.py).
 """
 
 from __future__ import annotations

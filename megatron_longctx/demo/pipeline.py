@@ -16,7 +16,11 @@ has.
 Stages, in order: `prepare_data` (corpus, tokenizer, per-domain datasets), `plan_mixtures`
 (stage-1 natural plan, stage-2 plan + audit), `train_stages` (stage 1 from scratch, stage 2 from
 it), `evaluate_needles` and `evaluate_ruler` (both checkpoints), then `write_report`
-(report.json, report.md, each written atomically). `run_demo` runs them all.
+(report.json, report.md, each written atomically). `run_demo` runs them all. The stage-1
+steps (`plan_stage1`, `train_stage1`) and the stage-2 trainer command (`Stage2Run`) are
+separate so that the mixture ablation (`demo.ablation`, `make ablation`) runs exactly the
+demo's stage 1 and, per strategy, exactly its stage 2 (the refactor left every command line of
+the demo unchanged: same losses under the same seeds).
 """
 
 from __future__ import annotations
@@ -34,6 +38,8 @@ from megatron_longctx.atomic import write_bytes_atomic
 from megatron_longctx.config.mixture import STRATEGIES
 from megatron_longctx.config.presets import PRESETS
 from megatron_longctx.demo.cli import flag_of, help_field
+from megatron_longctx.demo.plots import plot_position_curves, position_bucket_edges
+from megatron_longctx.eval.ppl import RESULTS_NAME as PPL_RESULTS
 from megatron_longctx.eval.ruler_tasks import SYNTHETIC_TASKS
 
 #: The repository checkout whose tools/ and pretrain_longctx.py the demo runs.
@@ -45,10 +51,11 @@ MIN_PLAN_TOKENS = 2_000_000
 #: Needle answers must come within this many generated tokens (a code word is one token).
 NEEDLE_NEW_TOKENS = 2
 
-__all__ = ["DemoPaths", "DemoResult", "DemoSettings", "REPO", "build_report",
-           "evaluate_needles", "evaluate_ruler", "plan_mixtures", "prepare_data",
-           "print_dataset_table", "report_lines", "run_demo", "run_tool", "summary_lines",
-           "train_stages", "write_report"]
+__all__ = ["DemoPaths", "DemoResult", "DemoSettings", "REPO", "Stage2Run", "batch_flags",
+           "build_report", "common_train_args", "evaluate_needles", "evaluate_ruler",
+           "plan_mixtures", "plan_stage1", "prepare_data", "print_dataset_table",
+           "report_lines", "run_demo", "run_tool", "stage1_train_args", "stage2_run",
+           "summary_lines", "train_stage1", "train_stages", "write_report"]
 
 
 #: The RULER subset `make demo` reports: the single needle in noise (the demo needle's closest
@@ -229,22 +236,29 @@ def stage2_mixture_flags(settings: DemoSettings) -> list[str]:
     return []
 
 
-def plan_mixtures(settings: DemoSettings, paths: DemoPaths) -> None:
-    """Stage 2: stage 1 trains on the natural mixture (the base model's pretraining data),
-    stage 2 on the chosen one, "long" meaning a document that fills the extended window; the
-    stage-2 plan is audited against the training index the trainer builds (exit 3 on drift)."""
+def plan_stage1(settings: DemoSettings, paths: DemoPaths, valid_fraction: float = 0.01) -> None:
+    """Stage 2a: stage 1 trains on the natural mixture (the base model's pretraining data).
+
+    `valid_fraction` is the share of each domain's documents held out (the demo's 0.01; the
+    mixture ablation holds out what it evaluates on, so that stage 1 never trains on it)."""
     stage1_tokens = max(settings.stage1_iters * settings.stage1_tokens_per_step,
                         MIN_PLAN_TOKENS)
-    stage2_tokens = max(settings.stage2_iters * settings.tokens_per_step, MIN_PLAN_TOKENS)
-    datasets = f"{paths.data_prefix}_*_text_document"
     run_tool("2a. stage-1 mixture plan: the natural (original) mixture",
-             ["tools/blend_mixture.py", "--data-prefix", datasets,
+             ["tools/blend_mixture.py", "--data-prefix", f"{paths.data_prefix}_*_text_document",
               "--output-dir", str(paths.mixture_stage1), "--strategy", "original",
               "--train-tokens", str(stage1_tokens), "--seq-length", str(settings.short_length),
-              "--valid-fraction", "0.01"])
+              "--valid-fraction", str(valid_fraction)])
+
+
+def plan_mixtures(settings: DemoSettings, paths: DemoPaths) -> None:
+    """Stage 2: stage 1 trains on the natural mixture (`plan_stage1`), stage 2 on the chosen
+    one, "long" meaning a document that fills the extended window; the stage-2 plan is audited
+    against the training index the trainer builds (exit 3 on drift)."""
+    plan_stage1(settings, paths)
+    stage2_tokens = max(settings.stage2_iters * settings.tokens_per_step, MIN_PLAN_TOKENS)
     run_tool(f"2b. stage-2 mixture plan ({settings.strategy}) + audit of the realized "
              "training index",
-             ["tools/blend_mixture.py", "--data-prefix", datasets,
+             ["tools/blend_mixture.py", "--data-prefix", f"{paths.data_prefix}_*_text_document",
               "--output-dir", str(paths.mixture), "--strategy", settings.strategy,
               *stage2_mixture_flags(settings), "--long-threshold", str(settings.long_length),
               "--train-tokens", str(stage2_tokens), "--seq-length", str(settings.long_length),
@@ -258,35 +272,84 @@ def batch_flags(seq_length: int, tokens_per_step: int) -> list[str]:
     return ["--micro-batch-size", str(gbs), "--global-batch-size", str(gbs)]
 
 
+def common_train_args(model_preset: str, tokenizer: str | os.PathLike[str]) -> list[str]:
+    """The trainer flags both stages share: model, tokenizer, weight decay 0.1, clipping 1.0."""
+    return ["pretrain_longctx.py", "--model-preset", model_preset,
+            "--tokenizer-model", str(tokenizer), "--weight-decay", "0.1",
+            "--log-interval", "50", "--clip-grad", "1.0"]
+
+
+def stage1_train_args(settings: DemoSettings, paths: DemoPaths) -> list[str]:
+    """Stage 1's trainer command: from scratch at the short length, lr 3e-3 cosine to 3e-4
+    after 20 warmup steps, on the natural mixture."""
+    ckpt, tb = paths.checkpoints, paths.tensorboard
+    return [*common_train_args(settings.model_preset, paths.tokenizer),
+            *batch_flags(settings.short_length, settings.stage1_tokens_per_step),
+            "--mixture-plan", str(paths.mixture_stage1 / "mixture_plan.json"),
+            "--data-cache-path", str(paths.mixture_stage1 / "cache"),
+            "--seq-length", str(settings.short_length),
+            "--rotary-base", str(settings.short_rotary_base),
+            "--train-iters", str(settings.stage1_iters), "--lr", "3e-3", "--min-lr", "3e-4",
+            "--lr-warmup-iters", "20", "--lr-decay-style", "cosine",
+            "--save", str(ckpt / "stage1"), "--tensorboard-dir", str(tb / "stage1")]
+
+
+@dataclass(frozen=True)
+class Stage2Run:
+    """One stage-2 run of the trainer: continue a checkpoint at the long length.
+
+    The demo's stage 2 and each strategy of the mixture ablation (`demo.ablation`) are one of
+    these; `train_args` is the trainer's command line, so both train identically."""
+
+    model_preset: str
+    tokenizer: Path
+    mixture_dir: Path
+    seq_length: int
+    rotary_base: int
+    iters: int
+    tokens_per_step: int
+    load: Path
+    save: Path
+    tensorboard: Path
+    extra: tuple[str, ...] = ()
+
+    def train_args(self) -> list[str]:
+        """From `load`'s weights (``--load --finetune``: new optimizer and step count) with
+        the raised RoPE base and a constant lr 1e-3; its data cache beside the plan."""
+        return [*common_train_args(self.model_preset, self.tokenizer),
+                *batch_flags(self.seq_length, self.tokens_per_step),
+                "--mixture-plan", str(self.mixture_dir / "mixture_plan.json"),
+                "--data-cache-path", str(self.mixture_dir / "cache"),
+                "--seq-length", str(self.seq_length),
+                "--rotary-base", str(self.rotary_base),
+                "--train-iters", str(self.iters), "--lr", "1e-3",
+                "--lr-decay-style", "constant", "--load", str(self.load), "--finetune",
+                "--save", str(self.save), "--tensorboard-dir", str(self.tensorboard),
+                *self.extra]
+
+
+def stage2_run(settings: DemoSettings, paths: DemoPaths) -> Stage2Run:
+    """The demo's stage 2: from stage 1, on the stage-2 plan in `paths.mixture`."""
+    return Stage2Run(settings.model_preset, paths.tokenizer, paths.mixture,
+                     settings.long_length, settings.long_rotary_base, settings.stage2_iters,
+                     settings.tokens_per_step, paths.checkpoints / "stage1",
+                     paths.checkpoints / "stage2", paths.tensorboard / "stage2")
+
+
+def train_stage1(settings: DemoSettings, paths: DemoPaths) -> None:
+    """Stage 3a: pretrain from scratch at the short length (`stage1_train_args`)."""
+    run_tool(f"3a. stage 1: pretrain {settings.model_preset} from scratch at "
+             f"{settings.short_length} tokens", stage1_train_args(settings, paths))
+
+
 def train_stages(settings: DemoSettings, paths: DemoPaths) -> None:
     """Stage 3: from scratch at the short length (lr 3e-3 cosine to 3e-4, 20 warmup steps),
     then from that checkpoint's weights (``--load --finetune``: new optimizer and step count) at
     the long length with the raised RoPE base and a constant lr 1e-3."""
-    ckpt, tb = paths.checkpoints, paths.tensorboard
-    common = ["pretrain_longctx.py", "--model-preset", settings.model_preset,
-              "--tokenizer-model", str(paths.tokenizer), "--weight-decay", "0.1",
-              "--log-interval", "50", "--clip-grad", "1.0"]
-    run_tool(f"3a. stage 1: pretrain {settings.model_preset} from scratch at "
-             f"{settings.short_length} tokens",
-             [*common, *batch_flags(settings.short_length, settings.stage1_tokens_per_step),
-              "--mixture-plan", str(paths.mixture_stage1 / "mixture_plan.json"),
-              "--data-cache-path", str(paths.mixture_stage1 / "cache"),
-              "--seq-length", str(settings.short_length),
-              "--rotary-base", str(settings.short_rotary_base),
-              "--train-iters", str(settings.stage1_iters), "--lr", "3e-3", "--min-lr", "3e-4",
-              "--lr-warmup-iters", "20", "--lr-decay-style", "cosine",
-              "--save", str(ckpt / "stage1"), "--tensorboard-dir", str(tb / "stage1")])
+    train_stage1(settings, paths)
     run_tool(f"3b. stage 2: continue at {settings.long_length} tokens, RoPE base "
              f"{settings.short_rotary_base} -> {settings.long_rotary_base}, "
-             f"{settings.strategy} mixture",
-             [*common, *batch_flags(settings.long_length, settings.tokens_per_step),
-              "--mixture-plan", str(paths.mixture / "mixture_plan.json"),
-              "--data-cache-path", str(paths.mixture / "cache"),
-              "--seq-length", str(settings.long_length),
-              "--rotary-base", str(settings.long_rotary_base),
-              "--train-iters", str(settings.stage2_iters), "--lr", "1e-3",
-              "--lr-decay-style", "constant", "--load", str(ckpt / "stage1"), "--finetune",
-              "--save", str(ckpt / "stage2"), "--tensorboard-dir", str(tb / "stage2")])
+             f"{settings.strategy} mixture", stage2_run(settings, paths).train_args())
 
 
 # --------------------------------------------------------------------------------------------
@@ -299,13 +362,16 @@ CHECKPOINTS = (("before", "stage1"), ("after", "stage2"))
 def evaluate_needles(settings: DemoSettings, paths: DemoPaths) -> dict[str, float | None]:
     """Stage 4a: the synthetic-fact needle at the long and the short length on both
     checkpoints (greedy, the answer within `NEEDLE_NEW_TOKENS` tokens), and the loss by
-    position and domain on held-out documents of the stage-2 plan.
+    position and domain on held-out documents of the stage-2 plan, in buckets that resolve
+    both lengths (`position_bucket_edges`: 0, 32, 64, 128, 256, 512 at the defaults), drawn
+    before and after stage 2 on one plot (eval/loss_by_position.png).
 
     Returns:
         ``needle_before``, ``needle_short_before``, ``needle_after``, ``needle_short_after``:
         the overall scores (0-100; None when the tool reports none).
     """
     scores: dict[str, float | None] = {}
+    edges = position_bucket_edges(settings.short_length, settings.long_length)
     for name, stage in CHECKPOINTS:
         training_length = settings.short_length if stage == "stage1" else settings.long_length
         for label, length in (("", settings.long_length), ("short_", settings.short_length)):
@@ -324,7 +390,13 @@ def evaluate_needles(settings: DemoSettings, paths: DemoPaths) -> dict[str, floa
                   "--mixture-plan", str(paths.mixture / "mixture_plan.json"),
                   "--seq-length", str(settings.long_length), "--max-docs-per-domain", "2",
                   "--min-doc-length", str(settings.short_length),
+                  "--buckets", ",".join(map(str, edges[:-1])),
                   "--output-dir", str(paths.eval / f"ppl_{stage}")])
+    curves = {f"{name} stage 2 ({stage})": json.loads(
+        (paths.eval / f"ppl_{stage}" / PPL_RESULTS).read_text()) for name, stage in CHECKPOINTS}
+    plot_position_curves(curves, paths.eval / "loss_by_position.png",
+                         marks=(settings.short_length,),
+                         title="Loss by position, held-out documents, all domains")
     return scores
 
 
@@ -418,7 +490,8 @@ def report_lines(settings: DemoSettings, scores: dict[str, Any]) -> list[str]:
         f"the synthetic-fact needle, {s.needle_depths} depths, greedy, the answer must be in "
         f"the first {NEEDLE_NEW_TOKENS} tokens.{ruler}", "",
         *summary_lines(settings, scores), "",
-        "Heatmaps: eval/needle_*/heatmap.png; loss by position: eval/ppl_*/loss_by_position.png; "
+        "Heatmaps: eval/needle_*/heatmap.png; loss by position: eval/loss_by_position.png "
+        "(both checkpoints; per domain: eval/ppl_*/loss_by_position.png); "
         "RULER: eval/ruler_*/results.md; mixture: mixture/report.md.",
     ]
 

@@ -80,7 +80,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from megatron_longctx.checkpoint.meta import is_longctx_checkpoint, read_meta, resolve_checkpoint
+from megatron_longctx.checkpoint.integrity import open_checkpoint
+from megatron_longctx.checkpoint.meta import is_longctx_checkpoint, model_config_of
 from megatron_longctx.config.dtypes import PARAMS_DTYPES, torch_dtype
 
 #: Prompt tokens per prefill forward; 0 prefills the whole prompt in one forward.
@@ -452,20 +453,18 @@ class MegatronCausalLM(CausalLM):
             checkpoint_params_dtype,
             load_model_checkpoint,
         )
-        from megatron_longctx.config.model import ModelConfig, ParallelConfig, PrecisionConfig
+        from megatron_longctx.config.model import ParallelConfig, PrecisionConfig
         from megatron_longctx.model.build import build_model_chunks
 
-        directory = resolve_checkpoint(path)
-        if directory is None:
-            raise FileNotFoundError(f"{path}: no complete checkpoint (no longctx_meta.json and "
-                                    "no latest_checkpointed_iteration.txt)")
-        meta = read_meta(directory)
+        # Marker, metadata and tensor files checked before any model is built
+        # (checkpoint/integrity.py): damage is a CheckpointError naming the file.
+        directory, meta = open_checkpoint(path)
         recorded = (meta.get("tokenizer") or {}).get("model")
         super().__init__(tokenizer_model or recorded)
         self.path = str(path)
         self.directory = directory
         self.meta = meta
-        self.config = ModelConfig(**meta["model"])
+        self.config = model_config_of(meta, directory)
         self.vocab_size = self.config.vocab_size
         self.max_position_embeddings = self.config.max_position_embeddings
         self.training_length = self.config.seq_length
@@ -647,8 +646,29 @@ class MegatronCausalLM(CausalLM):
         return losses[:n].double().cpu().numpy()
 
 
+def _load_hf_strictly(auto_class: Any, root: Path, load_dtype: Any) -> Any:
+    """`from_pretrained` after `convert.hf_checks.check_hf_dir` (architecture, every tensor
+    present, expected and of the right shape, files not truncated), and refusing whatever
+    transformers still reports as missing or unexpected: it would otherwise fill a missing
+    tensor with random weights and evaluate any architecture it knows (issue 21).
+
+    Raises:
+        ConversionError: (a ValueError) one line naming the directory or file and the tensor.
+    """
+    from megatron_longctx.convert.hf_checks import check_hf_dir, check_loading_info
+
+    check_hf_dir(root)
+    model, info = auto_class.from_pretrained(root, dtype=load_dtype, output_loading_info=True)
+    check_loading_info(root, info)
+    return model
+
+
 class HFCausalLM(CausalLM):
     """A Hugging Face causal LM directory (one process, one device).
+
+    Loaded strictly (`_load_hf_strictly`): LLaMA-architecture directories whose weight files
+    hold exactly the tensors config.json implies; anything else is a one-line error naming the
+    directory and tensor, never a partly random model.
 
     Args:
         path: directory with config.json and weights.
@@ -681,7 +701,7 @@ class HFCausalLM(CausalLM):
         # auto: fp32 on CPU, config.json's dtype on GPU
         load_dtype: Any = ("auto" if dtype == "auto" and cuda
                            else torch_dtype(_resolve_dtype(dtype, None)))
-        self.model = AutoModelForCausalLM.from_pretrained(root, dtype=load_dtype)
+        self.model = _load_hf_strictly(AutoModelForCausalLM, root, load_dtype)
         self.model.to(self.device).eval()
         config = self.model.config
         self.vocab_size = int(config.vocab_size)

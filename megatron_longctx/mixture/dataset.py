@@ -39,7 +39,7 @@ from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 from megatron.core.datasets.utils import Split
 
 from megatron_longctx.data import native
-from megatron_longctx.data.indexed import read_index
+from megatron_longctx.data.indexed import DatasetError, check_dataset
 from megatron_longctx.mixture.plan import (
     DomainPlan,
     MixturePlan,
@@ -178,6 +178,33 @@ class PlanInputs:
     domains: list[DomainPlan]
 
 
+def check_plan_datasets(plan: MixturePlan) -> None:
+    """Every active domain's dataset is whole and is the one the plan was made from.
+
+    Checks the .idx/.bin pair (`check_dataset`: truncation, mismatched pair), the document
+    count the plan recorded, and the .idx/.bin sizes of format-3 plans' provenance; costs one
+    read of each .idx (12 bytes per document). The trainer and the audit call it through
+    `build_plan_datasets`, so a dataset rebuilt or damaged after planning is one line naming
+    the plan and the file instead of silently different samples.
+
+    Raises:
+        DatasetError: naming the plan file, the domain and the dataset file.
+    """
+    where = plan.source or "the mixture plan"
+    for domain in plan.active_domains:
+        index = check_dataset(domain.prefix)
+        documents = len(index.document_indices) - 1
+        sizes = {"idx_bytes": os.path.getsize(domain.prefix + ".idx"),
+                 "bin_bytes": os.path.getsize(domain.prefix + ".bin")}
+        changed = [k for k, v in sizes.items() if domain.provenance.get(k, v) != v]
+        if documents != domain.documents or changed:
+            raise DatasetError(
+                f"{where}: domain {domain.domain} was planned on {domain.documents:,} documents "
+                f"of {domain.prefix}.idx, which now has {documents:,}"
+                f"{' and other ' + '/'.join(changed) if changed else ''}: the dataset changed "
+                "after planning; re-run tools/blend_mixture.py")
+
+
 def plan_dataset_inputs(plan: MixturePlan) -> PlanInputs:
     """The datasets, blend weights and repeat factors that realize `plan` in our trainer.
 
@@ -195,7 +222,7 @@ def plan_dataset_inputs(plan: MixturePlan) -> PlanInputs:
         if not os.path.exists(view + ".idx"):
             raise FileNotFoundError(f"{plan.source}: cut view {view}.idx not found (written by "
                                     "tools/blend_mixture.py beside the plan)")
-        tokens = int(read_index(view).document_lengths().sum())
+        tokens = int(check_dataset(view).document_lengths().sum())
         r = d.target_tokens / tokens if tokens else 0.0
         prefixes.append(view)
         repeats[view] = [r, r]
@@ -216,6 +243,7 @@ def build_plan_datasets(
 
     `eod_mask_loss` is `--eod-mask-loss` (no loss on EOD tokens), as on the `--data-path` route.
     """
+    check_plan_datasets(plan)
     inputs = plan_dataset_inputs(plan)
     config = LongCtxGPTDatasetConfig(
         random_seed=plan.seed if seed is None else seed,

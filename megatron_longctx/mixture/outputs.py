@@ -49,9 +49,15 @@ def _domain_views(plan: MixturePlan, domain: DomainPlan, views_dir: str,
         is_long = lengths[train_docs] > plan.long_threshold
         groups = [(b.name, train_docs[is_long == (b.name == "long")], b.target_tokens)
                   for b in domain.buckets]
+    for bucket, docs, target in groups:
+        if target > 0 and docs.size == 0:  # a blend would drop it and renormalise the others
+            raise ValueError(
+                f"{domain.domain}/{bucket}: the plan draws {target:.3g} tokens from it but it "
+                f"has no training documents in {domain.prefix}.idx (--valid-fraction "
+                f"{plan.valid_fraction:g}); re-plan with tools/blend_mixture.py")
     out = [PlannedView(domain.domain, bucket, view_prefix(views_dir, domain, bucket), docs,
                        int(lengths[docs].sum()), target)
-           for bucket, docs, target in groups if target > 0 and docs.size > 0]
+           for bucket, docs, target in groups if target > 0]
     if valid_docs.size:
         out.append(PlannedView(domain.domain, "valid", view_prefix(views_dir, domain, "valid"),
                                valid_docs, int(lengths[valid_docs].sum()), domain.target_share))

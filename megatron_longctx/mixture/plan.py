@@ -24,11 +24,17 @@ Megatron-LM run given `--split split_string(f)` hold out the same documents. Wha
 was the string: `f"{f:.10g}"` wrote 5e-05, which megatron's parser (digits and dots only)
 reads as 5 and 05, so 91% of the documents were held out; `split_string` now writes plain
 decimals (0.00005).
+
+Format 3 (issue 21) records the held-out tail per domain and bucket (`held_out_documents`,
+`held_out_tokens`; repeat factors are relative to the training part, `train_unique_tokens`)
+and each domain's provenance (stats sha256, .idx/.bin sizes, checked by the training
+dataset); every number must be finite. Format-2 files still load (those fields 0 / empty).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -39,8 +45,12 @@ import numpy as np
 from megatron_longctx.atomic import write_json_atomic
 from megatron_longctx.config.mixture import STRATEGIES, MixtureConfig
 
-#: Format 2: no `realization` section (views are derived from the plan).
-PLAN_FORMAT = "megatron_longctx.mixture_plan/2"
+#: Format 2: no `realization` section (views are derived from the plan). Format 3 (issue 21)
+#: adds held-out counts per domain and bucket (repeat factors are over the training part) and
+#: each domain's provenance (stats sha256, .idx/.bin sizes); format-2 files still load, with
+#: those fields 0 / empty (their repeat factors were computed over whole datasets).
+PLAN_FORMAT = "megatron_longctx.mixture_plan/3"
+READABLE_FORMATS = ("megatron_longctx.mixture_plan/2", PLAN_FORMAT)
 PLAN_FILE = "mixture_plan.json"
 VIEWS_DIR = "views"
 BUCKETS = ("short", "long")
@@ -126,7 +136,7 @@ class _Fields:
         if value is None and optional:
             return None
         kinds = (int,) if integer else (int, float)
-        if isinstance(value, bool) or not isinstance(value, kinds) or value != value:
+        if isinstance(value, bool) or not isinstance(value, kinds) or not math.isfinite(value):
             raise self.fail(key, f"must be {'an integer' if integer else 'a number'}, "
                                  f"got {value!r}")
         if minimum is not None and value < minimum:
@@ -173,10 +183,20 @@ class BucketPlan:
     unique_tokens: float
     #: Tokens the training run draws from the bucket.
     target_tokens: float
-    #: target_tokens / unique_tokens: epochs over the bucket (< 1: subsampled).
+    #: target_tokens / train_unique_tokens: epochs over the bucket's training documents
+    #: (< 1: subsampled).
     repeat: float
     #: target_tokens / the plan's train_tokens (a Megatron blend weight).
     sampling_weight: float
+    #: Of `documents` / `unique_tokens`, those in the held-out tail (--valid-fraction; exact,
+    #: from the .idx). 0 in format-2 plans.
+    held_out_documents: int = 0
+    held_out_tokens: int = 0
+
+    @property
+    def train_unique_tokens(self) -> float:
+        """Tokens of the bucket's training documents (what `repeat` is relative to)."""
+        return self.unique_tokens - self.held_out_tokens
 
     @classmethod
     def from_json(cls, f: _Fields) -> BucketPlan:
@@ -186,6 +206,8 @@ class BucketPlan:
             documents=f.number("documents", 0), unique_tokens=f.number("unique_tokens", 0),
             target_tokens=f.number("target_tokens", 0), repeat=f.number("repeat", 0),
             sampling_weight=f.number("sampling_weight", 0, _SHARE_MAX),
+            held_out_documents=f.number("held_out_documents", 0, integer=True, optional=True) or 0,
+            held_out_tokens=f.number("held_out_tokens", 0, integer=True, optional=True) or 0,
         )
 
 
@@ -200,17 +222,23 @@ class DomainPlan:
     stats: str
     documents: int
     tokens: int
-    #: Share of the domain's tokens in the data as it is.
+    #: Share of the domain's training tokens (held-out documents excluded) in the data as it is.
     natural_share: float
     #: Target share from --domain-weights (before the strategy).
     weight_share: float
     #: Share of the training budget after the strategy (the blend weight of the domain).
     target_share: float
-    #: Share of the domain's tokens in long documents, in the data and in the plan.
+    #: Share of the domain's tokens in long documents, in the training data and in the plan.
     long_share_before: float
     long_share_after: float
     #: (short, long).
     buckets: tuple[BucketPlan, BucketPlan]
+    #: The held-out tail of --valid-fraction (0 in format-2 plans).
+    held_out_documents: int = 0
+    held_out_tokens: int = 0
+    #: What the domain was planned from: {"stats_sha256", "idx_bytes", "bin_bytes"} (empty in
+    #: format-2 plans); the training dataset checks the sizes and the document count.
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def target_tokens(self) -> float:
@@ -232,9 +260,17 @@ class DomainPlan:
                 raise f.fail(f"buckets[{i}].name", f"must be {name!r}, got {bucket.name!r}")
         shares = {k: f.number(k, 0, _SHARE_MAX) for k in ("natural_share", "weight_share",
                   "target_share", "long_share_before", "long_share_after")}
+        provenance = f.get("provenance", optional=True) or {}
+        if not isinstance(provenance, dict):
+            raise f.fail("provenance", f"must be an object, got {provenance!r}")
         return cls(domain=f.text("domain"), prefix=f.text("prefix"), stats=f.text("stats"),
                    documents=f.number("documents", 0, integer=True),
-                   tokens=f.number("tokens", 0, integer=True), buckets=buckets, **shares)
+                   tokens=f.number("tokens", 0, integer=True), buckets=buckets,
+                   held_out_documents=f.number("held_out_documents", 0, integer=True,
+                                               optional=True) or 0,
+                   held_out_tokens=f.number("held_out_tokens", 0, integer=True,
+                                            optional=True) or 0,
+                   provenance=dict(provenance), **shares)
 
 
 @dataclass(frozen=True)
@@ -345,7 +381,7 @@ class MixturePlan:
         """Validate a parsed plan file; errors name `file` and the field."""
         top = _Fields(data, file, "")
         fmt = top.get("format")
-        if fmt != PLAN_FORMAT:
+        if fmt not in READABLE_FORMATS:
             raise top.fail("format", f"expected {PLAN_FORMAT!r}, got {fmt!r}: not a plan of this "
                                      "version; re-run tools/blend_mixture.py (--mixture-plan)")
         domains = tuple(DomainPlan.from_json(top.child("domains", i))
@@ -362,7 +398,7 @@ class MixturePlan:
             cut_length=top.number("cut_length", 1, integer=True, optional=True),
             tokenizer=PlanTokenizer.from_json(top.child("tokenizer")), domains=domains,
             totals=PlanTotals.from_json(top.child("totals")),
-            warnings=tuple(str(w) for w in warnings),
+            warnings=tuple(str(w) for w in warnings), format=fmt,
         )
 
 
@@ -392,6 +428,6 @@ def load_plan(path: str | os.PathLike) -> MixturePlan:
     try:
         with open(path, encoding="utf-8") as handle:
             data = json.load(handle)
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PlanFileError(f"{path}: not JSON ({err}) (--mixture-plan)") from err
     return replace(MixturePlan.from_json(data, path), source=path)

@@ -119,16 +119,19 @@ def _markdown(plan: MixturePlan, realization: Realization | None) -> list[str]:
         f"max repeat {t.max_repeat:.2f}",
         "", "```", dumps_table(plan), "```", "",
         "Columns: weight share (target before strategy), target share (after), long share "
-        "before -> after, repeat factors (epochs over unique tokens; < 1 = subsampled).",
+        "before -> after, repeat factors (epochs over the training documents' unique tokens, "
+        "held-out documents excluded; < 1 = subsampled).",
         "",
         "![domain shares](domain_shares.png)",
         "![long shares](long_shares.png)",
         "![length cdf](length_cdf.png)",
         "", "## Per bucket", "",
-        "| domain | bucket | documents | unique tokens | target tokens | repeat | weight |",
-        "|---|---|---|---|---|---|---|",
+        "| domain | bucket | documents | unique tokens | held out (docs / tokens) "
+        "| target tokens | repeat | weight |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     lines += [f"| {d.domain} | {b.name} | {b.documents:,.0f} | {b.unique_tokens:,.0f} | "
+              f"{b.held_out_documents:,} / {b.held_out_tokens:,} | "
               f"{b.target_tokens:,.0f} | {b.repeat:.3f} | {b.sampling_weight:.4f} |"
               for d in plan.domains for b in d.buckets]
     if plan.warnings:

@@ -80,6 +80,8 @@ def build_transformer_config(
     """
     from megatron.core.transformer import TransformerConfig
 
+    from megatron_longctx.model.rotary import softmax_scale_for
+
     precision = precision or PrecisionConfig()
     have_te = te_available() if have_te is None else have_te
     validate_all(model, parallel, precision, te_available=have_te)
@@ -93,6 +95,8 @@ def build_transformer_config(
         **_precision_kwargs(precision, cuda),
         "use_cpu_initialization": (not cuda) if use_cpu_initialization is None
         else use_cpu_initialization,
+        # yarn / longrope attention scaling m folded into the softmax scale (model/rotary.py)
+        "softmax_scale": softmax_scale_for(model),
         "perform_initialization": True,
         # [] = whole layer, the non-deprecated spelling of the default "full" (which warns).
         "cuda_graph_scope": [],
@@ -266,7 +270,16 @@ def build_model(
     vpp_on = parallel_state.get_virtual_pipeline_model_parallel_world_size() is not None
     stage = vp_stage if vpp_on else None
     vocab = model.padded_vocab(parallel.tensor_model_parallel_size)
-    gpt = GPTModel(
+    loss_kwargs: dict[str, Any] = {}
+    model_cls = GPTModel
+    if precision.cross_entropy_impl == "chunked":
+        from megatron_longctx.model.loss import ChunkedLossGPTModel
+
+        model_cls = ChunkedLossGPTModel
+        loss_kwargs = {"unpadded_vocab_size": model.vocab_size,
+                       "cross_entropy_chunk_size": precision.cross_entropy_chunk_size}
+    gpt = model_cls(
+        **loss_kwargs,
         config=config,
         transformer_layer_spec=get_block_spec(config, use_te, vp_stage=stage),
         vocab_size=vocab,
@@ -279,11 +292,14 @@ def build_model(
         position_embedding_type="rope",
         rotary_percent=model.rotary_percent,
         rotary_base=model.rotary_base,
-        rope_scaling=model.rope_scaling,
-        rope_scaling_factor=model.rope_scaling_factor,
-        seq_len_interpolation_factor=model.seq_len_interpolation_factor,
         vp_stage=stage,
     )
+    # Our rotary module (every RoPE scheme, model/rotary.py) replaces megatron's: both layer
+    # specs apply the angles it returns, so the TE path gets the same frequencies.
+    from megatron_longctx.model.rotary import LongContextRotaryEmbedding
+
+    gpt.rotary_pos_emb = LongContextRotaryEmbedding(
+        model.rope_spec(), model.rotary_dim, rotary_interleaved=config.rotary_interleaved)
     return gpt.to(default_device() if device is None else torch.device(device))
 
 

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_longctx.checkpoint import meta as checkpoint_meta
+from megatron_longctx.checkpoint.integrity import check_checkpoint_files, guarded_read
 from megatron_longctx.checkpoint.model_io import (
     checkpoint_tensor_info,
     load_model_checkpoint,
@@ -294,6 +295,22 @@ def _ensure_optimizer_state(optimizer: Any) -> None:
             group["lr"], group["weight_decay"] = lr, wd
 
 
+def check_checkpoint_to_load(load: str | None) -> None:
+    """Check the checkpoint `--load` names (marker, metadata, tensor files) without torch
+    collectives: the entrypoint calls it before any process group exists, so a damaged
+    checkpoint fails in a second instead of after the model and datasets are built.
+
+    Raises:
+        CheckpointError: naming the damaged file.
+    """
+    if not load:
+        return
+    directory = checkpoint_meta.resolve_checkpoint(load)
+    if directory is not None:
+        checkpoint_meta.read_meta(directory)
+        check_checkpoint_files(directory)
+
+
 def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, scheduler: Any,
                     cfg: PretrainConfig) -> tuple[TrainState, dict[str, Any]] | None:
     """Restore from `load` (a root or an iter_ dir). Returns None when there is nothing yet.
@@ -303,6 +320,11 @@ def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, schedule
 
     Returns:
         (state, meta keys to carry into later saves), or None.
+
+    Raises:
+        CheckpointError: a damaged marker, metadata or tensor file, named (every rank checks
+            the same files before any collective read, so all ranks fail alike).
+        CheckpointMismatchError: the checkpoint does not fit this run.
     """
     from megatron.core import dist_checkpointing
 
@@ -310,6 +332,7 @@ def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, schedule
     if directory is None:
         return None
     meta = checkpoint_meta.read_meta(directory)
+    check_checkpoint_files(directory)
     ck = cfg.checkpoint
     full = meta.get("has_optimizer", False) and not ck.finetune
     check_vocabulary(directory, meta, cfg, weights_only=not full or ck.no_load_optim)
@@ -336,7 +359,8 @@ def load_checkpoint(load: str, model_chunks: list[Any], optimizer: Any, schedule
         _ensure_optimizer_state(optimizer)
     sharded = _sharded_state(model_chunks, optimizer if load_optim else None,
                              scheduler, TrainState(), is_loading=True, with_rng=load_rng)
-    loaded = dist_checkpointing.load(sharded, str(directory))
+    with guarded_read(directory):
+        loaded = dist_checkpointing.load(sharded, str(directory))
     _load_model_state(model_chunks, loaded)
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])

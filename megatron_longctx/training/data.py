@@ -66,21 +66,74 @@ def resolve_tokenizer(cfg: PretrainConfig) -> DatasetTokenizer:
 
 def _blend(items: list[str], flag: str) -> tuple[list[str], list[float] | None]:
     """Megatron's blend list (`p1 p2 ...` or `w1 p1 w2 p2 ...`) via its own parser; every
-    prefix must exist (the error names the flag, not a later megatron assertion)."""
+    prefix must be a complete dataset (`check_dataset`: the error names the flag and the file,
+    not a later megatron assertion or a read past the end of a truncated .bin)."""
     from megatron.core.datasets.utils import get_blend_from_list
+
+    from megatron_longctx.data.indexed import DatasetError, check_dataset
 
     if not items:
         raise ValueError(f"{flag}: no dataset prefixes given")
-    prefixes, weights = get_blend_from_list(items)
+    try:
+        prefixes, weights = get_blend_from_list(items)
+    except (AssertionError, ValueError) as err:
+        raise ValueError(f"{flag}: not a list of prefixes or weight/prefix pairs "
+                         f"({err or items[:4]})") from None
     for prefix in prefixes:
-        if not os.path.exists(prefix + ".idx"):
-            raise FileNotFoundError(f"{flag}: dataset {prefix}.idx not found")
+        try:
+            check_dataset(prefix)
+        except DatasetError as err:
+            raise DatasetError(f"{flag}: {err}") from None
     return list(prefixes), weights
 
 
-def _read_args_file(path: str) -> list[str]:
-    with open(path, encoding="utf-8") as handle:
-        return handle.read().split()
+def _read_args_file(path: str, flag: str) -> list[str]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return handle.read().split()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{flag} {path}: cannot be read ({err})") from None
+
+
+def _read_per_split_spec(path: str) -> dict[str, Any]:
+    flag = "--per-split-data-args-path"
+    try:
+        with open(path, encoding="utf-8") as handle:
+            spec = json.load(handle)
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{flag} {path}: cannot be read ({err})") from None
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{flag} {path}: invalid JSON ({err})") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"{flag} {path}: expected a JSON object with train/valid/test")
+    return spec
+
+
+def _split_items(items: Any) -> list[str]:
+    return items if isinstance(items, list) else str(items).split()
+
+
+def check_data_files(cfg: PretrainConfig) -> None:
+    """Check every dataset the flags name before any process group exists (the entrypoint
+    calls it): --data-path, --data-args-path, --per-split-data-args-path prefixes are complete
+    .bin/.idx pairs. Mock data and mixture plans (validated by mixture/plan.py when loaded) are
+    not checked here.
+
+    Raises:
+        ValueError: (DatasetError included) naming the flag and the file.
+    """
+    data = cfg.data
+    if data.mock_data or data.mixture_plan:
+        return
+    if data.per_split_data_args_path:
+        spec = _read_per_split_spec(data.per_split_data_args_path)
+        for split in ("train", "valid", "test"):
+            if spec.get(split):
+                _blend(_split_items(spec[split]), "--per-split-data-args-path")
+    elif data.data_path:
+        _blend(data.data_path, "--data-path")
+    elif data.data_args_path:
+        _blend(_read_args_file(data.data_args_path, "--data-args-path"), "--data-args-path")
 
 
 def num_samples_needed(cfg: PretrainConfig, world_size: int) -> tuple[int, int, int]:
@@ -136,17 +189,15 @@ def build_datasets(cfg: PretrainConfig, world_size: int,
         return TrainData(train, valid, tokenizer, names)
     blend = blend_per_split = None
     if data.per_split_data_args_path:
-        with open(data.per_split_data_args_path, encoding="utf-8") as handle:
-            spec = json.load(handle)
+        spec = _read_per_split_spec(data.per_split_data_args_path)
         blend_per_split = []
         for split in ("train", "valid", "test"):
             items = spec.get(split)
             blend_per_split.append(
-                _blend(items if isinstance(items, list) else items.split(),
-                       "--per-split-data-args-path") if items else None)
+                _blend(_split_items(items), "--per-split-data-args-path") if items else None)
         names = [domain_of_prefix(p) for p in blend_per_split[0][0]]
     else:
-        items = data.data_path or _read_args_file(data.data_args_path or "")
+        items = data.data_path or _read_args_file(data.data_args_path or "", "--data-args-path")
         blend = _blend(items, "--data-path" if data.data_path else "--data-args-path")
         names = [domain_of_prefix(p) for p in blend[0]]
     config = LongCtxGPTDatasetConfig(

@@ -5,7 +5,10 @@ agreed on by all ranks (one small all-reduce) so no rank is left waiting in a co
 
 * `--train-iters` reached: final save (with --save), return 0.
 * SIGTERM / SIGUSR1 with `--exit-signal-handler` (SLURM sends one before the time limit with
-  `--signal=B:USR1@300`, and SIGTERM on preemption): save, return EXIT_REQUEUE (75).
+  `--signal=B:USR1@300`, and SIGTERM on preemption): save, return EXIT_REQUEUE (75). A signal
+  that arrived before the first step (the entrypoint records them from its first line:
+  training/signals.py) returns EXIT_REQUEUE without saving: nothing was trained, the loaded
+  checkpoint is still the latest.
 * `--exit-duration-in-mins` elapsed: save, return EXIT_REQUEUE.
 * `--exit-interval`: save, return 0.
 * NaN/Inf loss with `--on-nan-loss stop`: return EXIT_NAN without saving (the weights may
@@ -15,7 +18,6 @@ agreed on by all ranks (one small all-reduce) so no rank is left waiting in a co
 from __future__ import annotations
 
 import logging
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +49,7 @@ from megatron_longctx.training.setup import (
     build_scheduler,
     build_training_model,
 )
+from megatron_longctx.training.signals import SignalFlag
 from megatron_longctx.training.step import (
     NonFiniteLossError,
     comm_device,
@@ -55,28 +58,6 @@ from megatron_longctx.training.step import (
 )
 
 log = logging.getLogger(__name__)
-
-
-class SignalFlag:
-    """Records SIGTERM/SIGUSR1 instead of dying; the loop saves at the next step boundary."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        self.received = signum
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
 
 @dataclass
@@ -186,27 +167,52 @@ def _start(cfg: PretrainConfig, world: int, tokenizer: DatasetTokenizer | None) 
 
 
 def pretrain(cfg: PretrainConfig, *, world_size: int | None = None,
-             tokenizer: DatasetTokenizer | None = None) -> RunResult:
+             tokenizer: DatasetTokenizer | None = None,
+             signal_flag: SignalFlag | None = None) -> RunResult:
     """Run training as configured; process groups must already be initialised.
 
     `cfg` is not modified: the run works on `resolve_runtime(cfg, ...)` (the tokenizer's
     vocabulary, the transformer implementation), a new config; `tokenizer` saves reading the
-    tokenizer again when the caller (the entrypoint) already resolved it.
+    tokenizer again when the caller (the entrypoint) already resolved it. `signal_flag`: the
+    entrypoint's already-installed flag (signals recorded since process start), kept installed
+    after the run; without it the run installs its own (with --exit-signal-handler) and
+    restores the previous handlers at the end.
     """
     run = _start(cfg, world_size or dist.get_world_size(), tokenizer)
-    if run.cfg.training.exit_signal_handler:
+    own_flag = signal_flag is None
+    if not own_flag:
+        run.flag = signal_flag
+    elif run.cfg.training.exit_signal_handler:
         run.flag.install()
     result = RunResult(exit_code=0, state=run.state)
     try:
+        if _signalled_before_training(run, result):
+            return result
         while run.state.iteration < run.cfg.training.train_iters:
             if not _train_one(run, result) or _after_step(run, result):
                 return result
         result.reason = "done"
         return result
     finally:
-        run.flag.restore()
+        if own_flag:
+            run.flag.restore()
         run.writer.close()
         result.state = run.state
+
+
+def _signalled_before_training(run: Session, result: RunResult) -> bool:
+    """A signal recorded during start-up (all ranks agree): exit for requeue, no save."""
+    if not run.cfg.training.exit_signal_handler:
+        return False
+    (signalled,) = _any_rank(run.flag.received is not None)
+    if not signalled:
+        return False
+    if run.logging_rank:
+        print(f"[exit] signal before the first step (iteration {run.state.iteration}): "
+              f"nothing trained, no checkpoint written, exit code {EXIT_REQUEUE} (requeue to "
+              "continue)", flush=True)
+    result.exit_code, result.reason = EXIT_REQUEUE, "signal-before-training"
+    return True
 
 
 def _train_one(run: Session, result: RunResult) -> bool:

@@ -67,9 +67,11 @@ def make_forward_step(num_domains: int) -> Any:
 
     def forward_step(data_iterator: Any, model: Any) -> tuple[torch.Tensor, Any]:
         batch = next(data_iterator)
+        # loss_mask: the chunked loss (model/loss.py) forms its gradient in the forward pass,
+        # weighted by the mask that _loss_func applies; megatron's stock path ignores it.
         output = model(
             batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
-            packed_seq_params=batch.get("packed_seq_params"),
+            packed_seq_params=batch.get("packed_seq_params"), loss_mask=batch["loss_mask"],
         )
         return output, partial(_loss_func, batch["loss_mask"], batch.get("dataset_id"),
                                num_domains)

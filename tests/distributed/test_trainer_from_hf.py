@@ -3,22 +3,17 @@ in fp32 and in bf16, and keeps the converted weights (issue 14)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from megatron_longctx.checkpoint import meta as checkpoint_meta
 from tests.distributed.trainer_harness import (
     assert_moved_only_by_updates,
+    convert_random_hf_tp2,
     final_weights,
     make_config,
     train,
 )
-from tests.unit.test_convert import make_hf
 
-REPO = Path(__file__).resolve().parents[2]
 #: TP1 vs TP2 loss agreement over 2 steps. bf16 measured 1.0e-3 here (7e-5 from the harness's
 #: own init in test_trainer_parallel.py): TP2's row-parallel outputs are all-reduced in bf16,
 #: and the converted model's larger activations make the rounding show more in the loss.
@@ -30,14 +25,7 @@ def converted(tmp_path_factory) -> str:
     """A random HF LLaMA of the harness's tiny shape (4 layers, hidden 64, GQA 4/2, SwiGLU
     176, vocab 512) converted to a TP2 model-only checkpoint."""
     root = tmp_path_factory.mktemp("hf")
-    make_hf(root / "hf", num_hidden_layers=4, vocab_size=512)
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "tools" / "convert_checkpoint.py"), "hf-to-megatron",
-         "--hf-dir", str(root / "hf"), "--save", str(root / "converted"),
-         "--tensor-model-parallel-size", "2"],
-        capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return str(root / "converted")
+    return convert_random_hf_tp2(root, 512)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])

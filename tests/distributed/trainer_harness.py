@@ -12,6 +12,8 @@ compared by loading each run's last checkpoint into one TP1 process.
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -168,3 +170,20 @@ def assert_moved_only_by_updates(loaded: dict[str, Any], trained: dict[str, Any]
 def max_weight_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     assert a.keys() == b.keys()
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def convert_random_hf_tp2(root: Path, vocab_size: int) -> str:
+    """A random HF LLaMA of the harness's tiny shape (4 layers, hidden 64, GQA 4/2, SwiGLU 176)
+    with `vocab_size` tokens, written under `root / "hf"` and converted by the real tool to a
+    TP2 model-only checkpoint at `root / "converted"` (returned)."""
+    from tests.unit.test_convert import make_hf
+
+    make_hf(root / "hf", num_hidden_layers=4, vocab_size=vocab_size)
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        [sys.executable, str(repo / "tools" / "convert_checkpoint.py"), "hf-to-megatron",
+         "--hf-dir", str(root / "hf"), "--save", str(root / "converted"),
+         "--tensor-model-parallel-size", "2"],
+        capture_output=True, text=True, cwd=repo, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return str(root / "converted")

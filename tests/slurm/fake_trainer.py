@@ -12,7 +12,9 @@ from --save) be tested now and in milliseconds per step. It honours, like the tr
   `--save-interval`, `--train-iters`, `--log-interval`;
 * `--exit-signal-handler`: SIGTERM or SIGUSR1 -> finish the step, save, exit 75; also 75 once
   `--exit-duration-in-mins` elapsed; 0 after the last iteration; the stop decision is agreed
-  by all ranks every step (`agree`), so every rank saves the same iteration;
+  by all ranks every step (`agree`), so every rank saves the same iteration; a signal that
+  arrived while starting (before the first step) exits 75 without saving (training/signals.py:
+  nothing new to save, the loaded checkpoint stays the latest);
 * rank 0 prints ` iteration N/ M | lm loss: X |` lines; the "loss" is a deterministic
   recurrence carried in the checkpoint, so a resumed run prints the same numbers as an
   uninterrupted one only if it resumed from the right state.
@@ -139,6 +141,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             print(f"resumed from {args.load} at iteration {start_iter}", flush=True)
     step_seconds = float(os.environ.get("FAKE_STEP_SECONDS", "0.05"))
+    if agree(links, rank, bool(stop)):
+        if rank == 0:
+            print(f"exiting before the first step ({'signal ' + str(stop[0]) if stop else 'a peer'}"
+                  "), nothing to save", flush=True)
+        return EXIT_RESUMABLE
     started = time.monotonic()
     for iteration in range(start_iter + 1, args.train_iters + 1):
         time.sleep(step_seconds)

@@ -202,3 +202,45 @@ def test_preemption_saves_requeues_and_resumes_to_the_same_loss(slurm_cluster, t
     for iteration, loss in {**first, **second}.items():
         assert loss == pytest.approx(reference[iteration], rel=1e-5, abs=1e-6), iteration
     assert slurm_cluster.new_zombies() == []
+
+
+def _signalling_squeue(directory: Path) -> Path:
+    """A PATH entry whose `squeue` sends USR1 to the batch shell on the first attempt (the
+    script calls squeue during its set-up, before srun), then runs the real squeue."""
+    import shutil
+
+    real = shutil.which("squeue")
+    directory.mkdir(parents=True, exist_ok=True)
+    shim = directory / "squeue"
+    shim.write_text(f"""#!/bin/bash
+if [[ ${{SLURM_RESTART_COUNT:-0}} == 0 ]]; then
+  p=$PPID; pp=$(ps -o ppid= -p "$p" | tr -d ' ')
+  if [[ $(tr '\\0' ' ' < /proc/$pp/cmdline) == $(tr '\\0' ' ' < /proc/$p/cmdline) ]]; then
+    p=$pp
+  fi
+  kill -USR1 "$p"; sleep 0.3
+fi
+exec {real} "$@"
+""")
+    shim.chmod(0o755)
+    return directory
+
+
+@pytest.mark.slurm
+def test_usr1_during_setup_requeues_through_slurm(slurm_cluster, tmp_path):
+    """Issue 21 case 8 on the real cluster: USR1 before the trainer starts (the batch shell is
+    still setting up) used to kill the shell and fail the job; now it is requeued by Slurm and
+    the second attempt trains to the end."""
+    run_dir = tmp_path / "run"
+    env = _env(slurm_cluster, run_dir, "fake", TRAIN_ITERS="10", FAKE_STEP_SECONDS="0.01")
+    env["PATH"] = f"{_signalling_squeue(tmp_path / 'bin')}:{env.get('PATH', '')}"
+    job_id, _ = slurm_cluster.sbatch(_sbatch_args(run_dir), env=env, wait=False)
+    (record,) = slurm_cluster.wait_job(job_id, timeout=300)
+    job_out = (run_dir / f"job-{job_id}.out").read_text()
+    assert (record["JobState"], record["ExitCode"]) == ("COMPLETED", "0:0"), job_out[-3000:]
+    assert record["Restarts"] == "1"
+    assert "got SIGUSR1 before the trainer started" in job_out
+    assert not (run_dir / "logs" / f"train-{job_id}-attempt0.log").exists()
+    second = _losses(run_dir / "logs" / f"train-{job_id}-attempt1.log")
+    assert sorted(second) == list(range(1, 11))
+    assert slurm_cluster.new_zombies() == []

@@ -184,14 +184,16 @@ def test_config_mapping_both_spellings_and_rope_types() -> None:
               "rope_scaling": {**LLAMA3_ROPE, "factor": 32.0}, "torch_dtype": "bfloat16",
               "tie_word_embeddings": True}
     cfg = model_config_from_hf(legacy)
-    assert (cfg.rotary_base, cfg.rope_scaling, cfg.rope_scaling_factor) == (500000, True, 32.0)
+    assert (cfg.rotary_base, cfg.rope_type, cfg.rope_scaling_factor) == (500000, "llama3", 32.0)
+    assert (cfg.rope_low_freq_factor, cfg.rope_high_freq_factor,
+            cfg.rope_original_max_position_embeddings) == (1.0, 4.0, 8192)
     assert cfg.num_query_groups == 4 and not cfg.untie_embeddings_and_output_weights
     assert cfg.pad_vocab and cfg.seq_length == 131072
     out = hf_config_from_model(cfg, "bf16", base=legacy)
     assert out["rope_scaling"]["factor"] == 32.0 and "rope_parameters" not in out
     assert out["torch_dtype"] == "bfloat16" and "dtype" not in out
     linear = model_config_from_hf({**legacy, "rope_scaling": {"type": "linear", "factor": 4}})
-    assert linear.seq_len_interpolation_factor == 4.0 and not linear.rope_scaling
+    assert linear.rope_spec().rope_type == "linear" and linear.rope_spec().factor == 4.0
 
     from transformers import LlamaConfig
 
@@ -208,9 +210,12 @@ def test_config_mapping_both_spellings_and_rope_types() -> None:
     ({"mlp_bias": True}, "mlp_bias=true"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ({"head_dim": 32}, "head_dim 32"),
-    ({"rope_scaling": {"rope_type": "dynamic", "factor": 10.0}}, "rope type 'dynamic'"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
-    ({"rope_scaling": {**LLAMA3_ROPE, "high_freq_factor": 2.0}}, "high_freq_factor=2.0"),
+    ({"rope_scaling": {"rope_type": "proportional", "factor": 2.0}},
+     "rope type 'proportional' not supported"),
+    ({"rope_scaling": {"rope_type": "dynamic"}}, "rope type 'dynamic' without a factor"),
+    ({"rope_scaling": {**LLAMA3_ROPE, "high_freq_factor": 0.5}}, "--rope-low-freq-factor"),
+    ({"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8,
+                       "long_factor": [1.0] * 3}}, "--longrope-long-factor with rotary dim"),
     ({"num_key_value_heads": 3}, "--num-query-groups"),
 ])
 def test_config_errors(change, message) -> None:

@@ -62,6 +62,11 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
     cells = json.loads((out / "eval" / "needle_stage1_512" / "results.json").read_text())
     assert cells["settings"]["max_new_tokens"] == 2 and len(cells["cells"]) == 2
     assert (out / "mixture" / "report.md").exists()
+    # Loss by position in buckets that resolve both lengths, before and after on one plot.
+    for stage in ("stage1", "stage2"):
+        ppl = json.loads((out / "eval" / f"ppl_{stage}" / "ppl.json").read_text())
+        assert ppl["settings"]["bucket_edges"] == [0, 64, 128, 256, 512]
+    assert (out / "eval" / "loss_by_position.png").stat().st_size > 1000
     assert len(list((out / "data").glob("slimpajama_*_text_document.idx"))) == 7
     # The RULER subset ran on both checkpoints at the long length, one sample per task.
     for name, stage in (("before", "stage1"), ("after", "stage2")):

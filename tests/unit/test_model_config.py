@@ -22,6 +22,7 @@ from megatron_longctx.config.presets import PRESETS, count_parameters, get_prese
         ("llama2-7b", (32, 4096, 11008, 32, 32, 32000, 10000), 6.74),
         ("llama2-13b", (40, 5120, 13824, 40, 40, 32000, 10000), 13.02),
         ("llama3-8b", (32, 4096, 14336, 32, 8, 128256, 500000), 8.03),
+        ("llama3.1-8b", (32, 4096, 14336, 32, 8, 128256, 500000), 8.03),
     ],
 )
 def test_real_presets(name: str, shape: tuple, params_b: float) -> None:
@@ -43,6 +44,13 @@ def test_tiny_preset_and_copies() -> None:
         get_preset(name).validate()
     with pytest.raises(ValueError, match="unknown model preset 'gpt5'"):
         get_preset("gpt5")
+
+
+def test_llama31_preset_matches_the_released_rope() -> None:
+    spec = get_preset("llama3.1-8b").rope_spec()
+    assert (spec.rope_type, spec.theta, spec.factor, spec.low_freq_factor,
+            spec.high_freq_factor, spec.original_max_position_embeddings) == (
+        "llama3", 500000.0, 8.0, 1.0, 4.0, 8192)
 
 
 def test_with_context_raises_base_and_positions() -> None:

@@ -1,0 +1,179 @@
+"""Every model-loading tool over a table of damaged inputs (issue 21): exit 2, exactly one
+stderr line naming the damaged file (or directory) and what is wrong, no traceback, nothing
+written.
+
+Rows: the evaluation tools (needle, ppl, RULER) and the converter (both directions) run
+in-process through their `main` (the whole CLI path, from argv to exit code, without paying
+~6 s of imports per row); the trainer and one evaluation row run as real processes, where a
+traceback would show. The damage itself (truncation, in-place edits, a marker naming a missing
+iteration, a foreign architecture, a missing tensor) comes from test_faults_checkpoint.py.
+The dataset rows of the data tools are the data side's (docs/checks.md).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_longctx.checkpoint.meta import LATEST_NAME
+from tests.unit.test_faults_checkpoint import (
+    TINY_RUN,
+    copy_tree,
+    damage_checkpoint,
+    damage_hf,
+    tiny_models,  # noqa: F401 (fixture)
+    truncate,
+    write_dataset,
+)
+from tests.unit.test_faults_checkpoint import _env as trainer_env
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tool(name: str):
+    spec = importlib.util.spec_from_file_location(f"corrupt_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _argv(tool: str, model: Path, out: Path, data: Path) -> list[str]:
+    if tool == "eval_needle":
+        return ["--model", str(model), "--output-dir", str(out), "--lengths", "128",
+                "--depths", "1", "--needle-type", "passkey", "--max-new-tokens", "2"]
+    if tool == "eval_ruler":
+        return ["--model", str(model), "--output-dir", str(out), "--lengths", "256",
+                "--num-samples", "1", "--tasks", "niah_single_1", "--no-progress"]
+    if tool == "eval_ppl":
+        return ["--model", str(model), "--output-dir", str(out), "--data-path", str(data),
+                "--seq-length", "64"]
+    if tool == "h2m":
+        return ["hf-to-megatron", "--hf-dir", str(model), "--save", str(out), "--no-progress"]
+    if tool == "m2h":
+        return ["megatron-to-hf", "--load", str(model), "--save", str(out), "--no-progress"]
+    raise ValueError(tool)
+
+
+# (tool, input kind, damage, text the one line must contain besides the file)
+ROWS = [
+    ("eval_needle", "hf", "missing-tensor", None),
+    ("eval_needle", "hf", "gpt2", None),
+    ("eval_needle", "hf", "truncated-safetensors", None),
+    ("eval_needle", "ours", "truncated-distcp", "truncated"),
+    ("eval_needle", "ours", "truncated-common", "truncated or corrupt"),
+    ("eval_needle", "ours", "invalid-meta", "invalid JSON"),
+    ("eval_needle", "ours", "marker-missing-iteration", "names iteration 1000"),
+    ("eval_ruler", "hf", "unexpected-tensor", None),
+    ("eval_ruler", "ours", "truncated-metadata", "truncated or corrupt"),
+    ("eval_ppl", "hf", "missing-tensor", None),
+    ("eval_ppl", "ours", "meta-unknown-field", "does not describe a model"),
+    ("eval_ppl", "ours", "marker-garbage", "expected an iteration number"),
+    ("eval_ppl", "data", "truncated-bin", "truncated"),
+    ("eval_ppl", "data", "missing-idx", "cannot read the dataset index"),
+    ("h2m", "hf", "truncated-safetensors", None),
+    ("h2m", "hf", "missing-tensor", None),
+    ("m2h", "ours", "truncated-distcp", "truncated"),
+    ("m2h", "ours", "invalid-meta", "invalid JSON"),
+]
+
+
+def _prepare(kind: str, damage: str, models: dict[str, Path], tmp_path: Path
+             ) -> tuple[Path, Path, str]:
+    """(model path, data prefix, the file name the error must contain) for one row."""
+    data = write_dataset(tmp_path / "data" / "d_text_document")
+    if kind == "hf":
+        model = copy_tree(models["hf"], tmp_path / "hf")
+        return model, data, damage_hf(model, damage)
+    model = copy_tree(models["ours"], tmp_path / "ours")
+    if kind == "ours":
+        return model, data, damage_checkpoint(model, damage)
+    if damage == "truncated-bin":
+        truncate(Path(f"{data}.bin"))
+        return model, data, f"{data}.bin"
+    Path(f"{data}.idx").unlink()
+    return model, data, f"{data}.idx"
+
+
+def _assert_one_line(err: str, *needles: str, process: bool = False) -> None:
+    """One error line with every needle, no traceback. A process may print megatron's
+    import-time notices before it (`UserWarning: Transformer Engine and Apex are not
+    installed ...`); the error must be the last line."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    if process:
+        assert not [line for line in lines[:-1] if ": error: " in line], err
+        assert all("warn" in line.lower() or line.startswith("  ") for line in lines[:-1]), err
+        lines = lines[-1:]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+@pytest.mark.parametrize(("tool", "kind", "damage", "what"), ROWS,
+                         ids=[f"{t}-{k}-{d}" for t, k, d, _ in ROWS])
+def test_tool_refuses_damaged_input(tiny_models, tmp_path, capsys,  # noqa: F811
+                                    tool, kind, damage, what) -> None:
+    model, data, name = _prepare(kind, damage, tiny_models, tmp_path)
+    out = tmp_path / "out"
+    module = _tool("convert_checkpoint" if tool in ("h2m", "m2h") else tool)
+    capsys.readouterr()
+    assert module.main(_argv(tool, model, out, data)) == 2
+    err = capsys.readouterr().err
+    _assert_one_line(err, f"{module.TOOL}: error: ", name, *([what] if what else []))
+    # nothing half-written: no results, no converted directory, no temporary sibling
+    assert not out.exists() or not any(out.iterdir())
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_eval_process_names_a_truncated_shard(tiny_models, tmp_path) -> None:  # noqa: F811
+    """The issue's case: a truncated .distcp was a bare EOFError traceback in the needle tool."""
+    model = copy_tree(tiny_models["ours"], tmp_path / "ours")
+    name = damage_checkpoint(model, "truncated-distcp")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "eval_needle.py"),
+         *_argv("eval_needle", model, tmp_path / "out", tmp_path)],
+        cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    _assert_one_line(proc.stderr, "eval_needle.py: error: ", name, "truncated", process=True)
+
+
+TRAINER_ROWS = ["truncated-distcp", "truncated-common", "truncated-metadata",
+                "marker-missing-iteration", "marker-garbage", "invalid-meta", "meta-unknown-field"]
+
+
+@pytest.mark.parametrize("damage", TRAINER_ROWS)
+def test_trainer_refuses_damaged_checkpoint(tiny_models, tmp_path, monkeypatch,  # noqa: F811
+                                            capsys, damage) -> None:
+    """`--load` of a damaged checkpoint: before, EOFError / zip / JSON tracebacks from inside
+    dist_checkpointing (a truncated shard: only on the ranks reading it), after the model and
+    datasets were built. Now checked before any process group exists (in-process here: the
+    entrypoint returns before initialising torch.distributed)."""
+    from megatron_longctx.training import entry
+
+    model = copy_tree(tiny_models["ours"], tmp_path / "ours")
+    name = damage_checkpoint(model, damage)
+    save = tmp_path / "save"
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    capsys.readouterr()
+    assert entry.main([*TINY_RUN, "--train-iters", "1", "--load", str(model),
+                       "--save", str(save)]) == 2
+    _assert_one_line(capsys.readouterr().err, "pretrain_longctx.py: error: ", name)
+    assert not save.exists() or not (save / LATEST_NAME).exists()
+
+
+def test_trainer_process_names_a_truncated_shard(tiny_models, tmp_path) -> None:  # noqa: F811
+    """The same as a process: exit 2, the error as the last line, no traceback."""
+    model = copy_tree(tiny_models["ours"], tmp_path / "ours")
+    name = damage_checkpoint(model, "truncated-distcp")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "pretrain_longctx.py"), *TINY_RUN, "--train-iters", "1",
+         "--load", str(model), "--save", str(tmp_path / "save")],
+        cwd=REPO, env=trainer_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    _assert_one_line(proc.stderr, "pretrain_longctx.py: error: ", name, process=True)
+    assert not (tmp_path / "save" / LATEST_NAME).exists()
