@@ -246,6 +246,8 @@ class ModelConfig:
             (`--untie-embeddings-and-output-weights`).
         pad_vocab: pad the vocabulary (see `padded_vocab`).
         make_vocab_size_divisible_by: `--make-vocab-size-divisible-by` (Megatron-LM's 128).
+        padded_vocab_rows: `--padded-vocab-size`: exactly this many embedding/output rows
+            (>= vocab_size); rows from vocab_size up are padding, excluded from the softmax.
     """
 
     num_layers: int = option(flag=Flag("--num-layers", "transformer layers"))
@@ -314,6 +316,9 @@ class ModelConfig:
                               note="True once the trainer resolved the tokenizer's vocabulary")
     make_vocab_size_divisible_by: int = option(128, Flag(
         "--make-vocab-size-divisible-by", "pad the vocabulary to a multiple of this x TP"))
+    padded_vocab_rows: int | None = derived(
+        None, "--padded-vocab-size",
+        note="exact embedding rows; the rows from vocab_size up are padding, never predicted")
 
     def padded_vocab(self, tensor_model_parallel_size: int) -> int:
         """Rows of the embedding and output layer at this TP size.
@@ -322,8 +327,11 @@ class ModelConfig:
         `make_vocab_size_divisible_by` x TP (LLaMA-2's 32000 -> 32000 at TP1/2, 32768 at TP8;
         LLaMA-3's 128256 -> 129024 at TP8). Padding costs at most divisible_by x TP - 1 rows
         (0.6% of LLaMA-3's table at TP8) and keeps the vocab-parallel GEMMs aligned; the padded
-        logits are never targets. Without `pad_vocab`, `vocab_size` is the table size itself.
+        logits are never targets. `padded_vocab_rows` (--padded-vocab-size) fixes the row count
+        at every TP size. Without either, `vocab_size` is the table size itself.
         """
+        if self.padded_vocab_rows is not None:
+            return self.padded_vocab_rows
         if not self.pad_vocab:
             return self.vocab_size
         return padded_vocab_size(self.vocab_size, tensor_model_parallel_size,
@@ -431,6 +439,9 @@ class ModelConfig:
                 f"--seq-length ({self.seq_length}) must be <= --max-position-embeddings "
                 f"({self.max_position_embeddings})"
             )
+        if self.padded_vocab_rows is not None and self.padded_vocab_rows < self.vocab_size:
+            raise ValueError(f"--padded-vocab-size ({self.padded_vocab_rows}) must be >= the "
+                             f"tokenizer's vocabulary ({self.vocab_size})")
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ValueError(f"--rotary-percent must be in (0, 1], got {self.rotary_percent}")
         validate_rope(self.rope_spec(), self.rotary_dim)

@@ -551,7 +551,8 @@ def resolve_vocabulary(cfg: PretrainConfig, tokenizer_vocab: int) -> ModelConfig
 
     The model's vocabulary is the tokenizer's, padded to a multiple of
     --make-vocab-size-divisible-by x TP (a preset's vocab_size is only a default), or exactly
-    --padded-vocab-size rows when given (which must hold every token id and split over TP).
+    --padded-vocab-size rows when given (which must hold every token id and split over TP). Either
+    way `vocab_size` stays the tokenizer's, so the loss excludes every padding row (model/loss.py).
     Idempotent: resolving a resolved config returns an equal model.
     """
     explicit, tp = cfg.padded_vocab_size, cfg.parallel.tensor_model_parallel_size
@@ -563,7 +564,8 @@ def resolve_vocabulary(cfg: PretrainConfig, tokenizer_vocab: int) -> ModelConfig
     if explicit % tp:
         raise ValueError(f"--padded-vocab-size ({explicit}) must be divisible by "
                          f"--tensor-model-parallel-size ({tp})")
-    return dataclasses.replace(cfg.model, vocab_size=explicit, pad_vocab=False)
+    return dataclasses.replace(cfg.model, vocab_size=tokenizer_vocab, pad_vocab=True,
+                               padded_vocab_rows=explicit)
 
 
 def resolve_runtime(cfg: PretrainConfig, *, te_available: bool,

@@ -366,6 +366,25 @@ class ShardResult:
     summary: dict[str, Any]
 
 
+def _finish_pool(pool: Any, pending: list[Any], timeout: float = 60.0) -> None:
+    """Close `pool` gracefully: let the `pending` blocks (at most 2 x workers + 2) finish,
+    then close and join it, so the `with` block's `terminate()` finds nothing to kill.
+
+    `Pool.terminate()` SIGTERMs workers that may be idle inside the task queue's read lock or
+    mid-write to the result pipe; the pool's handler threads then wait on that pipe, and the
+    join in terminate() hung for 492 s once in the test suite (an `--on-error fail` run).
+    When a pending block does not finish within `timeout` (a worker died), the pool is left
+    to `terminate()`.
+    """
+    for result in pending:
+        if result is not None and not result.ready():
+            result.wait(timeout)
+            if not result.ready():
+                return
+    pool.close()
+    pool.join()
+
+
 class _ShardRun:
     """One shard: reads its files, feeds the pool, writes datasets, stats and the marker."""
 
@@ -455,15 +474,20 @@ class _ShardRun:
         max_in_flight = 2 * cfg.workers + 2
         with ctx.Pool(cfg.workers, initializer=_worker_init, initargs=initargs) as pool:
             in_flight: collections.deque = collections.deque()
-            for task in self._tasks():
-                async_result = None
-                if not isinstance(task, rec.BadRecord):
-                    async_result = pool.apply_async(_worker_process, task)
-                in_flight.append((task, async_result))
-                while len(in_flight) >= max_in_flight:
+            try:
+                for task in self._tasks():
+                    async_result = None
+                    if not isinstance(task, rec.BadRecord):
+                        async_result = pool.apply_async(_worker_process, task)
+                    in_flight.append((task, async_result))
+                    while len(in_flight) >= max_in_flight:
+                        consume(*in_flight.popleft())
+                while in_flight:
                     consume(*in_flight.popleft())
-            while in_flight:
-                consume(*in_flight.popleft())
+            except Exception:
+                _finish_pool(pool, [result for _, result in in_flight])
+                raise
+            _finish_pool(pool, [])
 
     @staticmethod
     def _result(task: tuple[str, int, bytes], result) -> BlockResult:

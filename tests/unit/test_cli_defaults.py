@@ -187,7 +187,8 @@ def test_make_vocab_size_divisible_by_sets_the_padding():
                     "2", vocab=300)
     assert two.model.padded_vocab(2) == 384  # multiple of 64 x TP2
     explicit = _resolved("--padded-vocab-size", "1000", vocab=300)
-    assert explicit.model.padded_vocab(1) == 1000
+    assert explicit.model.padded_vocab(1) == 1000 and explicit.model.padded_vocab(2) == 1000
+    assert explicit.model.vocab_size == 300  # the tokenizer's: rows 300-999 are padding
     with pytest.raises(ValueError, match="--padded-vocab-size"):
         _resolved("--padded-vocab-size", "200", vocab=300)
     with pytest.raises(ValueError, match="--make-vocab-size-divisible-by"):

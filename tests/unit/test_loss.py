@@ -97,6 +97,30 @@ def test_zero_output_rows_of_a_converted_model_do_not_count() -> None:
                                rtol=1e-6, atol=1e-6)
 
 
+def test_padded_vocab_size_rows_are_excluded_from_the_trainers_loss() -> None:
+    """--padded-vocab-size keeps the tokenizer's vocabulary as the model's, so the built model
+    excludes the extra rows exactly as it does Megatron's rounding padding."""
+    import dataclasses
+
+    from megatron_longctx.checkpoint.model_io import single_process_group
+    from megatron_longctx.config.model import ParallelConfig
+    from megatron_longctx.config.presets import get_preset
+    from megatron_longctx.config.training import parse_pretrain_args, resolve_vocabulary
+    from megatron_longctx.model.build import build_model
+
+    cfg = parse_pretrain_args(["--model-preset", "tiny", "--padded-vocab-size", "512",
+                               "--train-iters", "1", "--seq-length", "64",
+                               "--max-position-embeddings", "64"])
+    model_cfg = resolve_vocabulary(cfg, 300)
+    assert dataclasses.replace(get_preset("tiny"), vocab_size=300, padded_vocab_rows=512) \
+        .padded_vocab(1) == 512
+    with single_process_group():
+        model = build_model(model_cfg, ParallelConfig(), PrecisionConfig(), device="cpu",
+                            use_cpu_initialization=True)
+    assert model.unpadded_vocab_size == 300
+    assert model.output_layer.weight.shape[0] == 512
+
+
 def test_bf16_matches_megatrons_rounding() -> None:
     """bf16 GEMM output upcast to fp32, as megatron's output layer + cross-entropy do."""
     hidden, weight, labels = _inputs(torch.bfloat16)
