@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_longctx.eval.models import add_model_arguments, drive, model_from_args
+from megatron_longctx.eval.models import add_model_arguments, comma_ints, run_with_model
 from megatron_longctx.eval.needle import (
     NEEDLE_TYPES,
     NeedleSettings,
@@ -72,17 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-
-
 def settings_from_args(args: argparse.Namespace) -> NeedleSettings:
     """NeedleSettings from the flags (validated)."""
     if args.lengths is not None:
-        lengths = _ints(args.lengths, "--lengths")
+        lengths = comma_ints(args.lengths, "--lengths")
     else:
         lengths = paper_lengths(args.min_length, args.max_length, args.num_lengths)
     if args.depth_percents is not None:
@@ -103,22 +96,15 @@ def settings_from_args(args: argparse.Namespace) -> NeedleSettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-        model = model_from_args(args)
-    except (ValueError, FileNotFoundError) as err:
-        return tool_error(err, TOOL)
-    if settings.training_length is None:
-        settings.training_length = model.training_length
 
-    def job(m) -> None:
+    def job(m, settings: NeedleSettings) -> None:
         results = run_needle(m, settings, args.output_dir, overwrite=args.overwrite,
                              use_cache=not args.no_cache)
         print(f"overall score: {results['overall']:.2f} over {results['cells_done']} cells "
               f"({args.output_dir}/results.json, heatmap.png)")
 
     try:
-        drive(model, job)
+        run_with_model(args, settings_from_args, job)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         return tool_error(err, TOOL)
     return 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_longctx.eval.models import add_model_arguments, drive, model_from_args
+from megatron_longctx.eval.models import add_model_arguments, comma_ints, run_with_model
 from megatron_longctx.eval.ruler import RulerSettings, run_ruler
 from megatron_longctx.eval.ruler_tasks import RULER_LENGTHS, TASKS
 from megatron_longctx.tool_env import quiet_tool_warnings, tool_error
@@ -67,18 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _ints(text: str, flag: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
-
-
 def settings_from_args(args: argparse.Namespace) -> RulerSettings:
     """RulerSettings from the flags (validated)."""
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()] if args.tasks else []
     return RulerSettings(
-        tasks=tasks, lengths=_ints(args.lengths, "--lengths"), num_samples=args.num_samples,
+        tasks=tasks, lengths=comma_ints(args.lengths, "--lengths"), num_samples=args.num_samples,
         seed=args.seed, haystack_file=args.haystack_file, squad_file=args.squad_file,
         hotpotqa_file=args.hotpotqa_file, max_new_tokens=args.max_new_tokens,
         training_length=args.training_length,
@@ -87,16 +80,9 @@ def settings_from_args(args: argparse.Namespace) -> RulerSettings:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from_args(args)
-        model = model_from_args(args)
-    except (ValueError, FileNotFoundError) as err:
-        return tool_error(err, TOOL)
-    if settings.training_length is None:
-        settings.training_length = model.training_length
     reuse = not (args.no_prefix_reuse or args.no_cache)
 
-    def job(m) -> None:
+    def job(m, settings: RulerSettings) -> None:
         results = run_ruler(m, settings, args.output_dir, overwrite=args.overwrite,
                             use_cache=not args.no_cache, reuse_prefix=reuse,
                             progress=not args.no_progress)
@@ -106,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
               "ruler.png)")
 
     try:
-        drive(model, job)
+        run_with_model(args, settings_from_args, job)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         return tool_error(err, TOOL)
     return 0

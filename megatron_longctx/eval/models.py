@@ -863,6 +863,29 @@ def model_from_args(args: Any) -> CausalLM:
                           prefill_chunk=args.prefill_chunk)
 
 
+def comma_ints(text: str, flag: str) -> list[int]:
+    """`--lengths 4096,8192` -> [4096, 8192]; ValueError naming `flag` otherwise."""
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated integers, got {text!r}") from None
+
+
+def run_with_model(args: Any, make_settings: Any, job: Any) -> Any:
+    """The generation tools' main: settings from the flags (`make_settings(args)`, validated
+    before any model is loaded), the model from `add_model_arguments`' flags, the settings'
+    `training_length` defaulted to the model's, then `job(model, settings)` through `drive`.
+
+    Raises:
+        ValueError, FileNotFoundError, NotImplementedError: for the tool to print as one line.
+    """
+    settings = make_settings(args)
+    model = model_from_args(args)
+    if settings.training_length is None:
+        settings.training_length = model.training_length
+    return drive(model, lambda m: job(m, settings))
+
+
 def drive(model: CausalLM, job: Any) -> Any:
     """Run `job(model)` on the driver rank while the other ranks serve its model calls; close
     the model on every rank afterwards (also when the job raises). Returns the job's result on
