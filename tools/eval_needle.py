@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="heatmap line (default: the checkpoint's --seq-length)")
     out.add_argument("--overwrite", action="store_true",
                      help="start over instead of resuming an existing results.json")
+    out.add_argument("--no-prefix-reuse", action="store_true",
+                     help="prefill every cell's prompt from scratch (no shared-prefix KV reuse)")
     out.add_argument("--no-cache", action="store_true",
                      help="recompute the whole sequence per new token (slow; for checks)")
     return parser
@@ -99,7 +101,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def job(m, settings: NeedleSettings) -> None:
         results = run_needle(m, settings, args.output_dir, overwrite=args.overwrite,
-                             use_cache=not args.no_cache)
+                             use_cache=not args.no_cache,
+                             reuse_prefix=not args.no_prefix_reuse)
         print(f"overall score: {results['overall']:.2f} over {results['cells_done']} cells "
               f"({args.output_dir}/results.json, heatmap.png)")
 

@@ -508,7 +508,8 @@ def summarize(cells: Iterable[dict[str, Any]], lengths: list[int],
 
 
 def run_needle(model: Any, settings: NeedleSettings, output_dir: str | Path, *,
-               overwrite: bool = False, use_cache: bool = True, plot: bool = True,
+               overwrite: bool = False, use_cache: bool = True, reuse_prefix: bool = True,
+               plot: bool = True,
                log: Callable[[str], None] | None = print) -> dict[str, Any]:
     """Run (or resume) the grid on `model` and write results.json and heatmap.png.
 
@@ -519,6 +520,11 @@ def run_needle(model: Any, settings: NeedleSettings, output_dir: str | Path, *,
         output_dir: where results.json and heatmap.png go (created).
         overwrite: discard an existing results.json instead of resuming it.
         use_cache: KV-cache generation (False: full recompute per token, for checks).
+        reuse_prefix: keep one KV cache across the cells and prefill only what differs from
+            the previous prompt (`CausalLM.generate(..., reuse_prefix=True)`, exact up to
+            prefill grouping): consecutive depths of a length share the haystack up to the
+            earlier insertion point, so about half the prefill of a depth sweep is saved.
+            `CausalLM` models only; the cache is released when the run ends.
         plot: write heatmap.png at the end.
         log: progress lines (None: silent).
 
@@ -553,22 +559,28 @@ def run_needle(model: Any, settings: NeedleSettings, output_dir: str | Path, *,
         state.update(summarize(ordered, settings.lengths, settings.depths))
         write_json_atomic(path, state)
 
-    skipped = 0
     total = len(settings.lengths) * len(settings.depths)
-    for length in settings.lengths:
-        for depth in settings.depths:
+    todo = [(length, depth) for length in settings.lengths for depth in settings.depths
+            if _cell_key(length, depth) not in cells]
+    skipped = total - len(todo)
+    reuse = bool(reuse_prefix and use_cache and todo and _supports_prefix_reuse(model))
+    if reuse:
+        model.reserve_cache(max(length for length, _ in todo) + settings.max_new_tokens)
+    try:
+        for length, depth in todo:
             key = _cell_key(length, depth)
-            if key in cells:
-                skipped += 1
-                continue
             cells[key] = needle_cell(model, settings, haystack, length, depth,
-                                     use_cache=use_cache)
+                                     use_cache=use_cache, reuse_prefix=reuse)
             save()
             if log is not None:
                 cell = cells[key]
                 log(f"[{len(cells)}/{total}] length {length} depth {depth:g}%: "
                     f"score {cell['score']:.1f} ({cell['tokens']} tokens, "
-                    f"{cell['seconds']:.2f} s) {cell['response'][:80]!r}")
+                    f"{cell['reused_tokens']} reused, {cell['seconds']:.2f} s) "
+                    f"{cell['response'][:80]!r}")
+    finally:
+        if reuse:
+            model.clear_cache()
     save()
     if log is not None and skipped:
         log(f"{skipped} cells were already in {path}")
@@ -577,16 +589,31 @@ def run_needle(model: Any, settings: NeedleSettings, output_dir: str | Path, *,
     return state
 
 
+def _supports_prefix_reuse(model: Any) -> bool:
+    """Whether `model` is one of eval/models.py's `CausalLM`s (imported here only when a run
+    asks for reuse: this module stays importable without torch-heavy model code)."""
+    from megatron_longctx.eval.models import CausalLM
+
+    return isinstance(model, CausalLM)
+
+
 def needle_cell(model: Any, settings: NeedleSettings, haystack: Any, length: int,
-                depth: float, *, use_cache: bool = True) -> dict[str, Any]:
+                depth: float, *, use_cache: bool = True,
+                reuse_prefix: bool = False) -> dict[str, Any]:
     """One grid cell: insert the needle at `depth` percent of a `length`-token prompt,
-    generate greedily, score the response (the results.json cell record)."""
+    generate greedily, score the response (the results.json cell record; `reused_tokens`:
+    prompt tokens taken from the persistent KV cache with `reuse_prefix`)."""
     tokenizer = model.tokenizer
     needle = make_needle(settings, length, depth)
     prompt = build_prompt(haystack, tokenizer, needle, settings.resolved_template(), length,
                           depth)
     start = time.perf_counter()
-    new_ids = model.generate(prompt.ids, settings.max_new_tokens, use_cache=use_cache)
+    if reuse_prefix:
+        new_ids = model.generate(prompt.ids, settings.max_new_tokens, reuse_prefix=True)
+        reused = int(model.last_reused_tokens)
+    else:
+        new_ids = model.generate(prompt.ids, settings.max_new_tokens, use_cache=use_cache)
+        reused = 0
     seconds = time.perf_counter() - start
     response = tokenizer.decode(new_ids).strip()
     return {
@@ -596,7 +623,8 @@ def needle_cell(model: Any, settings: NeedleSettings, haystack: Any, length: int
         "needle_depth": round(prompt.needle_depth, 3),
         "needle": needle.text, "question": needle.question, "answer": needle.answer,
         "response": response, "generated_tokens": len(new_ids),
-        "score": score_response(response, needle.answer), "seconds": round(seconds, 3),
+        "score": score_response(response, needle.answer), "reused_tokens": reused,
+        "seconds": round(seconds, 3),
     }
 
 

@@ -348,6 +348,38 @@ def test_cli_end_to_end_on_trainer_checkpoint_and_hf_dir(trainer_checkpoint, hf_
     assert "without haystack" in capsys.readouterr().err
 
 
+def test_prefix_reuse_equals_plain_generation(trainer_checkpoint, hf_tokenizer_dir,
+                                              tmp_path) -> None:
+    """A depth sweep with the persistent KV cache gives the plain run's responses on both
+    backends, and reuses the haystack shared with the previous cell's prompt."""
+    import torch
+
+    from megatron_longctx.eval.models import load_causal_lm
+
+    torch.set_num_threads(1)
+    hf = make_tiny_hf(tmp_path / "hf", hf_tokenizer_dir, seed=2)
+    settings = NeedleSettings(lengths=[300, 600], depths=[0.0, 25.0, 50.0, 75.0, 100.0],
+                              needle_type="passkey", max_new_tokens=4)
+    for name, path in (("ours", trainer_checkpoint), ("hf", hf)):
+        model = load_causal_lm(str(path), prefill_chunk=128)
+        try:
+            runs = {reuse: run_needle(model, settings, tmp_path / f"{name}-{reuse}",
+                                      reuse_prefix=reuse, log=None, plot=False)
+                    for reuse in (True, False)}
+        finally:
+            model.close()
+        assert [c["response"] for c in runs[True]["cells"]] == [
+            c["response"] for c in runs[False]["cells"]], name
+        assert all(c["reused_tokens"] == 0 for c in runs[False]["cells"])
+        reused = [c["reused_tokens"] for c in runs[True]["cells"]]
+        tokens = [c["tokens"] for c in runs[True]["cells"]]
+        # depth 50% of 600 after depth 25%: the haystack up to the 25% insertion is shared
+        by_key = {(c["length"], c["depth"]): c for c in runs[True]["cells"]}
+        assert by_key[(600, 50.0)]["reused_tokens"] >= by_key[(600, 25.0)][
+            "insertion_token"] - 2, name
+        assert sum(reused) > 0.25 * sum(tokens), (name, reused, tokens)
+
+
 def test_bos_prefix_of_the_tokenizer_starts_every_prompt(hf_tokenizer_dir, tmp_path) -> None:
     """A LLaMA-style tokenizer (post-processor adding BOS): prompts start with it, offsets and
     the insertion index still line up."""
