@@ -27,6 +27,7 @@ bytes per sequence) and a stat of the .bin, never a read of the tokens.
 from __future__ import annotations
 
 import hashlib
+import mmap
 import os
 import shutil
 import struct
@@ -211,10 +212,11 @@ class IndexInfo:
         return csum[self.document_indices[1:]] - csum[self.document_indices[:-1]]
 
 
-def _parse_index(path: str, data: bytes) -> IndexInfo:
-    """Parse .idx bytes; every inconsistency is a DatasetError naming `path`."""
+def _parse_index(path: str, data: Any) -> IndexInfo:
+    """Parse .idx bytes (or a read-only mmap of them); every inconsistency is a DatasetError
+    naming `path`."""
     header = len(INDEX_MAGIC) + 8 + 1 + 16
-    if not data.startswith(INDEX_MAGIC):
+    if data[:len(INDEX_MAGIC)] != INDEX_MAGIC:
         raise DatasetError(f"{path}: not a Megatron index file (bad magic)")
     if len(data) < header:
         raise DatasetError(f"{path}: truncated index ({len(data)} bytes, header needs {header})")
@@ -247,13 +249,18 @@ def _parse_index(path: str, data: bytes) -> IndexInfo:
 def read_index(prefix: str) -> IndexInfo:
     """Parse `{prefix}.idx` (no torch, no megatron import).
 
+    The file is memory-mapped, not read: the arrays are views of the page cache, shared by
+    every process of a node that checks the same dataset (the trainer checks its --data-path
+    on every rank at start-up; a 300M-document domain has a ~6 GB index).
+
     Raises:
         DatasetError: the file is missing, truncated or inconsistent (message names it).
     """
     path = idx_path(prefix)
     try:
         with open(path, "rb") as fh:
-            data = fh.read()
+            size = os.fstat(fh.fileno()).st_size
+            data = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
     except OSError as err:
         raise DatasetError(
             f"{path}: cannot read the dataset index ({err.strerror or err})") from err

@@ -1,5 +1,5 @@
-"""The real trainer with each trainable RoPE scheme (CPU, one process): it trains 4 steps, the
-checkpoint records the scheme, and resuming from the iteration-2 checkpoint reproduces
+"""The real trainer with each trainable RoPE scheme (CPU, one process, fp32 and bf16: every
+real run's precision): it trains 4 steps, the checkpoint records the scheme, and resuming from the iteration-2 checkpoint reproduces
 iterations 3-4 bit for bit (losses and weights).
 
 The tiny model trains at 64 tokens with an original length of 32, so the length-dependent
@@ -36,16 +36,18 @@ def _config(scheme: str, **kwargs):
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **TRAINABLE[scheme]))
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("scheme", list(TRAINABLE))
-def test_scheme_trains_and_resumes_exactly(scheme, init_ckpt, tmp_path):
+def test_scheme_trains_and_resumes_exactly(scheme, dtype, init_ckpt, tmp_path):
     ref_dir, resumed_dir = str(tmp_path / "ref"), str(tmp_path / "resumed")
-    ref = train(_config(scheme, load=init_ckpt, save=ref_dir, iters=4, save_interval=2), 1)
+    ref = train(_config(scheme, load=init_ckpt, save=ref_dir, iters=4, save_interval=2,
+                        dtype=dtype), 1)
     assert ref["iteration"] == 4 and len(ref["losses"]) == 4
     recorded = read_meta(iter_dir(ref_dir, 2))["model"]
     assert ModelConfig(**recorded).rope_spec() == _config(scheme).model.rope_spec()
 
     second = train(_config(scheme, load=str(iter_dir(ref_dir, 2)), save=resumed_dir,
-                           iters=4), 1)
+                           iters=4, dtype=dtype), 1)
     assert second["iteration"] == 4
     assert second["losses"] == ref["losses"][2:]  # exact floats
     assert max_weight_diff(final_weights(resumed_dir), final_weights(ref_dir)) == 0.0
