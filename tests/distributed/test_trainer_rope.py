@@ -1,6 +1,6 @@
 """The real trainer with each trainable RoPE scheme (CPU, one process, fp32 and bf16: every
-real run's precision): it trains 4 steps, the checkpoint records the scheme, and resuming from the iteration-2 checkpoint reproduces
-iterations 3-4 bit for bit (losses and weights).
+real run's precision): it trains 4 steps, the checkpoint records the scheme, and resuming
+from the iteration-2 checkpoint reproduces iterations 3-4 bit for bit (losses and weights).
 
 The tiny model trains at 64 tokens with an original length of 32, so the length-dependent
 schemes run in their extended regime (dynamic: the base for 64 tokens; longrope: long factors).
