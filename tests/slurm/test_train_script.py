@@ -164,7 +164,11 @@ def test_preemption_saves_requeues_and_resumes_to_the_same_loss(slurm_cluster, t
     the trainer saves and exits 75, the script requeues the job, the second attempt resumes
     from --save and ends with the losses of an uninterrupted run."""
     _need(trainer)
-    iters = "60" if trainer == "fake" else "100"
+    # The signal travels test -> scancel -> slurmctld -> slurmd -> batch shell -> srun -> ranks;
+    # on a loaded 2-core CI machine that took over 3.5 s once, longer than the 95 steps a
+    # 100-step real run had left (37 ms a step), and the run ended before the signal came.
+    # ~10 s of steps after the signal is sent keep the signal mid-run.
+    iters = "200" if trainer == "fake" else "300"
     common = {"TRAIN_ITERS": iters, "SAVE_INTERVAL": "1000", "FAKE_STEP_SECONDS": "0.05"}
     ref_dir, run_dir = tmp_path / "reference", tmp_path / "preempted"
     ref_id, rc = slurm_cluster.sbatch(_sbatch_args(ref_dir),
@@ -179,9 +183,9 @@ def test_preemption_saves_requeues_and_resumes_to_the_same_loss(slurm_cluster, t
                                      wait=False)
     first_log = run_dir / "logs" / f"train-{job_id}-attempt0.log"
     deadline = time.monotonic() + 300
-    while not (first_log.exists() and max(_losses(first_log), default=0) >= 5):
+    while not (first_log.exists() and max(_losses(first_log), default=0) >= 3):
         assert slurm_cluster.job_state(job_id) in {"PENDING", "RUNNING"}, "ended before USR1"
-        assert time.monotonic() < deadline, "no 5 iterations logged in 300 s"
+        assert time.monotonic() < deadline, "no 3 iterations logged in 300 s"
         time.sleep(0.1)
     slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(job_id)])
     (record,) = slurm_cluster.wait_job(job_id, timeout=600)
@@ -193,7 +197,7 @@ def test_preemption_saves_requeues_and_resumes_to_the_same_loss(slurm_cluster, t
 
     first = _losses(first_log)
     stopped_at = max(first)
-    assert 5 <= stopped_at < int(iters), "the signal must land mid-run"
+    assert 3 <= stopped_at < int(iters), "the signal must land mid-run"
     assert (run_dir / "checkpoints" / f"iter_{stopped_at:07d}").is_dir()
     second = _losses(run_dir / "logs" / f"train-{job_id}-attempt1.log")
     assert min(second) == stopped_at + 1 and max(second) == int(iters)
