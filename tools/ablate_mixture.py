@@ -20,8 +20,8 @@ import argparse
 import subprocess
 import sys
 
+from megatron_longctx.config.flags import add_config_flags, config_from_namespace
 from megatron_longctx.demo.ablation import AblationSettings, run_ablation
-from megatron_longctx.demo.cli import add_settings_arguments, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", required=True,
                         help="results, plans and checkpoints of every strategy")
-    add_settings_arguments(parser, AblationSettings)
+    add_config_flags(parser, AblationSettings)
     return parser
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = settings_from_args(AblationSettings, args)
+        settings = config_from_namespace(AblationSettings, args)
     except ValueError as err:
         parser.error(str(err))
     try:

@@ -19,8 +19,8 @@ import argparse
 import subprocess
 import sys
 
+from megatron_longctx.config.flags import add_config_flags, config_from_namespace
 from megatron_longctx.demo.ablation import run_demo_ablation
-from megatron_longctx.demo.cli import add_settings_arguments, settings_from_args
 from megatron_longctx.demo.pipeline import DemoSettings, run_demo
 
 
@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ablation", action="store_true",
                         help="the stage-2 mixture comparison: every strategy from one stage 1 "
                         "(--strategy is then unused; report.md, results.json, plots/)")
-    add_settings_arguments(parser, DemoSettings)
+    add_config_flags(parser, DemoSettings)
     return parser
 
 
@@ -40,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        settings = settings_from_args(DemoSettings, args)
+        settings = config_from_namespace(DemoSettings, args)
     except ValueError as err:
         parser.error(str(err))
     try:

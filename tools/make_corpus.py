@@ -16,7 +16,7 @@ import argparse
 import sys
 import time
 
-from megatron_longctx.demo.cli import add_settings_arguments, settings_from_args
+from megatron_longctx.config.flags import add_config_flags, config_from_namespace
 from megatron_longctx.demo.corpus import CorpusConfig, summarize_plan, write_corpus
 
 
@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a deterministic synthetic corpus in SlimPajama's jsonl format."
     )
     parser.add_argument("--output-dir", required=True, help="directory for the chunk files")
-    add_settings_arguments(parser, CorpusConfig)
+    add_config_flags(parser, CorpusConfig)
     return parser
 
 
@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        config = settings_from_args(CorpusConfig, args).validate()
+        config = config_from_namespace(CorpusConfig, args).validate()
     except ValueError as err:
         parser.error(str(err))
 

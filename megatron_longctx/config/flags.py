@@ -23,6 +23,11 @@ Deliberate exceptions are declared, not implied:
   (`params_dtype` from `--bf16` / `--fp16`); tests check that those flags exist.
 * Megatron-LM compatibility switches that are not fields (`--swiglu`, `--group-query-attention`,
   ...) are declared by each tool next to its parser.
+* `Flag.one_value`: a list/tuple field given as one string that `Flag.parse` turns into the whole
+  value (the demo tools' `--strategies per-source,cut`), instead of nargs "+".
+
+`Flag.parse` errors keep their message: a ValueError from the parser is shown as argparse's
+error for that flag (argparse alone would print "invalid parse_x value").
 
 Trade-off: the argparse shape is inferred from annotations, so an unusual type needs an explicit
 `Flag.parse` (`--upweight DOMAIN=FACTOR,...` -> dict); in exchange the ~110 training flags need
@@ -72,6 +77,9 @@ class Flag:
             or a zero-argument callable evaluated when the parser is built.
         metavar: placeholder in --help.
         group: argument-group key; default the field's config section.
+        one_value: list/tuple field parsed from one string by `parse` (comma lists).
+        default_help: text shown as the default in --help instead of the value (computed or
+            long defaults).
     """
 
     name: str
@@ -85,6 +93,8 @@ class Flag:
     cli_default: Any = UNSET
     metavar: str | None = None
     group: str | None = None
+    one_value: bool = False
+    default_help: str | None = None
 
 
 @dataclass(frozen=True)
@@ -144,21 +154,45 @@ def cli_default(f: dataclasses.Field) -> Any:
     return field_default(f)
 
 
+def flag_of(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field (for validation messages)."""
+    flag = f.metadata.get(FLAG_KEY)
+    if not isinstance(flag, Flag):
+        raise ValueError(f"field {f.name!r} declares no flag")
+    return flag.name
+
+
+def _keep_message(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """`parse` with its ValueError text shown by argparse (not "invalid <name> value")."""
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
+
+
 def _argparse_kwargs(flag: Flag, hint: Any) -> dict[str, Any]:
     """nargs / type / choices / action from the annotation (see module docstring)."""
     kwargs: dict[str, Any] = {}
     origin = typing.get_origin(hint)
+    parse = _keep_message(flag.parse) if flag.parse is not None else None
+    if flag.one_value and parse is None:
+        raise TypeError(f"{flag.name}: one_value needs a parse function")
     if flag.action is not None:
         kwargs["action"] = flag.action
     elif hint is bool:
         kwargs["action"] = "store_true"
-    elif origin in (list, tuple):
+    elif origin in (list, tuple) and not flag.one_value:
         kwargs["nargs"] = "+"
-        kwargs["type"] = flag.parse or typing.get_args(hint)[0]
+        kwargs["type"] = parse or typing.get_args(hint)[0]
     elif origin is typing.Literal:
         kwargs["choices"] = typing.get_args(hint)
-    elif flag.parse is not None:
-        kwargs["type"] = flag.parse
+    elif parse is not None:
+        kwargs["type"] = parse
     elif hint in (int, float, str):
         kwargs["type"] = hint
     if flag.choices is not None:
@@ -169,6 +203,8 @@ def _argparse_kwargs(flag: Flag, hint: Any) -> dict[str, Any]:
 
 
 def _help(flag: Flag, f: dataclasses.Field, default_note: str | None) -> str:
+    if flag.default_help is not None:
+        return f"{flag.help} (default: {flag.default_help})"
     if flag.required or callable(flag.cli_default):
         return flag.help  # required, or the help names where the default comes from
     if default_note is not None:
@@ -217,7 +253,8 @@ def add_config_flags(parser: argparse.ArgumentParser, cls: type, *, section: str
         start = argparse.SUPPRESS if flag.cli_default is UNSET else cli_default(f)
         target.add_argument(flag.name, *flag.aliases, dest=path, default=start,
                             required=flag.required,
-                            help=_help(flag, f, default_notes.get(section.split(".")[0])),
+                            help=_help(flag, f, default_notes.get(section.split(".")[0]))
+                            .replace("%", "%%"),
                             **_argparse_kwargs(flag, hints[f.name]))
         if flag.negative:
             target.add_argument(flag.negative, dest=path, action="store_false",
@@ -247,7 +284,8 @@ def config_from_namespace(cls: type, ns: argparse.Namespace, *, section: str = "
     """
     fixed = fixed or {}
     hints = field_hints(cls)
-    kwargs = given(ns, section)
+    # The tool's own flags (`--output-dir`, ...) share the namespace: keep this class's fields.
+    kwargs = {k: v for k, v in given(ns, section).items() if k in hints}
     for name, value in list(kwargs.items()):
         if typing.get_origin(hints[name]) is tuple and value is not None:
             kwargs[name] = tuple(value)

@@ -45,9 +45,9 @@ from pathlib import Path
 from typing import Any
 
 from megatron_longctx.atomic import write_json_atomic, write_text_atomic
+from megatron_longctx.config.flags import Flag, flag_of, option
 from megatron_longctx.config.mixture import STRATEGIES, MixtureConfig
 from megatron_longctx.config.presets import PRESETS
-from megatron_longctx.demo.cli import flag_of, help_field
 from megatron_longctx.demo.pipeline import MIN_PLAN_TOKENS, Stage2Run, run_tool
 from megatron_longctx.demo.plots import (
     plot_domain_deltas,
@@ -85,41 +85,49 @@ class AblationSettings:
     tools/eval_needle.py's defaults). Validated on construction; ValueError names the flag.
     """
 
-    data_prefix: tuple[str, ...] = help_field(
-        type=parse_names, metavar="PREFIX,...", help="per-domain dataset prefixes or globs, "
-        "comma-separated (each with PREFIX.stats.json, as tools/blend_mixture.py takes)")
-    stage1_checkpoint: str = help_field(help="the checkpoint every strategy continues from")
-    tokenizer_model: str = help_field(help="tokenizer directory of the datasets and model")
-    model_preset: str = help_field("demo", help="model shape of the stage-1 checkpoint "
-                                   "(config/presets.py)")
-    short_length: int = help_field(64, help="stage-1 sequence length (cut length, 'short' "
-                                   "loss positions)")
-    long_length: int = help_field(512, help="stage-2 sequence length; documents longer than "
-                                  "this are long")
-    long_rotary_base: int = help_field(1000000, help="stage-2 RoPE base")
-    stage2_iters: int = help_field(400, help="stage-2 steps per strategy")
-    tokens_per_step: int = help_field(8192, help="stage-2 tokens per step")
-    strategies: tuple[str, ...] = help_field(
-        ABLATION_STRATEGIES, type=parse_names, metavar="NAME,...",
-        default_help=",".join(ABLATION_STRATEGIES), help="strategies to compare, in run order")
-    long_fraction: float = help_field(0.9, help="per-source: long share inside each domain; "
-                                      "global: overall long share")
-    upsample_domains: tuple[str, ...] = help_field(
-        (), type=parse_names, metavar="DOMAIN,...", default_help="auto",
-        help="domain-upsample's domains (auto: those whose natural share of tokens in long "
-        "documents exceeds the corpus's)")
-    upweight_factor: float = help_field(3.0, help="domain-upsample: weight factor of those "
-                                        "domains")
-    domain_weights: str = help_field("slimpajama", help="target domain shares "
-                                     "(natural | slimpajama | FILE.json)")
-    valid_fraction: float = help_field(0.1, help="share of each domain's documents held out "
-                                       "(the per-domain loss is measured on them)")
-    needle_type: str = help_field("paper", choices=NEEDLE_TYPES, help="needle "
-                                  "(tools/eval_needle.py --needle-type)")
-    needle_depths: int = help_field(10, help="needle depths")
-    needle_new_tokens: int = help_field(50, help="greedy tokens generated per needle prompt")
-    ppl_docs_per_domain: int = help_field(16, help="held-out documents per domain for the loss")
-    seed: int = help_field(1234, help="seed of the plans, the trainer and the needles")
+    data_prefix: tuple[str, ...] = option(flag=Flag(
+        "--data-prefix",
+        "per-domain dataset prefixes or globs, comma-separated (each with PREFIX.stats.json, as "
+        "tools/blend_mixture.py takes)", parse=parse_names, one_value=True, metavar="PREFIX,...",
+        required=True))
+    stage1_checkpoint: str = option(flag=Flag(
+        "--stage1-checkpoint", "the checkpoint every strategy continues from", required=True))
+    tokenizer_model: str = option(flag=Flag(
+        "--tokenizer-model", "tokenizer directory of the datasets and model", required=True))
+    model_preset: str = option("demo", Flag(
+        "--model-preset", "model shape of the stage-1 checkpoint (config/presets.py)"))
+    short_length: int = option(64, Flag(
+        "--short-length", "stage-1 sequence length (cut length, 'short' loss positions)"))
+    long_length: int = option(512, Flag(
+        "--long-length", "stage-2 sequence length; documents longer than this are long"))
+    long_rotary_base: int = option(1000000, Flag("--long-rotary-base", "stage-2 RoPE base"))
+    stage2_iters: int = option(400, Flag("--stage2-iters", "stage-2 steps per strategy"))
+    tokens_per_step: int = option(8192, Flag("--tokens-per-step", "stage-2 tokens per step"))
+    strategies: tuple[str, ...] = option(ABLATION_STRATEGIES, Flag(
+        "--strategies", "strategies to compare, in run order", parse=parse_names, one_value=True,
+        metavar="NAME,...", default_help=",".join(ABLATION_STRATEGIES)))
+    long_fraction: float = option(0.9, Flag(
+        "--long-fraction", "per-source: long share inside each domain; global: overall long share"))
+    upsample_domains: tuple[str, ...] = option((), Flag(
+        "--upsample-domains",
+        "domain-upsample's domains (auto: those whose natural share of tokens in long documents "
+        "exceeds the corpus's)", parse=parse_names, one_value=True, metavar="DOMAIN,...",
+        default_help="auto"))
+    upweight_factor: float = option(3.0, Flag(
+        "--upweight-factor", "domain-upsample: weight factor of those domains"))
+    domain_weights: str = option("slimpajama", Flag(
+        "--domain-weights", "target domain shares (natural | slimpajama | FILE.json)"))
+    valid_fraction: float = option(0.1, Flag(
+        "--valid-fraction",
+        "share of each domain's documents held out (the per-domain loss is measured on them)"))
+    needle_type: str = option("paper", Flag(
+        "--needle-type", "needle (tools/eval_needle.py --needle-type)", choices=NEEDLE_TYPES))
+    needle_depths: int = option(10, Flag("--needle-depths", "needle depths"))
+    needle_new_tokens: int = option(50, Flag(
+        "--needle-new-tokens", "greedy tokens generated per needle prompt"))
+    ppl_docs_per_domain: int = option(16, Flag(
+        "--ppl-docs-per-domain", "held-out documents per domain for the loss"))
+    seed: int = option(1234, Flag("--seed", "seed of the plans, the trainer and the needles"))
 
     def __post_init__(self) -> None:
         by_name = {f.name: f for f in fields(self)}

@@ -56,8 +56,8 @@ import numpy as np
 import zstandard
 
 from megatron_longctx.atomic import write_bytes_atomic
+from megatron_longctx.config.flags import Flag, option
 from megatron_longctx.config.mixture import SLIMPAJAMA_SHARES
-from megatron_longctx.demo.cli import help_field
 
 __all__ = [
     "COMPRESSIONS",
@@ -288,18 +288,18 @@ class CorpusConfig:
         compression: ``"zst"``, ``"gz"`` or ``"none"`` (``--compression``).
     """
 
-    total_words: int = help_field(2_000_000, help="word budget of the whole corpus")
-    seed: int = help_field(1234, help="seed of every random stream")
-    length_scale: float = help_field(
-        1 / 16, help="median words per document = real median tokens * this")
-    min_words: int = help_field(8, help="shortest document in words")
-    max_words: int = help_field(60_000, help="longest document in words")
-    domain_shares: dict[str, float] = help_field(
-        default_factory=_default_shares, type=parse_domain_shares, metavar="NAME=SHARE,...",
-        help="target word shares, e.g. 'Book=0.5,ArXiv=0.5'", default_help="SlimPajama's shares")
-    num_files: int = help_field(4, help="number of chunk files")
-    compression: str = help_field("zst", choices=tuple(COMPRESSIONS),
-                                  help="chunk compression")
+    total_words: int = option(2_000_000, Flag("--total-words", "word budget of the whole corpus"))
+    seed: int = option(1234, Flag("--seed", "seed of every random stream"))
+    length_scale: float = option(1 / 16, Flag(
+        "--length-scale", "median words per document = real median tokens * this"))
+    min_words: int = option(8, Flag("--min-words", "shortest document in words"))
+    max_words: int = option(60_000, Flag("--max-words", "longest document in words"))
+    domain_shares: dict[str, float] = option(default_factory=_default_shares, flag=Flag(
+        "--domain-shares", "target word shares, e.g. 'Book=0.5,ArXiv=0.5'",
+        parse=parse_domain_shares, metavar="NAME=SHARE,...", default_help="SlimPajama's shares"))
+    num_files: int = option(4, Flag("--num-files", "number of chunk files"))
+    compression: str = option("zst", Flag(
+        "--compression", "chunk compression", choices=tuple(COMPRESSIONS)))
 
     def validate(self) -> CorpusConfig:
         """Check every field.

@@ -35,9 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from megatron_longctx.atomic import write_bytes_atomic
+from megatron_longctx.config.flags import Flag, flag_of, option
 from megatron_longctx.config.mixture import STRATEGIES
 from megatron_longctx.config.presets import PRESETS
-from megatron_longctx.demo.cli import flag_of, help_field
 from megatron_longctx.demo.plots import plot_position_curves, position_bucket_edges
 from megatron_longctx.eval.ppl import RESULTS_NAME as PPL_RESULTS
 from megatron_longctx.eval.ruler_tasks import SYNTHETIC_TASKS
@@ -90,30 +90,33 @@ class DemoSettings:
     60-70 instead of 95). Validated on construction; ValueError names the flag.
     """
 
-    total_words: int = help_field(2_000_000, help="synthetic corpus size in words")
-    workers: int = help_field(default_factory=_cpu_count, default_help="the number of CPUs",
-                              help="preprocessing worker processes")
-    model_preset: str = help_field("demo", help="model shape (config/presets.py)")
-    short_length: int = help_field(64, help="stage-1 sequence length")
-    long_length: int = help_field(512, help="stage-2 sequence length (the extension)")
-    short_rotary_base: int = help_field(100, help="stage-1 RoPE base")
-    long_rotary_base: int = help_field(
-        1000000, help="raised RoPE base for stage 2 (Fu et al.: raise it, then train)")
-    stage1_iters: int = help_field(1000, help="stage-1 training steps")
-    stage2_iters: int = help_field(400, help="stage-2 training steps")
-    stage1_tokens_per_step: int = help_field(4096, help="stage-1 tokens per step")
-    tokens_per_step: int = help_field(8192, help="stage-2 tokens per step")
-    strategy: str = help_field("per-source", choices=STRATEGIES,
-                               help="stage-2 data mixture (tools/blend_mixture.py --strategy)")
-    long_fraction: float = help_field(
-        0.9, help="stage-2 share of long documents' tokens within each domain")
-    needle_depths: int = help_field(20, help="needle depths per length")
-    ruler_tasks: tuple[str, ...] = help_field(
-        DEFAULT_RULER_TASKS, type=parse_ruler_tasks, metavar="TASK,...",
-        default_help=",".join(DEFAULT_RULER_TASKS),
-        help="RULER tasks run at --long-length on both checkpoints (tools/eval_ruler.py "
-        "--tasks; 'none': skip)")
-    ruler_samples: int = help_field(RULER_SAMPLES, help="samples per RULER task")
+    total_words: int = option(2_000_000, Flag("--total-words", "synthetic corpus size in words"))
+    workers: int = option(default_factory=_cpu_count, flag=Flag(
+        "--workers", "preprocessing worker processes", default_help="the number of CPUs"))
+    model_preset: str = option("demo", Flag("--model-preset", "model shape (config/presets.py)"))
+    short_length: int = option(64, Flag("--short-length", "stage-1 sequence length"))
+    long_length: int = option(512, Flag(
+        "--long-length", "stage-2 sequence length (the extension)"))
+    short_rotary_base: int = option(100, Flag("--short-rotary-base", "stage-1 RoPE base"))
+    long_rotary_base: int = option(1000000, Flag(
+        "--long-rotary-base", "raised RoPE base for stage 2 (Fu et al.: raise it, then train)"))
+    stage1_iters: int = option(1000, Flag("--stage1-iters", "stage-1 training steps"))
+    stage2_iters: int = option(400, Flag("--stage2-iters", "stage-2 training steps"))
+    stage1_tokens_per_step: int = option(4096, Flag(
+        "--stage1-tokens-per-step", "stage-1 tokens per step"))
+    tokens_per_step: int = option(8192, Flag("--tokens-per-step", "stage-2 tokens per step"))
+    strategy: str = option("per-source", Flag(
+        "--strategy", "stage-2 data mixture (tools/blend_mixture.py --strategy)",
+        choices=STRATEGIES))
+    long_fraction: float = option(0.9, Flag(
+        "--long-fraction", "stage-2 share of long documents' tokens within each domain"))
+    needle_depths: int = option(20, Flag("--needle-depths", "needle depths per length"))
+    ruler_tasks: tuple[str, ...] = option(DEFAULT_RULER_TASKS, Flag(
+        "--ruler-tasks",
+        "RULER tasks run at --long-length on both checkpoints (tools/eval_ruler.py --tasks; "
+        "'none': skip)", parse=parse_ruler_tasks, one_value=True, metavar="TASK,...",
+        default_help=",".join(DEFAULT_RULER_TASKS)))
+    ruler_samples: int = option(RULER_SAMPLES, Flag("--ruler-samples", "samples per RULER task"))
 
     def __post_init__(self) -> None:
         at_least_one = ("total_words", "workers", "short_length", "short_rotary_base",

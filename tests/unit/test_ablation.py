@@ -239,16 +239,16 @@ def test_tool_bad_input_exits_2_naming_the_flag(tmp_path):
 def test_flags_cover_every_setting():
     import argparse
 
-    from megatron_longctx.demo.cli import add_settings_arguments, settings_from_args
+    from megatron_longctx.config.flags import add_config_flags, config_from_namespace
 
     parser = argparse.ArgumentParser()
-    add_settings_arguments(parser, AblationSettings)
+    add_config_flags(parser, AblationSettings)
     required = ["--data-prefix", "a,b", "--stage1-checkpoint", "c", "--tokenizer-model", "t"]
-    settings = settings_from_args(AblationSettings, parser.parse_args(required))
+    settings = config_from_namespace(AblationSettings, parser.parse_args(required))
     assert settings == AblationSettings(data_prefix=("a", "b"), stage1_checkpoint="c",
                                         tokenizer_model="t")
     assert settings.strategies == ABLATION_STRATEGIES
-    parsed = settings_from_args(AblationSettings, parser.parse_args(
+    parsed = config_from_namespace(AblationSettings, parser.parse_args(
         [*required, "--strategies", "cut, original", "--upsample-domains", "Book"]))
     assert parsed.strategies == ("cut", "original") and parsed.upsample_domains == ("Book",)
     assert np.isclose(parsed.long_fraction, 0.9)

@@ -19,6 +19,7 @@ from megatron_longctx.config.flags import (
     config_from_namespace,
     field_default,
     iter_fields,
+    option,
 )
 from megatron_longctx.config.mixture import MixtureConfig
 from megatron_longctx.config.preprocess import PreprocessConfig
@@ -252,3 +253,41 @@ def test_padding_mismatch_refused_only_for_a_full_resume(checkpoint_320):
     with pytest.raises(CheckpointMismatchError, match="--make-vocab-size-divisible-by") as err:
         check_vocabulary(directory, meta, repadded, weights_only=False)
     assert "320" in str(err.value) and "384" in str(err.value)
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ValueError("--names: give at least one name")
+    return names
+
+
+@dataclasses.dataclass(frozen=True)
+class _Toy:
+    where: str = option(flag=Flag("--where", "required path", required=True))
+    names: tuple[str, ...] = option(("a",), Flag("--names", "comma list", parse=_names,
+                                                  one_value=True, default_help="a"))
+    ratio: float = option(0.5, Flag("--ratio", "a share in %"))
+
+
+def test_one_value_flags_default_help_and_parse_messages(capsys):
+    """The demo tools' shapes: a comma list parsed whole, a shown default other than the
+    value, '%' in help, a required flag, the parse error's own text, tool flags beside."""
+    import argparse
+
+    from megatron_longctx.config.flags import add_config_flags, flag_of
+
+    parser = argparse.ArgumentParser(prog="toy")
+    parser.add_argument("--output-dir", default="out")
+    add_config_flags(parser, _Toy)
+    toy = config_from_namespace(_Toy, parser.parse_args(["--where", "w", "--names", "x, y"]))
+    assert toy == _Toy(names=("x", "y"), where="w")
+    assert config_from_namespace(_Toy, parser.parse_args(["--where", "w"])).names == ("a",)
+    helptext = parser.format_help()
+    assert "comma list (default: a)" in helptext and "in % (default: 0.5)" in helptext
+    assert flag_of(next(f for f in dataclasses.fields(_Toy) if f.name == "ratio")) == "--ratio"
+    for argv, message in ((["--names", " , "], "--names: give at least one name"),
+                          ([], "the following arguments are required: --where")):
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err

@@ -13,7 +13,12 @@ from pathlib import Path
 
 import pytest
 
-from megatron_longctx.demo.cli import add_settings_arguments, flag_of, settings_from_args
+from megatron_longctx.config.flags import (
+    FLAG_KEY,
+    add_config_flags,
+    config_from_namespace,
+    flag_of,
+)
 from megatron_longctx.demo.corpus import CorpusConfig
 from megatron_longctx.demo.pipeline import (
     DemoPaths,
@@ -80,7 +85,7 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
 
 def _parser(cls: type) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
-    add_settings_arguments(parser, cls)
+    add_config_flags(parser, cls)
     return parser
 
 
@@ -92,19 +97,19 @@ def test_flags_come_from_the_dataclass(cls):
     usage = parser.format_usage()
     for field in dataclasses.fields(cls):
         assert f"[{flag_of(field)} " in usage, field.name
-        assert field.metadata.get("help"), field.name
-    assert settings_from_args(cls, parser.parse_args([])) == cls()
-    assert settings_from_args(cls, parser.parse_args(["--seed" if cls is CorpusConfig else
+        assert field.metadata[FLAG_KEY].help, field.name
+    assert config_from_namespace(cls, parser.parse_args([])) == cls()
+    assert config_from_namespace(cls, parser.parse_args(["--seed" if cls is CorpusConfig else
                                                       "--stage2-iters", "7"])) != cls()
 
 
 def test_demo_flags_parse_types():
     parser = _parser(DemoSettings)
-    settings = settings_from_args(DemoSettings, parser.parse_args(
+    settings = config_from_namespace(DemoSettings, parser.parse_args(
         ["--long-fraction", "0.5", "--ruler-tasks", "fwe, niah_single_2", "--workers", "3"]))
     assert (settings.long_fraction, settings.ruler_tasks, settings.workers) == (
         0.5, ("fwe", "niah_single_2"), 3)
-    assert settings_from_args(DemoSettings, parser.parse_args(
+    assert config_from_namespace(DemoSettings, parser.parse_args(
         ["--ruler-tasks", "none"])).ruler_tasks == ()
 
 
