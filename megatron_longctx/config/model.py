@@ -204,6 +204,10 @@ class ModelConfig:
         ffn_hidden_size: SwiGLU inner width (`--ffn-hidden-size`); LLaMA-2 7B uses 11008.
         num_attention_heads: query heads (`--num-attention-heads`).
         num_query_groups: key/value heads for GQA (`--num-query-groups`); None = MHA.
+        kv_channels: channels per attention head (`--kv-channels`, Megatron-LM's name; HF's
+            `head_dim`); None = hidden_size / num_attention_heads. Set when a model decouples
+            them (heads x head_dim != hidden size): Q/K/V project hidden -> heads x kv_channels
+            and the output projection back.
         vocab_size: tokenizer vocabulary (padded by the builder to a multiple of
             `make_vocab_size_divisible_by` * TP when `pad_vocab` is True, as Megatron-LM does);
             the trainer sets it from the tokenizer before validation.
@@ -257,6 +261,9 @@ class ModelConfig:
     num_attention_heads: int = option(flag=Flag("--num-attention-heads", "query heads"))
     num_query_groups: int | None = option(None, Flag(
         "--num-query-groups", "key/value heads (needs --group-query-attention)"))
+    kv_channels: int | None = option(None, Flag(
+        "--kv-channels", "channels per attention head (HF head_dim); default --hidden-size / "
+        "--num-attention-heads"))
     vocab_size: int = derived(32000, "--tokenizer-model", "--vocab-size", "--padded-vocab-size",
                               note="the tokenizer's vocabulary, resolved before training")
     max_position_embeddings: int = option(4096, Flag(
@@ -344,8 +351,8 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        """Per-head channels (kv_channels)."""
-        return self.hidden_size // self.num_attention_heads
+        """Per-head channels (kv_channels; hidden_size / heads unless set)."""
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     @property
     def rotary_dim(self) -> int:
@@ -419,10 +426,12 @@ class ModelConfig:
         ):
             if value <= 0:
                 raise ValueError(f"{flag} must be positive, got {value}")
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is not None and self.kv_channels <= 0:
+            raise ValueError(f"--kv-channels must be positive, got {self.kv_channels}")
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"--hidden-size ({self.hidden_size}) must be divisible by "
-                f"--num-attention-heads ({self.num_attention_heads})"
+                f"--num-attention-heads ({self.num_attention_heads}) (or set --kv-channels)"
             )
         if self.num_query_groups is not None:
             if self.num_query_groups <= 0:

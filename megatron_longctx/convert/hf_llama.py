@@ -234,9 +234,11 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
         raise ConversionError(f"{where}: missing field {err.args[0]!r}") from None
     groups = int(hf.get("num_key_value_heads") or heads)
     head_dim = hf.get("head_dim")
-    if head_dim is not None and heads and int(head_dim) * heads != hidden:
-        raise ConversionError(f"{where}: head_dim {head_dim} x num_attention_heads {heads} != "
-                              f"hidden_size {hidden}; megatron derives head_dim = hidden/heads")
+    if head_dim is not None and (not isinstance(head_dim, int) or head_dim <= 0):
+        raise ConversionError(f"{where}: head_dim must be a positive integer, got {head_dim!r}")
+    # Only a head_dim that differs from hidden/heads becomes --kv-channels (the usual config
+    # keeps megatron's derived value, and checkpoints stay comparable with older ones).
+    kv_channels = head_dim if head_dim is not None and head_dim * heads != hidden else None
     theta, rope_type, params = _hf_rope(hf, where)
     partial = params.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
     if partial not in (None, 1, 1.0):
@@ -245,7 +247,8 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
     max_pos = int(hf.get("max_position_embeddings", 2048))
     cfg = ModelConfig(
         num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
-        num_query_groups=groups, vocab_size=int(hf.get("vocab_size", 32000)),
+        num_query_groups=groups, kv_channels=kv_channels,
+        vocab_size=int(hf.get("vocab_size", 32000)),
         max_position_embeddings=max_pos, seq_length=max_pos,
         rotary_base=int(theta) if theta.is_integer() else theta,  # type: ignore[arg-type]
         **rope,

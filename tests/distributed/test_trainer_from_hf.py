@@ -65,3 +65,22 @@ def test_steps_move_converted_weights_only_by_the_updates(dtype, distopt, world,
     moved = assert_moved_only_by_updates(final_weights(converted), final_weights(save),
                                          iters=iters, lr=lr, dtype=dtype)
     assert moved > 0.0  # the steps did update the weights
+
+
+def test_decoupled_head_dim_trains_at_tp1_and_tp2(tmp_path):
+    """An HF LLaMA whose heads x head_dim (4 x 32) is not its hidden size (64) trains with
+    --kv-channels 32 from its converted checkpoint, TP1 and TP2 alike; without the flag the
+    load names the mismatch."""
+    import dataclasses
+
+    converted = convert_random_hf_tp2(tmp_path / "hf", 512, head_dim=32)
+
+    def config(**kwargs):
+        cfg = make_config(load=converted, iters=2, **kwargs)
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, kv_channels=32))
+
+    one, two = train(config(), 1), train(config(tp=2), 2)
+    assert one["exit_code"] == 0 and one["iteration"] == 2
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-5
+    with pytest.raises(Exception, match="head_dim: checkpoint 32, model 16"):
+        train(make_config(load=converted, iters=1), 1)

@@ -172,13 +172,13 @@ def max_weight_diff(a: dict[str, Any], b: dict[str, Any]) -> float:
     return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
-def convert_random_hf_tp2(root: Path, vocab_size: int) -> str:
-    """A random HF LLaMA of the harness's tiny shape (4 layers, hidden 64, GQA 4/2, SwiGLU 176)
-    with `vocab_size` tokens, written under `root / "hf"` and converted by the real tool to a
-    TP2 model-only checkpoint at `root / "converted"` (returned)."""
+def convert_random_hf_tp2(root: Path, vocab_size: int, **hf_changes: Any) -> str:
+    """A random HF LLaMA of the harness's tiny shape (4 layers, hidden 64, GQA 4/2, SwiGLU 176;
+    `hf_changes` to its config) with `vocab_size` tokens, written under `root / "hf"` and
+    converted by the real tool to a TP2 model-only checkpoint at `root / "converted"`."""
     from tests.unit.test_convert import make_hf
 
-    make_hf(root / "hf", num_hidden_layers=4, vocab_size=vocab_size)
+    make_hf(root / "hf", num_hidden_layers=4, vocab_size=vocab_size, **hf_changes)
     repo = Path(__file__).resolve().parents[2]
     proc = subprocess.run(
         [sys.executable, str(repo / "tools" / "convert_checkpoint.py"), "hf-to-megatron",

@@ -91,6 +91,8 @@ CASES = {
                         rope_parameters={"rope_theta": 500000.0, **LLAMA3_ROPE}),
     "linear-rope": dict(rope_parameters={"rope_type": "linear", "factor": 4.0,
                                          "rope_theta": 10000.0}),
+    # heads x head_dim (4 x 32) != hidden (64): --kv-channels 32
+    "decoupled-head-dim": dict(head_dim=32),
 }
 
 
@@ -209,7 +211,7 @@ def test_config_mapping_both_spellings_and_rope_types() -> None:
     ({"attention_bias": True}, "attention_bias=true"),
     ({"mlp_bias": True}, "mlp_bias=true"),
     ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ({"head_dim": 32}, "head_dim 32"),
+    ({"head_dim": 0}, "head_dim must be a positive integer"),
     ({"rope_scaling": {"rope_type": "proportional", "factor": 2.0}},
      "rope type 'proportional' not supported"),
     ({"rope_scaling": {"rope_type": "dynamic"}}, "rope type 'dynamic' without a factor"),

@@ -24,8 +24,8 @@ PAIRS = 8
 SHORT = [1.0 + 0.05 * i for i in range(PAIRS)]
 LONG = [1.5 + 0.6 * i for i in range(PAIRS)]
 
-#: scheme -> (HF rope parameters without rope_theta, max_position_embeddings)
-SCHEMES: dict[str, tuple[dict, int]] = {
+#: scheme -> (HF rope parameters without rope_theta, max_position_embeddings[, other config])
+SCHEMES: dict[str, tuple] = {
     "default": ({"rope_type": "default"}, 128),
     "linear": ({"rope_type": "linear", "factor": 4.0}, 128),
     "dynamic": ({"rope_type": "dynamic", "factor": 4.0}, ORIGINAL),
@@ -39,6 +39,9 @@ SCHEMES: dict[str, tuple[dict, int]] = {
                 "high_freq_factor": 6.0, "original_max_position_embeddings": ORIGINAL}, 256),
     "longrope": ({"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG,
                   "original_max_position_embeddings": ORIGINAL}, 128),
+    # 4 heads x head_dim 32 != hidden 64 (--kv-channels 32): 16 rotary pairs, yarn's scale
+    "yarn-head-dim-32": ({"rope_type": "yarn", "factor": 4.0,
+                          "original_max_position_embeddings": ORIGINAL}, 128, {"head_dim": 32}),
 }
 THETA = 10000.0
 
@@ -48,9 +51,9 @@ def _hf_model_dir(directory: Path, scheme: str, style: str):
     (top-level rope_theta + rope_scaling) and returns the model reloaded from it."""
     from transformers import LlamaForCausalLM
 
-    params, max_pos = SCHEMES[scheme]
+    params, max_pos, *other = SCHEMES[scheme]
     model = make_hf(directory, seed=3, max_position_embeddings=max_pos,
-                    rope_parameters={**params, "rope_theta": THETA})
+                    rope_parameters={**params, "rope_theta": THETA}, **(other or [{}])[0])
     if style == "legacy":
         path = directory / "config.json"
         cfg = json.loads(path.read_text())
@@ -138,7 +141,8 @@ def test_scheme_matches_hf_and_round_trips(tmp_path: Path, scheme: str, style: s
     assert _config_dict(tmp_path / "hf") == _config_dict(tmp_path / "back")
 
 
-@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s != "default"])
+@pytest.mark.parametrize("scheme", [s for s in SCHEMES if s != "default" and
+                                    len(SCHEMES[s]) == 2])
 def test_fresh_export_is_read_back_by_transformers(scheme: str) -> None:
     """Without the original HF config (a model trained from flags), the exported config.json
     holds both spellings and transformers computes the same frequencies from it."""
@@ -264,7 +268,7 @@ def test_rope_periods_tool(tmp_path: Path, capsys) -> None:
     assert 0 < report["complete_periods"] <= 64
 
 
-@pytest.mark.parametrize("scheme", ["dynamic", "longrope"])
+@pytest.mark.parametrize("scheme", ["dynamic", "longrope", "yarn-head-dim-32"])
 def test_eval_backend_cached_generation_matches_hf(tmp_path: Path, scheme: str) -> None:
     """The evaluation backend (MegatronCausalLM: chunked prefill + static KV cache, prefix
     reuse) generates HF's cached greedy tokens across the original length, for the schemes
