@@ -190,8 +190,11 @@ def test_usr1_while_trainer_imports_exits_for_requeue(tmp_path) -> None:
          "--exit-signal-handler", "--save", str(save), "--save-interval", "1"],
         cwd=REPO, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 0.6  # torch alone takes > 1.4 s to import here
-        while not _catches(proc.pid, signal.SIGUSR1) and time.monotonic() < deadline:
+        # The handler is the entrypoint's first statement, torch's import (> 1.4 s here)
+        # comes after it: signal as soon as it is installed, however slow the start.
+        deadline = time.monotonic() + 60
+        while not _catches(proc.pid, signal.SIGUSR1):
+            assert time.monotonic() < deadline and proc.poll() is None, "no handler in 60 s"
             time.sleep(0.005)
         proc.send_signal(signal.SIGUSR1)
         out, err = proc.communicate(timeout=300)
