@@ -1,4 +1,5 @@
-"""Hugging Face LLaMA (`LlamaForCausalLM`) <-> megatron-core GPTModel: names, tensors, configs.
+"""Hugging Face LLaMA (`LlamaForCausalLM`; `MistralForCausalLM` without a sliding window, the
+same architecture) <-> megatron-core GPTModel: names, tensors, configs.
 
 Mapping (HF name -> checkpoint name in docs/checkpoint-format.md). Per layer L the prefixes are
 `model.layers.L.` (HF) and `decoder.layers.L.` (megatron):
@@ -53,7 +54,11 @@ from megatron_longctx.config.model import (
     padded_vocab_size,
 )
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+#: HF model_type -> its causal-LM class. Mistral without a sliding window (v0.2 and later,
+#: Mistral-Nemo: `sliding_window: null`) is a LLaMA under another name: same tensors, RMSNorm,
+#: SwiGLU, GQA and RoPE, so it converts and exports back as itself.
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES.values())
 #: HF rope parameter -> ModelConfig field (model/rotary.py implements every HF rope_type of a
 #: LLaMA: default, linear, dynamic, yarn, llama3, longrope).
 HF_ROPE_FIELDS = {
@@ -210,14 +215,19 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
     Megatron-LM's default).
     """
     model_type = hf.get("model_type")
-    if model_type != "llama":
+    if model_type not in MODEL_TYPES:
         raise ConversionError(f"{where}: model_type {model_type!r} is not supported; only "
-                              "'llama' (LlamaForCausalLM) converts")
-    archs = hf.get("architectures") or ["LlamaForCausalLM"]
-    bad = [a for a in archs if a not in SUPPORTED_ARCHITECTURES]
+                              + ", ".join(f"{t!r} ({c})" for t, c in MODEL_TYPES.items())
+                              + " convert")
+    archs = hf.get("architectures") or [MODEL_TYPES[model_type]]
+    bad = [a for a in archs if a != MODEL_TYPES[model_type]]
     if bad:
-        raise ConversionError(f"{where}: architectures {bad} not supported; only "
-                              f"{list(SUPPORTED_ARCHITECTURES)}")
+        raise ConversionError(f"{where}: architectures {bad} not supported for model_type "
+                              f"{model_type!r}; only [{MODEL_TYPES[model_type]!r}]")
+    if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
+        raise ConversionError(f"{where}: sliding_window {hf['sliding_window']}: sliding-window "
+                              "attention is not supported (full causal attention only; "
+                              "Mistral v0.2+ configs set it to null)")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"{where}: hidden_act {act!r} not supported (LLaMA uses 'silu')")
@@ -290,16 +300,18 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str,
     })
     for key in ("transformers_version", "_name_or_path"):
         out.pop(key, None)
+    model_type = out.get("model_type") if out.get("model_type") in MODEL_TYPES else "llama"
     out.update(
-        architectures=["LlamaForCausalLM"], model_type="llama",
+        architectures=[MODEL_TYPES[model_type]], model_type=model_type,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
         num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.query_groups, head_dim=cfg.head_dim,
         vocab_size=cfg.vocab_size, max_position_embeddings=cfg.max_position_embeddings,
         rms_norm_eps=cfg.norm_epsilon, initializer_range=cfg.init_method_std,
         tie_word_embeddings=not cfg.untie_embeddings_and_output_weights,
-        attention_bias=False, mlp_bias=False,
     )
+    if model_type == "llama":  # MistralConfig has no bias switches
+        out.update(attention_bias=False, mlp_bias=False)
     spec = cfg.rope_spec()
     if spec.rope_type == "dynamic":  # HF's dynamic NTK grows the base beyond this length
         out["max_position_embeddings"] = spec.original_max_position_embeddings

@@ -42,12 +42,20 @@ def hf_config(**changes):
 
 
 def make_hf(directory: Path, seed: int = 0, max_shard_size: str | None = None,
-            dtype: torch.dtype = torch.float32, **changes):
-    """Save a random LlamaForCausalLM into `directory`; returns the fp32 model (eval mode)."""
-    from transformers import LlamaForCausalLM
+            dtype: torch.dtype = torch.float32, mistral: bool = False, **changes):
+    """Save a random LlamaForCausalLM (MistralForCausalLM without a sliding window when
+    `mistral`) into `directory`; returns the fp32 model (eval mode)."""
+    from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
 
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(hf_config(**changes)).eval()
+    if mistral:
+        config = hf_config(**changes).to_dict()
+        for key in ("model_type", "architectures", "attention_bias", "mlp_bias",
+                    "pretraining_tp"):
+            config.pop(key, None)
+        model = MistralForCausalLM(MistralConfig(**config, sliding_window=None)).eval()
+    else:
+        model = LlamaForCausalLM(hf_config(**changes)).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(torch.randn_like(param) * 0.1 + (1.0 if param.dim() == 1 else 0.0))
@@ -93,12 +101,15 @@ CASES = {
                                          "rope_theta": 10000.0}),
     # heads x head_dim (4 x 32) != hidden (64): --kv-channels 32
     "decoupled-head-dim": dict(head_dim=32),
+    # Mistral v0.2+ (no sliding window, rope_theta 1e6), exported back as Mistral
+    "mistral": dict(mistral=True, rope_parameters={"rope_type": "default",
+                                                   "rope_theta": 1000000.0}),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_logits_match_hf_and_round_trip_is_bitwise(tmp_path, case) -> None:
-    from transformers import LlamaConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     hf = make_hf(tmp_path / "hf", **CASES[case])
     convert_hf_to_megatron(tmp_path / "hf", tmp_path / "meg")
@@ -119,11 +130,20 @@ def test_logits_match_hf_and_round_trip_is_bitwise(tmp_path, case) -> None:
     index = json.loads((tmp_path / "back" / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"]) == set(original)
     drop = {"transformers_version", "_name_or_path"}
-    a = {k: v for k, v in LlamaConfig.from_pretrained(tmp_path / "hf").to_dict().items()
+    a = {k: v for k, v in AutoConfig.from_pretrained(tmp_path / "hf").to_dict().items()
          if k not in drop}
-    b = {k: v for k, v in LlamaConfig.from_pretrained(tmp_path / "back").to_dict().items()
+    b = {k: v for k, v in AutoConfig.from_pretrained(tmp_path / "back").to_dict().items()
          if k not in drop}
     assert a == b
+    raw = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert (raw["model_type"], raw["architectures"]) == (
+        ("mistral", ["MistralForCausalLM"]) if case == "mistral" else
+        ("llama", ["LlamaForCausalLM"]))
+    # transformers reads the export back as the same class, with the same logits
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert type(reloaded) is type(hf)
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, expected)
 
 
 def test_bf16_round_trip_and_bin_shards(tmp_path) -> None:
@@ -206,7 +226,10 @@ def test_config_mapping_both_spellings_and_rope_types() -> None:
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"model_type": "mistral"}, "model_type 'mistral' is not supported"),
+    ({"model_type": "qwen2"}, "model_type 'qwen2' is not supported"),
+    ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window 4096"),
+    ({"model_type": "mistral", "architectures": ["LlamaForCausalLM"]},
+     "not supported for model_type 'mistral'"),
     ({"architectures": ["LlamaForSequenceClassification"]}, "not supported"),
     ({"attention_bias": True}, "attention_bias=true"),
     ({"mlp_bias": True}, "mlp_bias=true"),
@@ -308,8 +331,8 @@ def test_cli_errors(tmp_path, capsys) -> None:
     fails(["hf-to-megatron", "--hf-dir", str(hf), "--save", str(tmp_path / "full")],
           "is not an empty directory")
 
-    _edit_config(hf, model_type="mistral")
-    fails(h2m(hf), "model_type 'mistral' is not supported")
+    _edit_config(hf, model_type="qwen2")
+    fails(h2m(hf), "model_type 'qwen2' is not supported")
     _edit_config(hf, model_type="llama", attention_bias=True)
     fails(h2m(hf), "attention_bias=true")
     _edit_config(hf, attention_bias=False)
@@ -380,3 +403,19 @@ def test_model_only_load_and_errors(tmp_path) -> None:
             load_model_checkpoint([other], tmp_path / "meg")
         with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
             load_model_checkpoint([model], tmp_path / "hf")
+
+
+def test_mistral_evaluates_alike_on_both_backends(tmp_path) -> None:
+    """A Mistral directory (no sliding window) passes the evaluation's strict HF load, and our
+    backend on its conversion generates the same greedy tokens as the HF backend."""
+    from megatron_longctx.eval.models import HFCausalLM, MegatronCausalLM
+
+    make_hf(tmp_path / "hf", mistral=True)
+    convert_hf_to_megatron(tmp_path / "hf", tmp_path / "meg")
+    prompt = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(4)).tolist()
+    with HFCausalLM(tmp_path / "hf") as hf, MegatronCausalLM(tmp_path / "meg") as ours:
+        assert ours.generate(prompt, 12, stop_ids=[]) == hf.generate(prompt, 12, stop_ids=[])
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+    with pytest.raises(ConversionError, match="sliding_window 16"):
+        HFCausalLM(tmp_path / "hf")
