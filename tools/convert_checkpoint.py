@@ -31,8 +31,8 @@ TOOL = "convert_checkpoint.py"
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    h2m = sub.add_parser("hf-to-megatron", help="HF LlamaForCausalLM directory (or "
-                         "MistralForCausalLM without a sliding window) -> checkpoint")
+    h2m = sub.add_parser("hf-to-megatron", help="HF LlamaForCausalLM directory (Mistral or "
+                         "Qwen2 without a sliding window too) -> checkpoint")
     h2m.add_argument("--hf-dir", required=True, help="config.json + safetensors/.bin weights")
     h2m.add_argument("--save", required=True, help="new checkpoint root (must not exist or be "
                      "empty)")
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     h2m.add_argument("--params-dtype", choices=PARAMS_DTYPES, default=None,
                      help="dtype of the saved weights (default: config.json's dtype)")
     m2h = sub.add_parser("megatron-to-hf", help="checkpoint -> HF LlamaForCausalLM directory "
-                         "(MistralForCausalLM when converted from one)")
+                         "(Mistral or Qwen2 when converted from one)")
     m2h.add_argument("--load", required=True, help="checkpoint root or iter_NNNNNNN directory")
     m2h.add_argument("--save", required=True, help="new HF directory (must not exist or be "
                      "empty)")

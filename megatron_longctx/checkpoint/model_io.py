@@ -53,7 +53,7 @@ _LAYER_RE = re.compile(r"decoder\.layers\.(\d+)\.(.*)")
 # ModelConfig fields a checkpoint and a model must agree on (anything else, e.g. RoPE base or
 # sequence length, may legitimately change when continuing training from a checkpoint).
 _ARCH_FIELDS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
-                "query_groups", "head_dim")
+                "query_groups", "head_dim", "add_qkv_bias")
 
 
 def model_state_keys(num_chunks: int) -> list[str]:
@@ -181,7 +181,7 @@ def _check_architecture(meta: dict[str, Any], model_chunks: Sequence[Any], where
             "ffn_hidden_size": config.ffn_hidden_size,
             "num_attention_heads": config.num_attention_heads,
             "query_groups": config.num_query_groups or config.num_attention_heads,
-            "head_dim": config.kv_channels}
+            "head_dim": config.kv_channels, "add_qkv_bias": config.add_qkv_bias}
     diffs = [f"{name}: checkpoint {getattr(saved, name)}, model {have[name]}"
              for name in _ARCH_FIELDS if getattr(saved, name) != have[name]]
     vocab = getattr(model, "vocab_size", None)

@@ -204,6 +204,8 @@ class ModelConfig:
         ffn_hidden_size: SwiGLU inner width (`--ffn-hidden-size`); LLaMA-2 7B uses 11008.
         num_attention_heads: query heads (`--num-attention-heads`).
         num_query_groups: key/value heads for GQA (`--num-query-groups`); None = MHA.
+        add_qkv_bias: biases on the Q/K/V projections only (`--add-qkv-bias`, Megatron-LM's
+            name; Qwen2); the output projection and the MLP stay bias-free.
         kv_channels: channels per attention head (`--kv-channels`, Megatron-LM's name; HF's
             `head_dim`); None = hidden_size / num_attention_heads. Set when a model decouples
             them (heads x head_dim != hidden size): Q/K/V project hidden -> heads x kv_channels
@@ -261,6 +263,8 @@ class ModelConfig:
     num_attention_heads: int = option(flag=Flag("--num-attention-heads", "query heads"))
     num_query_groups: int | None = option(None, Flag(
         "--num-query-groups", "key/value heads (needs --group-query-attention)"))
+    add_qkv_bias: bool = option(False, Flag(
+        "--add-qkv-bias", "biases on the Q/K/V projections only (Qwen2)"))
     kv_channels: int | None = option(None, Flag(
         "--kv-channels", "channels per attention head (HF head_dim); default --hidden-size / "
         "--num-attention-heads"))

@@ -56,8 +56,12 @@ from megatron_longctx.config.model import (
 
 #: HF model_type -> its causal-LM class. Mistral without a sliding window (v0.2 and later,
 #: Mistral-Nemo: `sliding_window: null`) is a LLaMA under another name: same tensors, RMSNorm,
-#: SwiGLU, GQA and RoPE, so it converts and exports back as itself.
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM"}
+#: SwiGLU, GQA and RoPE, so it converts and exports back as itself. Qwen2 (Qwen2.5) is a LLaMA
+#: with biases on Q/K/V (`--add-qkv-bias`) and, unless `use_sliding_window`, full attention.
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM"}
+#: Model types whose config.json has no bias switches (the bias layout is the type's own).
+_NO_BIAS_KEYS = ("mistral", "qwen2")
 SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES.values())
 #: HF rope parameter -> ModelConfig field (model/rotary.py implements every HF rope_type of a
 #: LLaMA: default, linear, dynamic, yarn, llama3, longrope).
@@ -257,7 +261,7 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
     max_pos = int(hf.get("max_position_embeddings", 2048))
     cfg = ModelConfig(
         num_layers=layers, hidden_size=hidden, ffn_hidden_size=ffn, num_attention_heads=heads,
-        num_query_groups=groups, kv_channels=kv_channels,
+        num_query_groups=groups, kv_channels=kv_channels, add_qkv_bias=model_type == "qwen2",
         vocab_size=int(hf.get("vocab_size", 32000)),
         max_position_embeddings=max_pos, seq_length=max_pos,
         rotary_base=int(theta) if theta.is_integer() else theta,  # type: ignore[arg-type]
@@ -300,7 +304,9 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str,
     })
     for key in ("transformers_version", "_name_or_path"):
         out.pop(key, None)
-    model_type = out.get("model_type") if out.get("model_type") in MODEL_TYPES else "llama"
+    # Q/K/V-only biases exist only as Qwen2; otherwise the source's type (LLaMA by default).
+    model_type = ("qwen2" if cfg.add_qkv_bias else out.get("model_type")
+                  if out.get("model_type") in ("llama", "mistral") else "llama")
     out.update(
         architectures=[MODEL_TYPES[model_type]], model_type=model_type,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
@@ -310,7 +316,7 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str,
         rms_norm_eps=cfg.norm_epsilon, initializer_range=cfg.init_method_std,
         tie_word_embeddings=not cfg.untie_embeddings_and_output_weights,
     )
-    if model_type == "llama":  # MistralConfig has no bias switches
+    if model_type not in _NO_BIAS_KEYS:
         out.update(attention_bias=False, mlp_bias=False)
     spec = cfg.rope_spec()
     if spec.rope_type == "dynamic":  # HF's dynamic NTK grows the base beyond this length
@@ -356,6 +362,11 @@ def tensor_map(cfg: ModelConfig) -> dict[str, tuple[str, str]]:
             hf + "self_attn.q_proj.weight": (qkv, "q"),
             hf + "self_attn.k_proj.weight": (qkv, "k"),
             hf + "self_attn.v_proj.weight": (qkv, "v"),
+        })
+        if cfg.add_qkv_bias:
+            bias = mg + "self_attention.linear_qkv.bias"
+            out.update({hf + f"self_attn.{p}_proj.bias": (bias, p) for p in "qkv"})
+        out.update({
             hf + "self_attn.o_proj.weight": (mg + "self_attention.linear_proj.weight", "copy"),
             hf + "mlp.gate_proj.weight": (fc1, "gate"),
             hf + "mlp.up_proj.weight": (fc1, "up"),
@@ -376,6 +387,7 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     h, d, f = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
     q, kv = cfg.num_attention_heads * d, cfg.query_groups * d
     by_suffix = {"q_proj.weight": (q, h), "k_proj.weight": (kv, h), "v_proj.weight": (kv, h),
+                 "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,),
                  "o_proj.weight": (h, q), "gate_proj.weight": (f, h), "up_proj.weight": (f, h),
                  "down_proj.weight": (h, f), "layernorm.weight": (h,), "norm.weight": (h,),
                  "embed_tokens.weight": (cfg.vocab_size, h),
@@ -392,7 +404,8 @@ def megatron_region(tensor: torch.Tensor, part: str, cfg: ModelConfig) -> torch.
 
     The view has the HF tensor's elements in HF's order: `view.copy_(hf.reshape(view.shape))`
     imports, `view.reshape(hf_shape)` exports. q/k/v views are 4-D/3-D
-    ([groups, heads_per_group, head_dim, hidden] / [groups, head_dim, hidden]).
+    ([groups, heads_per_group, head_dim, hidden] / [groups, head_dim, hidden]); of the QKV
+    bias, 3-D/2-D (no hidden).
     """
     if part == "copy":
         return tensor
@@ -403,7 +416,7 @@ def megatron_region(tensor: torch.Tensor, part: str, cfg: ModelConfig) -> torch.
         return tensor[:ffn] if part == "gate" else tensor[ffn:]
     groups, head_dim = cfg.query_groups, cfg.head_dim
     per_group = cfg.num_attention_heads // groups
-    grouped = tensor.view(groups, per_group + 2, head_dim, tensor.shape[-1])
+    grouped = tensor.view(groups, per_group + 2, head_dim, *tensor.shape[1:])
     if part == "q":
         return grouped[:, :per_group]
     if part == "k":

@@ -105,10 +105,11 @@ def build_transformer_config(
     return TransformerConfig(**kwargs)
 
 
-#: What makes the model LLaMA: RMSNorm, SwiGLU, no biases, no dropout.
+#: What makes the model LLaMA: RMSNorm, SwiGLU, no biases (Q/K/V biases for Qwen2:
+#: ModelConfig.add_qkv_bias), no dropout.
 LLAMA_SETTINGS: dict[str, Any] = {
     "normalization": "RMSNorm", "gated_linear_unit": True, "activation_func": F.silu,
-    "add_bias_linear": False, "add_qkv_bias": False, "hidden_dropout": 0.0,
+    "add_bias_linear": False, "hidden_dropout": 0.0,
     "attention_dropout": 0.0,
 }
 
@@ -119,6 +120,7 @@ def _shape_kwargs(model: ModelConfig) -> dict[str, Any]:
         "ffn_hidden_size": model.ffn_hidden_size,
         "num_attention_heads": model.num_attention_heads,
         "num_query_groups": model.query_groups, "kv_channels": model.head_dim,
+        "add_qkv_bias": model.add_qkv_bias,
         "layernorm_epsilon": model.norm_epsilon, "init_method_std": model.init_method_std,
     }
 

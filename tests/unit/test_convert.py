@@ -42,20 +42,22 @@ def hf_config(**changes):
 
 
 def make_hf(directory: Path, seed: int = 0, max_shard_size: str | None = None,
-            dtype: torch.dtype = torch.float32, mistral: bool = False, **changes):
-    """Save a random LlamaForCausalLM (MistralForCausalLM without a sliding window when
-    `mistral`) into `directory`; returns the fp32 model (eval mode)."""
-    from transformers import LlamaForCausalLM, MistralConfig, MistralForCausalLM
+            dtype: torch.dtype = torch.float32, family: str = "llama", **changes):
+    """Save a random LlamaForCausalLM (`family` mistral: MistralForCausalLM without a sliding
+    window; qwen2: Qwen2ForCausalLM, Q/K/V biases) into `directory`; returns the fp32 model
+    (eval mode)."""
+    import transformers
 
     torch.manual_seed(seed)
-    if mistral:
-        config = hf_config(**changes).to_dict()
+    config = hf_config(**changes)
+    if family != "llama":
+        kwargs = config.to_dict()
         for key in ("model_type", "architectures", "attention_bias", "mlp_bias",
-                    "pretraining_tp"):
-            config.pop(key, None)
-        model = MistralForCausalLM(MistralConfig(**config, sliding_window=None)).eval()
-    else:
-        model = LlamaForCausalLM(hf_config(**changes)).eval()
+                    "pretraining_tp", "transformers_version"):
+            kwargs.pop(key, None)
+        name = {"mistral": "Mistral", "qwen2": "Qwen2"}[family]
+        config = getattr(transformers, f"{name}Config")(**kwargs, sliding_window=None)
+    model = transformers.AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for param in model.parameters():
             param.copy_(torch.randn_like(param) * 0.1 + (1.0 if param.dim() == 1 else 0.0))
@@ -102,8 +104,12 @@ CASES = {
     # heads x head_dim (4 x 32) != hidden (64): --kv-channels 32
     "decoupled-head-dim": dict(head_dim=32),
     # Mistral v0.2+ (no sliding window, rope_theta 1e6), exported back as Mistral
-    "mistral": dict(mistral=True, rope_parameters={"rope_type": "default",
-                                                   "rope_theta": 1000000.0}),
+    "mistral": dict(family="mistral", rope_parameters={"rope_type": "default",
+                                                       "rope_theta": 1000000.0}),
+    # Qwen2.5-style: Q/K/V biases (--add-qkv-bias), tied embeddings, YaRN
+    "qwen2": dict(family="qwen2", tie_word_embeddings=True,
+                  rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e6,
+                                   "original_max_position_embeddings": 64}),
 }
 
 
@@ -137,7 +143,7 @@ def test_logits_match_hf_and_round_trip_is_bitwise(tmp_path, case) -> None:
     assert a == b
     raw = json.loads((tmp_path / "back" / "config.json").read_text())
     assert (raw["model_type"], raw["architectures"]) == (
-        ("mistral", ["MistralForCausalLM"]) if case == "mistral" else
+        (case, [f"{case.capitalize()}ForCausalLM"]) if case in ("mistral", "qwen2") else
         ("llama", ["LlamaForCausalLM"]))
     # transformers reads the export back as the same class, with the same logits
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
@@ -226,7 +232,7 @@ def test_config_mapping_both_spellings_and_rope_types() -> None:
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"model_type": "qwen2"}, "model_type 'qwen2' is not supported"),
+    ({"model_type": "gemma"}, "model_type 'gemma' is not supported"),
     ({"model_type": "mistral", "sliding_window": 4096}, "sliding_window 4096"),
     ({"model_type": "mistral", "architectures": ["LlamaForCausalLM"]},
      "not supported for model_type 'mistral'"),
@@ -331,8 +337,8 @@ def test_cli_errors(tmp_path, capsys) -> None:
     fails(["hf-to-megatron", "--hf-dir", str(hf), "--save", str(tmp_path / "full")],
           "is not an empty directory")
 
-    _edit_config(hf, model_type="qwen2")
-    fails(h2m(hf), "model_type 'qwen2' is not supported")
+    _edit_config(hf, model_type="gemma")
+    fails(h2m(hf), "model_type 'gemma' is not supported")
     _edit_config(hf, model_type="llama", attention_bias=True)
     fails(h2m(hf), "attention_bias=true")
     _edit_config(hf, attention_bias=False)
@@ -410,7 +416,7 @@ def test_mistral_evaluates_alike_on_both_backends(tmp_path) -> None:
     backend on its conversion generates the same greedy tokens as the HF backend."""
     from megatron_longctx.eval.models import HFCausalLM, MegatronCausalLM
 
-    make_hf(tmp_path / "hf", mistral=True)
+    make_hf(tmp_path / "hf", family="mistral")
     convert_hf_to_megatron(tmp_path / "hf", tmp_path / "meg")
     prompt = torch.randint(0, VOCAB, (30,), generator=torch.Generator().manual_seed(4)).tolist()
     with HFCausalLM(tmp_path / "hf") as hf, MegatronCausalLM(tmp_path / "meg") as ours:

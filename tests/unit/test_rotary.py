@@ -42,6 +42,9 @@ SCHEMES: dict[str, tuple] = {
     # 4 heads x head_dim 32 != hidden 64 (--kv-channels 32): 16 rotary pairs, yarn's scale
     "yarn-head-dim-32": ({"rope_type": "yarn", "factor": 4.0,
                           "original_max_position_embeddings": ORIGINAL}, 128, {"head_dim": 32}),
+    # Qwen2.5's shape of extension: Q/K/V biases (--add-qkv-bias) with YaRN
+    "qwen2-yarn": ({"rope_type": "yarn", "factor": 4.0,
+                    "original_max_position_embeddings": ORIGINAL}, 128, {"family": "qwen2"}),
 }
 THETA = 10000.0
 
@@ -49,7 +52,7 @@ THETA = 10000.0
 def _hf_model_dir(directory: Path, scheme: str, style: str):
     """A random HF model with the scheme; `style` legacy rewrites config.json the 4.x way
     (top-level rope_theta + rope_scaling) and returns the model reloaded from it."""
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     params, max_pos, *other = SCHEMES[scheme]
     model = make_hf(directory, seed=3, max_position_embeddings=max_pos,
@@ -61,7 +64,7 @@ def _hf_model_dir(directory: Path, scheme: str, style: str):
         cfg["rope_theta"] = rope.pop("rope_theta")
         cfg["rope_scaling"] = None if rope["rope_type"] == "default" else rope
         path.write_text(json.dumps(cfg))
-        model = LlamaForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
     return model
 
 
@@ -104,10 +107,10 @@ def _ours(ckpt: Path, full: list[torch.Tensor], decode: torch.Tensor,
 
 
 def _config_dict(directory: Path) -> dict:
-    from transformers import LlamaConfig
+    from transformers import AutoConfig
 
     drop = {"transformers_version", "_name_or_path"}
-    return {k: v for k, v in LlamaConfig.from_pretrained(directory).to_dict().items()
+    return {k: v for k, v in AutoConfig.from_pretrained(directory).to_dict().items()
             if k not in drop}
 
 
@@ -268,7 +271,7 @@ def test_rope_periods_tool(tmp_path: Path, capsys) -> None:
     assert 0 < report["complete_periods"] <= 64
 
 
-@pytest.mark.parametrize("scheme", ["dynamic", "longrope", "yarn-head-dim-32"])
+@pytest.mark.parametrize("scheme", ["dynamic", "longrope", "yarn-head-dim-32", "qwen2-yarn"])
 def test_eval_backend_cached_generation_matches_hf(tmp_path: Path, scheme: str) -> None:
     """The evaluation backend (MegatronCausalLM: chunked prefill + static KV cache, prefix
     reuse) generates HF's cached greedy tokens across the original length, for the schemes
