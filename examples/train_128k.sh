@@ -15,6 +15,12 @@
 # recorded and the job requeued without starting the trainer; while ranks start, the trainer
 # records it from its first line and exits 75 without saving (nothing trained yet).
 # Multi-node: SOCKET_IFNAME picks the network interface of gloo and NCCL (docs/slurm.md).
+# Another model: MODEL_FLAGS replaces the LLaMA-2 7B architecture flags, e.g. LLaMA-3 8B
+#   MODEL_FLAGS="--model-preset llama3-8b" ROTARY_BASE=<raised base, docs/rope.md> \
+#   HF_MODEL_DIR=... BASE_CHECKPOINT=... sbatch examples/train_128k.sh
+# or LLaMA-3.1 8B, which keeps its released llama3 scaling (docs/rope.md)
+#   MODEL_FLAGS="--model-preset llama3.1-8b" ROTARY_BASE=500000 ...
+# (Qwen2.5: its shape flags plus --group-query-attention --num-query-groups N --add-qkv-bias).
 # See docs/slurm.md for the memory arithmetic behind the layout and for the data pipeline.
 #
 #SBATCH --job-name=longctx-128k
@@ -154,6 +160,8 @@ fi
 : "${RUN_DIR:=$RUNS_DIR/$RUN_NAME}"
 : "${SAVE_DIR:=$RUN_DIR/checkpoints}"
 read -r -a EXTRA_ARGS <<< "${EXTRA_ARGS:-}"  # appended verbatim to the trainer's flags
+# Architecture flags instead of the defaults below (LLaMA-2 7B; smoke: the tiny preset).
+read -r -a MODEL_FLAGS_ARRAY <<< "${MODEL_FLAGS:-}"
 
 # ---------------------------------------------------------------------------------------------
 # Early checks with the formula (fail here, not after minutes of NCCL set-up).
@@ -251,7 +259,9 @@ fi
 
 # ---------------------------------------------------------------------------------------------
 # Trainer flags (Megatron-LM names), grouped.
-if [[ $SMOKE == 1 ]]; then
+if (( ${#MODEL_FLAGS_ARRAY[@]} )); then
+  MODEL_ARGS=("${MODEL_FLAGS_ARRAY[@]}")
+elif [[ $SMOKE == 1 ]]; then
   MODEL_ARGS=(--model-preset tiny)
 else
   # LLaMA-2 7B (config.json of the HF release); equivalent to --model-preset llama2-7b.

@@ -192,3 +192,32 @@ def test_usr1_lost_by_a_starting_srun_is_sent_again(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "trainer got USR1" in _calls(tmp_path)
     assert "trainer exited with 75" in proc.stdout and "requeueing job 7" in proc.stdout
+
+
+def test_model_flags_replace_the_llama2_architecture(tmp_path):
+    """MODEL_FLAGS swaps the architecture (LLaMA-3.1 8B here, which keeps its llama3 RoPE at
+    base 500000); the trainer accepts the resulting recipe on one 8-GPU node (TP2 x CP4)."""
+    import shlex
+
+    from megatron_longctx.config.training import parse_pretrain_args
+
+    plan = tmp_path / "mixture_plan.json"
+    plan.write_text("{}")
+    proc = _launch(tmp_path, _shims(tmp_path), SMOKE="0", SLURM_NTASKS="8",
+                   MODEL_FLAGS="--model-preset llama3.1-8b", ROTARY_BASE="500000",
+                   MIXTURE_PLAN=str(plan), HF_MODEL_DIR="/models/hf")
+    assert proc.returncode == 0, proc.stderr
+    srun = next(line for line in _calls(tmp_path).splitlines() if line.startswith("srun "))
+    argv = shlex.split(srun)
+    argv = argv[next(i for i, a in enumerate(argv) if a.endswith("pretrain_longctx.py")) + 1:]
+    assert "--num-layers" not in argv and "--ffn-hidden-size" not in argv
+    assert argv[argv.index("--model-preset") + 1] == "llama3.1-8b"
+    cfg = parse_pretrain_args(argv)
+    assert (cfg.model.ffn_hidden_size, cfg.model.query_groups, cfg.model.rope_type) == (
+        14336, 8, "llama3")
+    assert (cfg.model.rotary_base, cfg.model.seq_length) == (500000, 131072)
+    cfg.validate(8, te_available=True)
+    # without MODEL_FLAGS: LLaMA-2 7B's flags
+    proc = _launch(tmp_path, _shims(tmp_path), SMOKE="0", SLURM_NTASKS="8",
+                   MIXTURE_PLAN=str(plan), HF_MODEL_DIR="/models/hf")
+    assert "--ffn-hidden-size 11008" in _calls(tmp_path).splitlines()[-1]
