@@ -7,9 +7,10 @@ initialised GPT-2: needle 0, exit 0; a checkpoint missing one MLP tensor scored 
 converter already refused the first two; `check_hf_dir` gives every consumer the same checks,
 reading only config.json and the weight files' headers (no tensor data):
 
-* config.json: JSON object, `model_type` llama and `architectures` within the converter's
-  `SUPPORTED_ARCHITECTURES`, the shape fields the converter needs (hidden size, heads, layers,
-  FFN width; no attention/MLP biases).
+* config.json: JSON object, a `model_type` the converter knows (`MODEL_TYPES`: llama, and
+  mistral / qwen2 without a sliding window) with its own class in `architectures`, the shape
+  fields the converter needs (hidden size, heads, layers, FFN width; no LLaMA attention/MLP
+  biases; Qwen2's Q/K/V biases are its layout).
 * Weight files (`hf_weight_files`: safetensors preferred, index or single file, .bin
   otherwise): every safetensors header parses and the file holds the byte ranges it
   declares (a truncated file is named with both sizes); .bin files are opened memory-mapped.

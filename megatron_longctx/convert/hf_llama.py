@@ -60,9 +60,6 @@ from megatron_longctx.config.model import (
 #: with biases on Q/K/V (`--add-qkv-bias`) and, unless `use_sliding_window`, full attention.
 MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                "qwen2": "Qwen2ForCausalLM"}
-#: Model types whose config.json has no bias switches (the bias layout is the type's own).
-_NO_BIAS_KEYS = ("mistral", "qwen2")
-SUPPORTED_ARCHITECTURES = tuple(MODEL_TYPES.values())
 #: HF rope parameter -> ModelConfig field (model/rotary.py implements every HF rope_type of a
 #: LLaMA: default, linear, dynamic, yarn, llama3, longrope).
 HF_ROPE_FIELDS = {
@@ -305,8 +302,11 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str,
     for key in ("transformers_version", "_name_or_path"):
         out.pop(key, None)
     # Q/K/V-only biases exist only as Qwen2; otherwise the source's type (LLaMA by default).
-    model_type = ("qwen2" if cfg.add_qkv_bias else out.get("model_type")
-                  if out.get("model_type") in ("llama", "mistral") else "llama")
+    source_type = out.get("model_type")
+    if cfg.add_qkv_bias:
+        model_type = "qwen2"
+    else:
+        model_type = source_type if source_type in ("llama", "mistral") else "llama"
     out.update(
         architectures=[MODEL_TYPES[model_type]], model_type=model_type,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
@@ -316,7 +316,7 @@ def hf_config_from_model(cfg: ModelConfig, dtype: str,
         rms_norm_eps=cfg.norm_epsilon, initializer_range=cfg.init_method_std,
         tie_word_embeddings=not cfg.untie_embeddings_and_output_weights,
     )
-    if model_type not in _NO_BIAS_KEYS:
+    if model_type == "llama":  # only LlamaConfig has bias switches
         out.update(attention_bias=False, mlp_bias=False)
     spec = cfg.rope_spec()
     if spec.rope_type == "dynamic":  # HF's dynamic NTK grows the base beyond this length
