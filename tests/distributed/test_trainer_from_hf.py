@@ -72,7 +72,9 @@ def test_steps_move_converted_weights_only_by_the_updates(dtype, distopt, world,
     ({"head_dim": 32}, {"kv_channels": 32}, "head_dim: checkpoint 32, model 16"),
     ({"family": "qwen2"}, {"add_qkv_bias": True}, "add_qkv_bias: checkpoint True, model False"),
 ], ids=["decoupled-head-dim", "qwen2-qkv-bias"])
-def test_llama_variants_train_at_tp1_and_tp2(hf_changes, model_changes, mismatch, tmp_path):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_llama_variants_train_at_tp1_and_tp2(hf_changes, model_changes, mismatch, dtype,
+                                             tmp_path):
     """HF LLaMA variants train from their converted checkpoints with the matching model flags
     (heads x head_dim 4 x 32 != hidden 64: --kv-channels 32; Qwen2's Q/K/V biases:
     --add-qkv-bias), TP1 and TP2 alike; without the flag the load names the mismatch."""
@@ -81,11 +83,11 @@ def test_llama_variants_train_at_tp1_and_tp2(hf_changes, model_changes, mismatch
     converted = convert_random_hf_tp2(tmp_path / "hf", 512, **hf_changes)
 
     def config(**kwargs):
-        cfg = make_config(load=converted, iters=2, **kwargs)
+        cfg = make_config(load=converted, iters=2, dtype=dtype, **kwargs)
         return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model_changes))
 
     one, two = train(config(), 1), train(config(tp=2), 2)
     assert one["exit_code"] == 0 and one["iteration"] == 2
-    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < 1e-5
+    assert max(abs(a - b) for a, b in zip(one["losses"], two["losses"])) < LOSS_TOL[dtype]
     with pytest.raises(Exception, match=mismatch):
-        train(make_config(load=converted, iters=1), 1)
+        train(make_config(load=converted, iters=1, dtype=dtype), 1)
