@@ -591,8 +591,9 @@ class PrecisionConfig:
             kernel; without TE TransformerConfig refuses it), off otherwise.
         gradient_accumulation_fusion: accumulate weight gradients into the fp32 `main_grad`
             inside the GEMM (`--no-gradient-accumulation-fusion` turns it off). None = on with
-            CUDA when the kernel exists (TE's linear layers, or apex's
-            `fused_weight_gradient_mlp_cuda` for the local spec), off otherwise.
+            CUDA when apex's `fused_weight_gradient_mlp_cuda` exists, for either spec (the
+            output layer is megatron's local ColumnParallelLinear, which needs it even when
+            TE's linear layers fuse their own), off otherwise.
         cross_entropy_impl: chunked (default; model/loss.py: fused with the output GEMM,
             chunked over tokens, never [tokens, V] logits, padded vocabulary rows excluded so
             the loss does not depend on TP) | megatron (the stock path, kept for comparison:

@@ -32,16 +32,22 @@ from megatron_longctx.config.training import PretrainConfig
 
 
 def grad_accum_fusion_kernel_available(transformer_impl: str) -> bool:
-    """Whether a fused weight-gradient accumulation kernel exists for this layer spec: TE's
-    linear layers bring their own; megatron's local ColumnParallelLinear needs apex's
-    `fused_weight_gradient_mlp_cuda` (it raises at the first backward without it)."""
+    """Whether fused weight-gradient accumulation can be turned on for this layer spec.
+
+    Both specs need apex's `fused_weight_gradient_mlp_cuda`: TE's linear layers bring their
+    own fused accumulation, but `GPTModel.output_layer` is megatron's local
+    ColumnParallelLinear under either spec, and its constructor raises when the flag is on
+    and that kernel is missing (megatron-core 0.16.1 `tensor_parallel/layers.py`). A
+    pip-installed TE without apex (the `gpu` extra) therefore runs unfused; the NGC image
+    ships apex. `transformer_impl` is kept so a later spec without a local output layer can
+    answer differently.
+    """
+    del transformer_impl  # the same answer for both specs (see above)
     if not torch.cuda.is_available():
         return False
-    if transformer_impl == "transformer_engine":
-        return True
     try:
         import fused_weight_gradient_mlp_cuda  # noqa: F401
-    except Exception:
+    except ImportError:
         return False
     return True
 

@@ -300,3 +300,26 @@ def test_entrypoint_sets_cuda_connections_before_importing_te(monkeypatch):
                        "--train-iters", "1", *MOCK])
     assert code == 2  # world 1 cannot hold CP2: fails at validation, after the TE probe
     assert seen and all(v == "1" for v in seen)
+
+
+@pytest.mark.parametrize("impl", ["transformer_engine", "local"])
+def test_grad_fusion_probe_needs_apex_kernel_for_both_specs(impl, monkeypatch):
+    """GPTModel.output_layer is megatron's local ColumnParallelLinear under either spec, and
+    its constructor raises with gradient_accumulation_fusion on and apex's kernel missing:
+    with TE but no apex the probe must say no (it said yes for the TE spec)."""
+    import sys
+    import types
+
+    import torch
+    from megatron.core.tensor_parallel import layers
+
+    from megatron_longctx.training.setup import grad_accum_fusion_kernel_available
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda", None)  # import fails
+    assert grad_accum_fusion_kernel_available(impl) is False
+    # megatron's own answer on this machine (no apex) is the same.
+    assert layers._grad_accum_fusion_available is False
+    monkeypatch.setitem(sys.modules, "fused_weight_gradient_mlp_cuda",
+                        types.ModuleType("fused_weight_gradient_mlp_cuda"))
+    assert grad_accum_fusion_kernel_available(impl) is True
