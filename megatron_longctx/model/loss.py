@@ -13,15 +13,20 @@ chunk by chunk over tokens:
   set to -inf, max all-reduced over TP, exp-sum and the target logit all-reduced over TP (one
   collective for both), loss = log(sum) - (target - max).
 * gradient, per chunk, while the chunk's softmax is at hand: softmax - one_hot(target), times
-  the token's weight, then grad_hidden_chunk = g @ W and grad_W += g^T @ hidden_chunk (fp32
-  accumulation). The trainer passes its loss mask (training/step.py), and its loss func makes
-  the incoming gradient exactly c x mask, so backward only scales by c: the output layer costs
-  3 GEMMs, as in the stock path. Without a mask, or when the losses are used otherwise, the
+  the token's weight, then grad_hidden_chunk = g @ W and grad_W += g^T @ hidden_chunk (an
+  fp32-output GEMM: the chunk's product is never rounded to bf16; see `_add_weight_grad`).
+  Only when a backward can follow (not under `torch.no_grad()`: evaluation does one GEMM per
+  chunk) and not in fp16, where the unscaled gradient would underflow: there backward forms
+  it from the loss-scaled incoming gradient, as the stock path does. The trainer passes its
+  loss mask (training/step.py), and its loss func makes the incoming gradient exactly
+  c x mask, so backward only scales by c: the output layer costs 3 GEMMs, as in the stock
+  path. Without a mask, or when the losses are used otherwise, the
   backward recomputes each chunk's logits from the saved per-token max and sum (8 bytes per
   token) instead: one more GEMM, +33% of the output layer's FLOPs.
 
 Peak memory of the loss is then chunk_tokens x V/TP x 6 bytes in bf16 runs (the fp32 chunk
-plus its bf16 GEMM output or bf16 gradient; 4 bytes in fp32 runs), plus an fp32 [V/TP, h]
+plus its bf16 GEMM output or bf16 gradient; 4 bytes in fp32 runs; on CPU, which has no
+fp32-output bf16 GEMM, the upcast operands add 4 bytes more), plus an fp32 [V/TP, h]
 weight gradient and grad_hidden [tokens, h] held from the forward to the backward (see
 `_ChunkedCrossEntropy`). Default chunk 1024 tokens: 0.5 GB fp32 per chunk at V=128,256 and
 TP1, independent of the sequence length (measured: benchmarks/bench_long_context.py,
@@ -113,11 +118,14 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
                 token_weights: torch.Tensor | None, vocab_start: int, valid_rows: int,
-                chunk: int, group: Any, accumulate_main_grad: bool) -> torch.Tensor:
+                chunk: int, group: Any, accumulate_main_grad: bool,
+                eager: bool) -> torch.Tensor:
         n = hidden.shape[0]
         loss = torch.empty(n, dtype=torch.float32, device=hidden.device)
         maxes, sums = torch.empty_like(loss), torch.empty_like(loss)
-        eager = token_weights is not None and any(ctx.needs_input_grad[:2])
+        # (`ctx.needs_input_grad` is true under torch.no_grad() too, and grad mode is always
+        # off inside forward: the caller decides.)
+        eager = eager and token_weights is not None
         grad_hidden = torch.empty_like(hidden) if eager else None
         grad_weight = (torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
                        if eager else None)
@@ -177,7 +185,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 _chunk_backward(probs, weight, hidden[start:end], grad_hidden[start:end],
                                 grad_weight)
         return (grad_hidden, _weight_grad_result(weight, grad_weight, into_main, hidden.dtype),
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _uniform_scale(grad_loss: torch.Tensor, token_weights: torch.Tensor) -> float | None:
@@ -199,13 +207,56 @@ def _chunk_backward(grad_logits: torch.Tensor, weight: torch.Tensor, hidden: tor
     _add_weight_grad(grad_weight, grad_logits, hidden)
 
 
+#: How a bf16/fp16 GEMM adds into an fp32 accumulator on each device type, found once by
+#: `_fp32_accumulation`: "addmm" (one fp32-output GEMM with beta=1 into the accumulator),
+#: "mm" (fp32-output GEMM, then add) or "upcast" (fp32 GEMM on upcast operands).
+_FP32_ACCUMULATION: dict[str, str] = {}
+
+
+def _fp32_accumulation(device: torch.device, dtype: torch.dtype) -> str:
+    """The cheapest exact way to add a `dtype` GEMM into an fp32 tensor on `device`.
+
+    torch's `out_dtype` GEMMs (CUDA, torch >= 2.8) accumulate bf16/fp16 products in fp32 and
+    write fp32, as megatron's `wgrad_gemm_accum_fp32` does into main_grad; early versions
+    refuse an fp32 `self` in addmm (then: an fp32 [V/TP, h] temporary per chunk), CPU has
+    neither (then: operands upcast per chunk, the chunk's fp32 copy). Probed on 2x2 tensors,
+    so a refusal is a dtype check, never a failure halfway through a real GEMM.
+    """
+    key = f"{device.type}:{dtype}"
+    if key not in _FP32_ACCUMULATION:
+        a = torch.ones(2, 2, dtype=dtype, device=device)
+        acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+        mode = "upcast"
+        try:
+            torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+            mode = "addmm" if bool((acc == 3).all()) else "upcast"
+        except (RuntimeError, TypeError, NotImplementedError):
+            try:
+                torch.mm(a, a, out_dtype=torch.float32)
+                mode = "mm"
+            except (RuntimeError, TypeError, NotImplementedError):
+                pass
+        _FP32_ACCUMULATION[key] = mode
+    return _FP32_ACCUMULATION[key]
+
+
 def _add_weight_grad(grad_weight: torch.Tensor, grad_logits: torch.Tensor,
                      hidden: torch.Tensor) -> None:
-    """grad_weight (fp32 accumulator or main_grad) += grad_logits^T @ hidden."""
+    """grad_weight (fp32 accumulator or main_grad) += grad_logits^T @ hidden, accumulated in
+    fp32: the chunk's product is never rounded to the compute dtype (bf16 rounding 32 chunks
+    at 128K/CP4 before adding them was up to several bf16 ulps off megatron's single fp32 GEMM;
+    tests/unit/test_loss.py)."""
     if grad_logits.dtype == grad_weight.dtype:
         grad_weight.addmm_(grad_logits.t(), hidden)
+        return
+    mode = _fp32_accumulation(grad_weight.device, grad_logits.dtype)
+    if mode == "addmm":
+        torch.addmm(grad_weight, grad_logits.t(), hidden, out_dtype=torch.float32,
+                    out=grad_weight)
+    elif mode == "mm":
+        grad_weight.add_(torch.mm(grad_logits.t(), hidden, out_dtype=torch.float32))
     else:
-        grad_weight.add_(torch.matmul(grad_logits.t(), hidden))
+        grad_weight.addmm_(grad_logits.t().float(), hidden.float())
 
 
 def _weight_grad_result(weight: torch.Tensor, grad_weight: torch.Tensor, into_main: bool,
@@ -270,9 +321,17 @@ def vocab_parallel_chunked_cross_entropy(
     valid_rows = max(0, min(rows, vocab_size - vocab_start))
     target = labels.transpose(0, 1).reshape(-1)
     weights = None if loss_mask is None else loss_mask.transpose(0, 1).reshape(-1)
+    # Gradients in the forward pass only when a backward can follow (not under no_grad:
+    # evaluation would pay two GEMMs per chunk and an fp32 [V/TP, h] buffer for nothing),
+    # and not in fp16, where the unscaled gradient would underflow before the loss scale
+    # reaches it: backward then forms it from the scaled incoming gradient, as the stock
+    # path does (one more GEMM per chunk, fp16 runs only).
+    eager = (torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+             and hidden.dtype != torch.float16)
     loss = _ChunkedCrossEntropy.apply(hidden.reshape(s * b, h), weight, target, weights,
                                       vocab_start, valid_rows, chunk_tokens,
-                                      tp_group if tp > 1 else None, accumulate_main_grad)
+                                      tp_group if tp > 1 else None, accumulate_main_grad,
+                                      eager)
     return loss.view(s, b).transpose(0, 1).contiguous()
 
 

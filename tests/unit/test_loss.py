@@ -186,3 +186,119 @@ def test_long_context_benchmark_smoke(tmp_path) -> None:
     results = json.loads(out.read_text())
     stock, ours = results["megatron/cp1/256"], results["chunked/cp1/256"]
     assert stock["loss"] == ours["loss"] and ours["peak_gb"] > 0, results
+
+
+class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
+    """Every aten op run inside, with the shapes of the tensors it allocated (outputs that
+    share no storage with its inputs: views and in-place results are not allocations)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[str, list[tuple[int, ...]]]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        inputs = {t.untyped_storage().data_ptr()
+                  for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        out = func(*args, **kwargs)
+        self.ops.append((func.overloadpacket.__name__,
+                         [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out)
+                          if isinstance(t, torch.Tensor)
+                          and t.untyped_storage().data_ptr() not in inputs]))
+        return out
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "mask"])
+def test_no_gradient_work_under_no_grad(mask: bool) -> None:
+    """Evaluation (torch.no_grad) with the trainer's mask: one GEMM per chunk and no gradient
+    buffer ([V, h] weight gradient, [tokens, h] hidden gradient) is ever allocated, measured
+    op by op; a training forward allocates both (the check can see them)."""
+    hidden, weight, labels = _inputs()
+    loss_mask = torch.ones(B, S) if mask else None
+    chunk = 16
+    chunks = -(-S * B // chunk)
+    gemms = {"mm", "addmm", "matmul"}
+
+    def run() -> _Allocations:
+        with _Allocations() as seen:
+            vocab_parallel_chunked_cross_entropy(hidden, weight, labels, vocab_size=V,
+                                                 chunk_tokens=chunk, loss_mask=loss_mask)
+        return seen
+
+    with torch.no_grad():
+        seen = run()
+    shapes = [shape for _, out in seen.ops for shape in out]
+    assert sum(name in gemms for name, _ in seen.ops) == chunks
+    assert (V, H) not in shapes and (S * B, H) not in shapes
+    if mask:
+        training = run()
+        assert sum(name in gemms for name, _ in training.ops) > chunks
+        assert (V, H) in [shape for _, out in training.ops for shape in out]
+
+
+def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 numbers at |x| (8 significant bits)."""
+    exponent = torch.floor(torch.log2(x.abs().clamp_min(torch.finfo(torch.float32).tiny)))
+    return torch.exp2(exponent - 7)
+
+
+@pytest.mark.parametrize("mode", ["recompute", "eager"])
+def test_bf16_weight_gradient_is_accumulated_in_fp32(mode: str) -> None:
+    """bf16, 32 chunks: the weight gradient in main_grad equals the fp32 sum of the bf16
+    per-token gradients (megatron's one fp32-accumulating GEMM into main_grad) within one bf16
+    ulp; rounding each chunk's product to bf16 before adding it was several ulps off."""
+    s, b, h, v, chunk = 256, 2, 64, 200, 16  # 512 tokens, 32 chunks; V not a multiple of 128
+    gen = torch.Generator().manual_seed(11)
+    hidden = torch.randn(s, b, h, generator=gen).bfloat16().requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) * 0.3).bfloat16().requires_grad_()
+    labels = torch.randint(0, v, (b, s), generator=gen)
+    # Reference: the stock path's bf16 gradient of the logits (fp32 softmax gradient cast to
+    # bf16, as ColumnParallelLinear's backward receives it), summed over tokens in float64.
+    logits = torch.matmul(hidden.detach(), weight.detach().t()).float().requires_grad_()
+    F.cross_entropy(logits.reshape(-1, v), labels.t().reshape(-1), reduction="sum").backward()
+    grad_logits = logits.grad.bfloat16().double().reshape(-1, v)
+    ref = (grad_logits.t() @ hidden.detach().double().reshape(-1, h)).float()
+    weight.main_grad = torch.zeros(v, h)
+    got = vocab_parallel_chunked_cross_entropy(
+        hidden, weight, labels, vocab_size=v, chunk_tokens=chunk, accumulate_main_grad=True,
+        loss_mask=torch.ones(b, s) if mode == "eager" else None)
+    got.sum().backward()
+    ulps = ((weight.main_grad - ref).abs() / _bf16_ulp(ref)).max()
+    assert ulps <= 1, f"{float(ulps):.2f} bf16 ulps from the fp32-accumulated reference"
+
+
+def test_fp16_loss_scale_is_applied_before_the_gradient_is_formed() -> None:
+    """fp16 with a loss scale (megatron's Float16Module path: the loss func's gradient is
+    loss_scale / tokens per masked token): vocabulary rows whose probabilities are ~1e-9 get
+    their gradient from the scaled softmax, as in the stock path; formed unscaled in fp16 they
+    underflowed to zero."""
+    s, b, h, v = 32, 2, 16, 96
+    gen = torch.Generator().manual_seed(7)
+    hidden = torch.randn(s, b, h, generator=gen) * 0.1
+    hidden[..., 0] = 1
+    hidden = hidden.half()
+    weight = torch.randn(v, h, generator=gen) * 0.1
+    weight[v // 2:, 0] = -15  # logits 15 below the others: p ~ 6e-9, x 2^16 / 64 tokens ~ 6e-6
+    weight = weight.half()
+    labels = torch.randint(0, v // 2, (b, s), generator=gen)
+    mask = torch.ones(b, s)
+    loss_scale = 2.0 ** 16
+
+    def grads(chunked: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        if chunked:
+            losses = vocab_parallel_chunked_cross_entropy(x, w, labels, vocab_size=v,
+                                                          chunk_tokens=8, loss_mask=mask)
+        else:  # the stock path: fp16 logits upcast, fp32 cross-entropy
+            logits = torch.matmul(x, w.t()).float()
+            losses = F.cross_entropy(logits.reshape(-1, v), labels.t().reshape(-1),
+                                     reduction="none").view(s, b).t()
+        ((losses * mask).sum() * loss_scale / mask.sum()).backward()
+        return x.grad.float(), w.grad.float()
+
+    stock, chunked = grads(False), grads(True)
+    far = stock[1][v // 2:]
+    assert (far != 0).float().mean() > 0.9  # the stock path keeps these gradients
+    assert not ((far != 0) & (chunked[1][v // 2:] == 0)).any()
+    assert _rel(chunked[1], stock[1]) < 2e-3 and _rel(chunked[0], stock[0]) < 2e-3
