@@ -155,8 +155,9 @@ def _start(cfg: PretrainConfig, world: int, tokenizer: DatasetTokenizer | None) 
                                  state.consumed_valid_samples) if data.valid is not None else None
     logging_rank = _is_logging_rank()
     device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    peak = metrics.peak_tflops(device_name, cfg.precision.params_dtype,
-                               cfg.precision.fp8 is not None, override=cfg.logging.peak_tflops)
+    # MFU against the bf16 peak, FP8 runs included (metrics.peak_tflops).
+    peak = metrics.peak_tflops(device_name, cfg.precision.params_dtype, False,
+                               override=cfg.logging.peak_tflops)
     seq = cfg.model.seq_length
     meter = metrics.ThroughputMeter(gbs * seq, world, metrics.flops_per_token(cfg.model, seq),
                                     peak)

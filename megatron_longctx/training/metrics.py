@@ -21,7 +21,8 @@ tag                              value
 ``tokens-per-second-per-device`` tokens/s divided by the world size: the number comparable
                                  across papers and launch layouts
 ``tflops-per-device``            achieved model TFLOP/s per device (`flops_per_token`)
-``mfu``                          tflops-per-device / device peak, a fraction (0.28 = 28%)
+``mfu``                          tflops-per-device / the device's dense bf16/fp16 peak, a fraction
+                                 (0.28 = 28%); FP8 runs too (see `peak_tflops`)
 ``mem-max-allocated-gb``         torch.cuda.max_memory_allocated, GiB
 ``mem-max-reserved-gb``          torch.cuda.max_memory_reserved, GiB
 ``mem-max-rss-gb``               host peak resident set size, GiB (the CPU runs' memory)
@@ -191,7 +192,10 @@ def peak_tflops(
             name containing "cpu" means no accelerator.
         dtype: params dtype, "bf16" | "fp16" | "fp32". fp32 (TF32 or not) has no entry: MFU is
             only reported for the precisions we train in.
-        fp8: FP8 matmuls (Transformer Engine); the FP8 peak is 2x the BF16 one on Hopper.
+        fp8: return the FP8 peak (2x the BF16 one on Hopper). MFU is reported against the
+            bf16 peak for FP8 runs too (the trainer passes False), the figure Megatron-LM,
+            NeMo and papers quote; against the FP8 peak it would read half as high. A figure
+            against the FP8 peak must be labelled as such (e.g. `mfu_vs_fp8_peak`).
         override: an explicit peak (the trainer's `--peak-tflops`), returned as is; use it for
             devices not in the table or clock-limited parts (e.g. 500 W H100s).
 
