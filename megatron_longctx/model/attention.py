@@ -227,7 +227,8 @@ def prefix_causal_attention(q: Tensor, k: Tensor, v: Tensor, prefix: int,
 
     Args:
         q: [B, H, L, d].
-        k, v: [B, H, prefix + L, d] (GQA already expanded).
+        k, v: [B, G, prefix + L, d]: G = H, or G < H key/value groups (GQA, query head h uses
+            group h // (H / G)) where `native_gqa` says the kernel reads them in place.
         prefix: keys every query sees.
         scale: softmax scale, default 1/sqrt(d).
 
@@ -242,13 +243,43 @@ def prefix_causal_attention(q: Tensor, k: Tensor, v: Tensor, prefix: int,
     length = q.shape[2]
     if k.shape[2] != prefix + length:
         raise ValueError(f"keys ({k.shape[2]}) must be prefix ({prefix}) + queries ({length})")
+    gqa = k.shape[1] != q.shape[1]
     if prefix == 0:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                              **({"enable_gqa": True} if gqa else {}))
     if q.device.type == "cpu" and _FLASH_CPU is not None and _FLASH_CPU_BWD is not None:
         scale = q.shape[-1] ** -0.5 if scale is None else scale
         return _PrefixCausalFlash.apply(q.contiguous(), k.contiguous(), v.contiguous(),
                                         prefix, scale)
     return lower_right_causal_attention(q, k, v, scale)
+
+
+def native_gqa(q: Tensor, k: Tensor) -> bool:
+    """Whether `prefix_causal_attention` can take G < H key/value heads as they are.
+
+    Exact where the kernel reads group h // (H / G) for query head h itself, as the expanded
+    copy would: the forward is bitwise that of the expanded K/V (tests/distributed/
+    test_attention.py); the K/V gradient sums the group's heads inside the kernel instead of
+    in autograd's repeat_interleave backward (a different summation order: <= 1 fp32 ulp
+    apart in the tests). That holds for the CPU flash kernels (both directions take G heads)
+    and CUDA's flash kernel (SDPA `enable_gqa`, torch >= 2.5). CUDA's memory-efficient kernel
+    has no GQA: SDPA would fall back to the math kernel, which materialises the [L, S] scores
+    (and the lower-right bias as a dense mask), so there (fp32, head dim > 256, other devices)
+    the caller expands K/V as before. Saved: K/V copies at H instead of G heads per chunk,
+    kept for backward (LLaMA-3 8B at TP2, CP4, 128K: ~1.2 GB per layer).
+    """
+    if k.shape[1] == q.shape[1]:
+        return True
+    if q.device.type == "cpu":
+        return _FLASH_CPU is not None and _FLASH_CPU_BWD is not None
+    if q.device.type != "cuda":
+        return False
+    try:
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+        return bool(can_use_flash_attention(SDPAParams(q, k, k, None, 0.0, False, True)))
+    except (ImportError, TypeError, RuntimeError):  # torch < 2.5: no enable_gqa
+        return False
 
 
 def lower_right_causal_attention(q: Tensor, k: Tensor, v: Tensor,
@@ -261,9 +292,10 @@ def lower_right_causal_attention(q: Tensor, k: Tensor, v: Tensor,
     function on CPU to check it against that merge."""
     from torch.nn.attention.bias import causal_lower_right
 
+    gqa = {"enable_gqa": True} if k.shape[1] != q.shape[1] else {}
     return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(q.shape[2],
                                                                                 k.shape[2]),
-                                          scale=scale)
+                                          scale=scale, **gqa)
 
 
 def _expand_kv(x: Tensor, heads: int) -> Tensor:
@@ -386,6 +418,8 @@ class SDPACoreAttention(MegatronModule):
             k_all = key.permute(1, 2, 0, 3)  # [b, G, S, d]
             v_all = value.permute(1, 2, 0, 3)
             seq = k_all.shape[2]
+            # K/V stay at G heads where the kernel reads them in place (`native_gqa`).
+            kv_heads = k_all.shape[1] if native_gqa(q, k_all) else heads
             per_sample = []
             for i in range(b if docs is not None else 1):
                 sel = slice(i, i + 1) if docs is not None else slice(None)
@@ -395,8 +429,8 @@ class SDPACoreAttention(MegatronModule):
                     k_end = k0 + prefix + length
                     pieces.append(prefix_causal_attention(
                         q[sel, :, l0:l0 + length],
-                        _expand_kv(k_all[sel, :, k0:k_end], heads),
-                        _expand_kv(v_all[sel, :, k0:k_end], heads),
+                        _expand_kv(k_all[sel, :, k0:k_end], kv_heads),
+                        _expand_kv(v_all[sel, :, k0:k_end], kv_heads),
                         prefix, self.softmax_scale))
                 per_sample.append(torch.cat(pieces, dim=2))
             out = torch.cat(per_sample, dim=0)

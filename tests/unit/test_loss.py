@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from megatron_longctx.config.model import PrecisionConfig
 from megatron_longctx.model import loss as loss_module
 from megatron_longctx.model.loss import vocab_parallel_chunked_cross_entropy
+from tests.allocations import Allocations
 
 S, B, H, V = 37, 2, 16, 96
 
@@ -188,27 +189,6 @@ def test_long_context_benchmark_smoke(tmp_path) -> None:
     assert stock["loss"] == ours["loss"] and ours["peak_gb"] > 0, results
 
 
-class _Allocations(torch.utils._python_dispatch.TorchDispatchMode):
-    """Every aten op run inside, with the shapes of the tensors it allocated (outputs that
-    share no storage with its inputs: views and in-place results are not allocations)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list[tuple[str, list[tuple[int, ...]]]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        inputs = {t.untyped_storage().data_ptr()
-                  for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                  if isinstance(t, torch.Tensor)}
-        out = func(*args, **kwargs)
-        self.ops.append((func.overloadpacket.__name__,
-                         [tuple(t.shape) for t in torch.utils._pytree.tree_leaves(out)
-                          if isinstance(t, torch.Tensor)
-                          and t.untyped_storage().data_ptr() not in inputs]))
-        return out
-
-
 @pytest.mark.parametrize("mask", [False, True], ids=["no-mask", "mask"])
 def test_no_gradient_work_under_no_grad(mask: bool) -> None:
     """Evaluation (torch.no_grad) with the trainer's mask: one GEMM per chunk and no gradient
@@ -220,21 +200,21 @@ def test_no_gradient_work_under_no_grad(mask: bool) -> None:
     chunks = -(-S * B // chunk)
     gemms = {"mm", "addmm", "matmul"}
 
-    def run() -> _Allocations:
-        with _Allocations() as seen:
+    def run() -> Allocations:
+        with Allocations() as seen:
             vocab_parallel_chunked_cross_entropy(hidden, weight, labels, vocab_size=V,
                                                  chunk_tokens=chunk, loss_mask=loss_mask)
         return seen
 
     with torch.no_grad():
         seen = run()
-    shapes = [shape for _, out in seen.ops for shape in out]
+    shapes = seen.shapes()
     assert sum(name in gemms for name, _ in seen.ops) == chunks
     assert (V, H) not in shapes and (S * B, H) not in shapes
     if mask:
         training = run()
         assert sum(name in gemms for name, _ in training.ops) > chunks
-        assert (V, H) in [shape for _, out in training.ops for shape in out]
+        assert (V, H) in training.shapes()
 
 
 def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
