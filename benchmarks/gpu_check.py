@@ -6,39 +6,54 @@
 
 One command, one JSON result file, a summary table printed last. Each part runs in its own
 child process (`--child NAME`, internal), in this order, and is skipped with a reason when its
-requirement is missing (no CUDA, megatron-core or Transformer Engine not importable, issue 16's
-chunked loss not in the tree):
+requirement is missing (no CUDA, megatron-core or Transformer Engine not importable). Parts are
+registered in gpu_check_parts.py (`register_part`; its docstring says how to add one):
 
 ===========  =============================================================  ======  ========
 part         what it measures (the product's code paths it goes through)    budget  estimate
 ===========  =============================================================  ======  ========
-versions     torch / CUDA / driver / GPU / megatron-core / TE versions,     15 s    ~8 s
+versions     torch / CUDA / driver / GPU / megatron-core / TE versions,     40 s    ~15 s
              csrc backend, measured bf16 matmul TFLOP/s (8192^3)
 correctness  tiny preset: `pretrain` 20 steps on CPU + `--save`; then       75 s    ~30 s
              `--load --finetune` 4 steps on CPU fp32 (reference, in the
              part's own process), CUDA fp32 and CUDA bf16; losses compared
-throughput   LLaMA-2 7B layer shapes x 4 (1.07B params), bf16, local spec   120 s   ~35 s
+throughput   LLaMA-2 7B layer shapes x 4 (1.07B params), bf16, local spec   110 s   ~35 s
              + SDPA, mock data, `pretrain` at 8K / 32K / 64K tokens:
              tokens/s, TFLOP/s, MFU (training/metrics.py), peak memory
-needle       random HF LLaMA (same shapes) -> `convert_hf_to_megatron` ->   110 s   ~45 s
+needle       random HF LLaMA (same shapes) -> `convert_hf_to_megatron` ->   100 s   ~50 s
              our eval backend at 32K: prefill tokens/s, decode ms/token,
              one needle cell (`run_needle`); then the HF backend the same
-loss         stock vs chunked loss at 32K with LLaMA-3's vocabulary: peak   45 s    ~25 s
-             memory and step time (skips until issue 16 adds the option)
-te           TE spec bf16, FP8 hybrid delayed, FP8 + FP8 attention at 8K:   90 s    ~40 s
+loss         stock vs chunked loss, 2 layers of that shape, 16K tokens,     60 s    ~30 s
+             LLaMA-3's 128,256 vocabulary, order stock/ours/ours/stock:
+             peak memory, step time, first loss
+te           TE spec bf16, FP8 hybrid delayed, FP8 + FP8 attention at 8K:   70 s    ~40 s
              losses vs TE bf16 and tokens/s (skips without TE)
 ===========  =============================================================  ======  ========
 
 Estimates are for one H100 SXM.
-Budgets sum to 455 s (7 min 35 s), under the 8 minutes the device window allows for one run
-(15 minutes of device time in all: machine start, wheel install and one rerun fit in the rest).
-Estimates come from FLOPs at 40% of the H100's 989 TFLOP/s bf16 peak plus process starts
-(~5 s each: torch + megatron-core import, CUDA context) and model builds: docs/gpu-validation.md
-has the arithmetic. A part is killed at min(its budget, time left before the global deadline,
-`--deadline`, default 470 s) and recorded as `cut` with what it had written so far; the run goes
-on with the next part. Inside a part, each item (a sequence length, a backend) checks the time
-left and skips itself with the reason when its estimate does not fit, so a slow GPU loses the
-last items, not the whole part.
+Budgets sum to 455 s (7 min 35 s), under the 470 s global deadline. Device time (15 minutes in
+all): machine start (~2 min) + install and csrc build (~30 s) + this run (<= 470 s) + a rerun of
+the longest part (110 s + a process start) + transfers leave ~2 minutes spare
+(docs/gpu-validation.md has the plan). Estimates come from FLOPs at 40% of the H100's 989
+TFLOP/s bf16 peak plus process starts (~5 s each: torch + megatron-core import, CUDA context)
+and model builds: docs/gpu-validation.md has the arithmetic. A part is killed at min(its
+budget, time left before the global deadline, `--deadline`, default 470 s) and recorded as
+`cut` with what it had written so far; the run goes on with the next part. Inside a part, each
+item (a sequence length, a backend) checks the time left and skips itself with the reason when
+its estimate does not fit, so a slow GPU loses the last items, not the whole part.
+
+Comparisons (checks) are declared by their part before it runs anything: one that did not
+happen (a run OOMed, the part was cut or crashed) is reported as failed ("missing", with the
+reason) in the JSON and in the summary's `checks:` line, and makes the exit code 1; one that
+cannot apply (FP8 before compute capability 8.9, a part skipped for lack of CUDA/TE) is listed
+as skipped with its reason. "passed" counts only comparisons that were made.
+`--simulate-oom PART:RUN` (a test hook) makes one run of a part raise a CUDA OOM.
+
+Timed regions never include compilation or first-call costs: training steps are timed after
+warm-up steps of the same shapes in the same `pretrain`; the needle warms up with the whole
+timed prompt (megatron's bias fusions are `torch.compile`d on CUDA, and a shorter warm-up
+prompt left the timed prefill's shapes to compile); the loss part runs stock, ours, ours,
+stock so that neither side gets the process's first run only.
 
 Trade-offs:
 * A process per part costs ~5 s of imports each (~30 s in all) but isolates CUDA OOMs, hangs
@@ -46,8 +61,9 @@ Trade-offs:
 * The parent never imports torch (no CUDA context held while children run); it polls the
   child's result file twice a second and rewrites the output JSON atomically (tmp + rename)
   whenever it changes, so a kill of the whole run still leaves every finished item on disk.
-* Checks (loss agreement) do not change the exit code unless `--strict`: the run's job is to
-  record numbers; exit 1 means a part failed, was cut, or was not run for lack of time.
+* Failed checks (e.g. loss agreement) do not change the exit code unless `--strict`: the
+  run's job is to record numbers; exit 1 means a part failed, was cut, or was not run for lack
+  of time, or a declared comparison did not happen.
 
 `--cpu-smoke` runs every part with tiny shapes on CPU (CUDA hidden from the children), so the
 same code runs in CI (tests/unit/test_gpu_check.py); the CPU "device" leg of the correctness
@@ -66,44 +82,27 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# The part table (stdlib imports only at module level: the parent never imports torch).
+from gpu_check_parts import PARTS as _PARTS  # noqa: E402
+from gpu_check_parts import finalize_checks  # noqa: E402
 
 FORMAT = "megatron-longctx gpu_check 1"
 DEFAULT_OUTPUT = REPO / "bench_output" / "gpu_check.json"
 #: Seconds from the run's start after which no part is started and a running one is cut.
-DEFAULT_DEADLINE_S = {"gpu": 470.0, "cpu-smoke": 300.0}
+DEFAULT_DEADLINE_S = {"gpu": 470.0, "cpu-smoke": 450.0}
 #: A part is not started with less than this left (a process start alone takes ~5 s).
 MIN_START_S = 8.0
 POLL_S = 0.5
 
 
-@dataclass(frozen=True)
-class Part:
-    """One part: name, hard time budget per mode (seconds) and a one-line description."""
-
-    name: str
-    gpu_budget_s: float
-    smoke_budget_s: float
-    what: str
-    #: The part's own process runs with CUDA hidden (a CPU reference); it is told the original
-    #: CUDA_VISIBLE_DEVICES to start its device leg with.
-    cpu_process: bool = False
-
-
-PARTS: tuple[Part, ...] = (
-    Part("versions", 15, 60, "versions, GPU, measured bf16 matmul rate"),
-    Part("correctness", 75, 150, "tiny model losses: CUDA fp32 == CPU, bf16 within tolerance",
-         cpu_process=True),
-    Part("throughput", 120, 120, "1.07B LLaMA-shaped bf16 local+SDPA at 8K/32K/64K"),
-    Part("needle", 110, 120, "converted random HF model, needle tool at 32K"),
-    Part("loss", 45, 60, "stock vs chunked loss memory (issue 16)"),
-    Part("te", 90, 60, "Transformer Engine bf16 / FP8 / FP8 attention"),
-)
+#: Parts in run order, registered in gpu_check_parts.py (`register_part`).
+PARTS = tuple(_PARTS.values())
 PART_NAMES = tuple(p.name for p in PARTS)
 PARTS_BY_NAME = {p.name: p for p in PARTS}
 
@@ -156,6 +155,18 @@ def parse_budgets(items: list[str]) -> dict[str, float]:
     return out
 
 
+def parse_simulated_ooms(items: list[str]) -> dict[str, list[str]]:
+    """`--simulate-oom PART:RUN` (test hook): that run of that part raises a CUDA OOM."""
+    out: dict[str, list[str]] = {}
+    for item in items:
+        name, _, label = item.partition(":")
+        if name not in PART_NAMES or not label:
+            raise ValueError(f"--simulate-oom {item!r}: expected PART:RUN with PART in "
+                             f"{', '.join(PART_NAMES)}")
+        out.setdefault(name, []).append(label)
+    return out
+
+
 class Run:
     """The parent: runs the parts in children, merges their results, writes the JSON."""
 
@@ -169,6 +180,7 @@ class Run:
         self.deadline = self.start + (args.deadline if args.deadline is not None
                                       else DEFAULT_DEADLINE_S[self.mode])
         overrides = parse_budgets(args.budget or [])
+        self.simulated_ooms = parse_simulated_ooms(args.simulate_oom or [])
         self.budgets = {p.name: overrides.get(
             p.name, p.smoke_budget_s if args.cpu_smoke else p.gpu_budget_s) for p in PARTS}
         selected = args.parts.split(",") if args.parts else list(PART_NAMES)
@@ -224,7 +236,8 @@ class Run:
                    if v.get("status") == "ok"}
         config = {"part": name, "mode": self.mode, "work_dir": str(self.work / name),
                   "output": str(part_out), "deadline": time.time() + timeout - 2.0,
-                  "budget_s": timeout, "context": context}
+                  "budget_s": timeout, "context": context,
+                  "simulate_oom": self.simulated_ooms.get(name, [])}
         env = self.child_env()
         if PARTS_BY_NAME[name].cpu_process:
             config["device_cuda_visible_devices"] = env.get("CUDA_VISIBLE_DEVICES")
@@ -269,6 +282,9 @@ class Run:
         elif rc != 0 or status not in ("ok", "skipped"):
             entry["status"] = "failed"
             entry.setdefault("reason", f"child exited with code {rc} (status {status!r})")
+        # A killed or crashed child could not close its declared comparisons: they did not
+        # happen, and say so (never counted as passed).
+        finalize_checks(entry.get("checks") or {}, entry["status"], entry.get("reason"))
         if entry["status"] in ("failed", "cut"):
             entry["log_tail"] = _tail_from(self.log_path, log_start)
         self.save()
@@ -335,22 +351,36 @@ def _tail_from(path: Path, start: int, limit: int = 3000) -> str:
     return text[-limit:]
 
 
-def failed_checks(results: dict) -> list[str]:
-    """'part.check' for every check that ran and did not pass."""
+def _checks_with(results: dict, statuses: tuple[str, ...]) -> list[str]:
     out = []
     for name, entry in results.get("parts", {}).items():
         for check, value in (entry.get("checks") or {}).items():
-            if isinstance(value, dict) and value.get("passed") is False:
+            if not isinstance(value, dict):
+                continue
+            status = value.get("status") or ("failed" if value.get("passed") is False
+                                             else "passed" if value.get("passed") else None)
+            if status in statuses:
                 out.append(f"{name}.{check}")
     return out
 
 
+def failed_checks(results: dict) -> list[str]:
+    """'part.check' for every comparison that failed or did not happen (missing)."""
+    return _checks_with(results, ("failed", "missing", "pending"))
+
+
+def missing_checks(results: dict) -> list[str]:
+    """'part.check' for every declared comparison that did not happen."""
+    return _checks_with(results, ("missing", "pending"))
+
+
 def exit_code(results: dict, *, strict: bool = False) -> int:
-    """0: every part ok or skipped for a missing requirement (and, with strict, every check
-    passed); 1 when a part failed, was cut, or was not run for lack of time."""
+    """0: every part ok or skipped for a missing requirement, every declared comparison made
+    (and, with strict, passed); 1 when a part failed, was cut, or was not run for lack of
+    time, or a comparison did not happen."""
     bad = [n for n, e in results.get("parts", {}).items()
            if e.get("status") not in ("ok", "skipped")]
-    if bad or (strict and failed_checks(results)):
+    if bad or missing_checks(results) or (strict and failed_checks(results)):
         return 1
     return 0
 
@@ -402,6 +432,29 @@ def _highlights(name: str, entry: dict) -> str:
     return ""
 
 
+def checks_line(results: dict) -> str:
+    """Passed, failed (a comparison that did not happen is failed, with its reason) and
+    skipped (with the reason) comparisons; "passed" only counts comparisons that were made."""
+    passed = _checks_with(results, ("passed",))
+    failed = failed_checks(results)
+    skipped = _checks_with(results, ("skipped",))
+    if not (passed or failed or skipped):
+        return "none declared"
+
+    def why(key: str) -> str:
+        part, _, check = key.partition(".")
+        value = results["parts"][part]["checks"][check]
+        reason = value.get("reason")
+        return f"{key} ({reason[:80]})" if reason else key
+
+    out = [f"{len(passed)} passed"]
+    if failed:
+        out.append(f"FAILED {len(failed)}: " + ", ".join(why(k) for k in failed))
+    if skipped:
+        out.append(f"skipped {len(skipped)}: " + ", ".join(why(k) for k in skipped))
+    return "; ".join(out)
+
+
 def summary_lines(results: dict) -> list[str]:
     """The table printed last (and stored under `summary`)."""
     lines = ["", f"gpu_check summary ({results['mode']}, {results['elapsed_s']:.0f} s, "
@@ -414,10 +467,7 @@ def summary_lines(results: dict) -> list[str]:
         if status == "cut" and entry.get("result"):
             detail = f"{detail}; before the cut: {_highlights(name, entry)}"
         lines.append(f"{head}  {detail or ''}".rstrip())
-    failed = failed_checks(results)
-    ran = sum(len(e.get("checks") or {}) for e in results["parts"].values())
-    lines.append("  checks: " + ("none ran" if not ran else f"all {ran} passed" if not failed
-                                 else f"FAILED {len(failed)} of {ran}: " + ", ".join(failed)))
+    lines.append("  checks: " + checks_line(results))
     lines.append(f"  results: {results.get('output', '')}".rstrip())
     return lines
 
@@ -431,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--parts", default=None,
                         help=f"comma-separated subset of {','.join(PART_NAMES)}")
     parser.add_argument("--deadline", type=float, default=None,
-                        help="global seconds limit (default 470 on GPU, 300 with --cpu-smoke)")
+                        help="global seconds limit (default 470 on GPU, 450 with --cpu-smoke)")
     parser.add_argument("--budget", action="append", default=None, metavar="PART=SECONDS",
                         help="override one part's time budget (repeatable)")
     parser.add_argument("--work-dir", default=None,
@@ -440,6 +490,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--keep-work", action="store_true", help="keep the temporary work dir")
     parser.add_argument("--strict", action="store_true",
                         help="exit 1 when a check fails, not only when a part fails")
+    parser.add_argument("--simulate-oom", action="append", default=None, metavar="PART:RUN",
+                        help="test hook: that run of that part raises a CUDA OOM (repeatable)")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--child-config", default=None, help=argparse.SUPPRESS)
     return parser
@@ -448,7 +500,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.child:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
         from gpu_check_parts import run_child
 
         return run_child(args.child, args.child_config)

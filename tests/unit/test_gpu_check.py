@@ -3,8 +3,9 @@
 The smoke run is the GPU validation script at tiny shapes with CUDA hidden: versions,
 correctness (stage-1 train + save, then --finetune on a second CPU process in fp32 and bf16),
 throughput (bf16 local spec through `pretrain`), needle (random HF model -> converter -> both
-eval backends -> one needle cell) run for real; the loss part skips until issue 16's option
-exists and the TE part skips without CUDA. 85-100 s on the 2-core machine while other tests
+eval backends -> one needle cell), loss (stock vs chunked, ABBA order) run for real; the TE
+part skips without CUDA. A comparison that does not happen (a run forced to OOM) is reported
+as failed, never as passed. 85-100 s on the 2-core machine while other tests
 ran (8 processes, 5 of them importing torch and megatron-core at 6-10 s each); the time-logic
 tests take seconds.
 """
@@ -103,11 +104,16 @@ def test_cpu_smoke_throughput_and_needle_numbers(smoke):
 def test_cpu_smoke_skips_with_reasons(smoke):
     _, results = smoke
     loss, te = results["parts"]["loss"], results["parts"]["te"]
-    if loss["status"] == "skipped":  # until issue 16 adds the chunked loss and its flag
-        assert "issue 16" in loss["reason"] and "LOSS_PATH_ARGS" in loss["reason"]
-    else:
-        assert loss["status"] == "ok"
+    assert loss["status"] == "ok"
+    assert loss["result"]["order"] == ["stock", "ours", "ours-2", "stock-2"]
+    assert set(loss["result"]["runs"]) == {"stock", "ours", "ours-2", "stock-2"}
+    assert loss["checks"]["step1_loss_equal"]["status"] in ("passed", "failed")
+    assert loss["checks"]["chunked_peak_memory_below_stock"]["status"] in ("passed", "failed")
     assert te["status"] == "skipped" and "CUDA" in te["reason"]
+    # the TE part's declared comparisons are reported as skipped with the part's reason
+    for check in te["checks"].values():
+        assert check["status"] == "skipped" and "CUDA" in check["reason"]
+    assert "skipped 2: te.te-fp8_vs_te_bf16" in "\n".join(results["summary"])
 
 
 def test_budget_cut_keeps_a_valid_json_and_fails_the_run(tmp_path):
@@ -148,6 +154,14 @@ def test_exit_code_and_budgets():
     # budgets of the GPU run fit the 8 minutes planned for one H100 run
     assert sum(p.gpu_budget_s for p in gc.PARTS) <= 8 * 60
     assert max(gc.DEFAULT_DEADLINE_S.values()) <= 8 * 60
+    # 15 minutes of device time: machine start (<= 2.5 min), install + csrc build (30 s),
+    # the whole run, then a rerun of the longest part (its budget + a process start + 30 s
+    # of transfer and warm wait) must fit.
+    rerun = max(p.gpu_budget_s for p in gc.PARTS) + gc.MIN_START_S + 30
+    assert 150 + 30 + gc.DEFAULT_DEADLINE_S["gpu"] + rerun <= 15 * 60
+    # the parts the table lists are the registered ones, in order
+    assert [p.name for p in gc.PARTS] == ["versions", "correctness", "throughput", "needle",
+                                          "loss", "te"]
 
 
 def test_loss_part_detects_the_missing_option():
@@ -183,3 +197,49 @@ def test_series_retries_an_oom_with_recompute_and_skips_what_cannot_fit(tmp_path
     assert len(calls) == 3
     recorded = json.loads((tmp_path / "part.json").read_text())
     assert recorded["result"]["runs"]["2048"]["error"].startswith("CUDA OOM")
+
+
+def test_a_missing_comparison_is_failed_never_passed():
+    """Pure bookkeeping: a declared comparison left pending (a killed part) or missing (a run
+    it needed failed) counts as failed in the summary and the exit code; a skipped one is
+    listed with its reason; "passed" counts only comparisons that were made."""
+    gc = _module("gpu_check")
+    checks = {"made": {"status": "passed", "passed": True},
+              "lost": {"status": "pending", "passed": None, "what": "x vs y"}}
+    gc.finalize_checks(checks, "cut", "killed after 60 s")
+    assert checks["lost"] == {"status": "missing", "passed": False, "what": "x vs y",
+                              "reason": "did not happen (part cut: killed after 60 s)"}
+    results = {"mode": "gpu", "elapsed_s": 1.0, "deadline_s": 470.0,
+               "parts": {"loss": {"status": "ok", "checks": checks},
+                         "te": {"status": "skipped", "checks": gc.finalize_checks(
+                             {"fp8": {"status": "pending"}}, "skipped", "no TE")}}}
+    line = gc.checks_line(results)
+    assert line.startswith("1 passed; FAILED 1: loss.lost (did not happen")
+    assert "skipped 1: te.fp8 (part skipped: no TE)" in line
+    assert "all" not in line
+    assert gc.exit_code(results) == 1  # a comparison that did not happen fails the run
+    assert gc.failed_checks(results) == ["loss.lost"]
+    # the pre-existing form (no status, passed False) still counts as failed
+    assert gc.failed_checks({"parts": {"a": {"checks": {"x": {"passed": False}}}}}) == ["a.x"]
+
+
+@pytest.mark.slow
+def test_cpu_smoke_forced_oom_reports_the_comparison_failed(tmp_path):
+    """--simulate-oom: both stock runs of the loss part raise a CUDA OOM, so its comparisons
+    cannot be made: failed ("missing", with the OOM as reason) in the JSON and the summary,
+    and the run exits 1; the summary never says they passed."""
+    out = tmp_path / "oom.json"
+    proc = _run(out, "--cpu-smoke", "--parts", "loss", "--simulate-oom", "loss:stock",
+                "--simulate-oom", "loss:stock-2", timeout=300)
+    results = json.loads(out.read_text())
+    loss = results["parts"]["loss"]
+    assert proc.returncode == 1, proc.stdout[-2000:]
+    assert "CUDA OOM" in loss["result"]["runs"]["stock"]["error"]
+    assert "tokens_per_s" in loss["result"]["runs"]["ours"]
+    for name in ("step1_loss_equal", "chunked_peak_memory_below_stock"):
+        check = loss["checks"][name]
+        assert check["status"] == "missing" and check["passed"] is False
+        assert "no completed run of stock" in check["reason"] and "OOM" in check["reason"]
+    line = next(x for x in proc.stdout.splitlines() if x.strip().startswith("checks:"))
+    assert "FAILED 2: loss.step1_loss_equal" in line and "0 passed" in line
+    assert "memory_ratio" not in loss["result"]
