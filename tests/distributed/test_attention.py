@@ -289,3 +289,29 @@ def test_cp_attention_reads_gqa_kv_in_place() -> None:
         assert result["ref_diff"] < 1e-5
         assert result["kv_at_h"]["native"] == 0 and result["kv_at_h"]["expanded"] > 0
         assert result["bytes"]["native"] < result["bytes"]["expanded"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("prefix", [0, 192])
+def test_cuda_flash_reads_gqa_kv_like_the_expanded_copy(prefix: int) -> None:
+    """On CUDA in bf16 with head dim 128 the flash kernel takes the K/V groups (SDPA
+    `enable_gqa`); output equal to the expanded K/V's, gradients within bf16 rounding."""
+    from megatron_longctx.model.attention import native_gqa, prefix_causal_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(prefix)
+    length, heads, groups, d = 256, 8, 2, 128
+
+    def rand(h: int, n: int) -> torch.Tensor:
+        return torch.randn(1, h, n, d, device="cuda", generator=gen).bfloat16().requires_grad_()
+
+    q, k, v = rand(heads, length), rand(groups, prefix + length), rand(groups, prefix + length)
+    assert native_gqa(q, k)
+    out = prefix_causal_attention(q, k, v, prefix)
+    expanded = prefix_causal_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1),
+                                       prefix)
+    assert torch.equal(out, expanded)
+    g = torch.randn_like(out)
+    for a, b in zip(torch.autograd.grad(out, (q, k, v), g),
+                    torch.autograd.grad(expanded, (q, k, v), g)):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)

@@ -223,26 +223,38 @@ def _bf16_ulp(x: torch.Tensor) -> torch.Tensor:
     return torch.exp2(exponent - 7)
 
 
+_CUDA = pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device")])
+
+
+@pytest.mark.parametrize("device", ["cpu", _CUDA])
 @pytest.mark.parametrize("mode", ["recompute", "eager"])
-def test_bf16_weight_gradient_is_accumulated_in_fp32(mode: str) -> None:
+def test_bf16_weight_gradient_is_accumulated_in_fp32(mode: str, device: str) -> None:
     """bf16, 32 chunks: the weight gradient in main_grad equals the fp32 sum of the bf16
     per-token gradients (megatron's one fp32-accumulating GEMM into main_grad) within one bf16
-    ulp; rounding each chunk's product to bf16 before adding it was several ulps off."""
+    ulp; rounding each chunk's product to bf16 before adding it was up to ~3,000 ulps off
+    where chunks cancel. On CUDA through torch's fp32-output GEMM (`out_dtype`)."""
     s, b, h, v, chunk = 256, 2, 64, 200, 16  # 512 tokens, 32 chunks; V not a multiple of 128
     gen = torch.Generator().manual_seed(11)
-    hidden = torch.randn(s, b, h, generator=gen).bfloat16().requires_grad_()
-    weight = (torch.randn(v, h, generator=gen) * 0.3).bfloat16().requires_grad_()
-    labels = torch.randint(0, v, (b, s), generator=gen)
+    hidden = torch.randn(s, b, h, generator=gen).bfloat16().to(device).requires_grad_()
+    weight = (torch.randn(v, h, generator=gen) * 0.3).bfloat16().to(device).requires_grad_()
+    labels = torch.randint(0, v, (b, s), generator=gen).to(device)
+    if device == "cuda":  # the fp32-output GEMM exists there (torch >= 2.8)
+        assert loss_module._fp32_accumulation(hidden.device, torch.bfloat16) in ("addmm", "mm")
     # Reference: the stock path's bf16 gradient of the logits (fp32 softmax gradient cast to
     # bf16, as ColumnParallelLinear's backward receives it), summed over tokens in float64.
-    logits = torch.matmul(hidden.detach(), weight.detach().t()).float().requires_grad_()
+    # (logits GEMM'd per chunk, as the loss does: on CUDA a GEMM's rounding depends on its
+    # shape, and the test is about the accumulation, not the logits)
+    logits = torch.cat([torch.matmul(x, weight.detach().t()) for x in
+                        hidden.detach().reshape(-1, h).split(chunk)]).view(s, b, v)
+    logits = logits.float().requires_grad_()
     F.cross_entropy(logits.reshape(-1, v), labels.t().reshape(-1), reduction="sum").backward()
     grad_logits = logits.grad.bfloat16().double().reshape(-1, v)
     ref = (grad_logits.t() @ hidden.detach().double().reshape(-1, h)).float()
-    weight.main_grad = torch.zeros(v, h)
+    weight.main_grad = torch.zeros(v, h, device=device)
     got = vocab_parallel_chunked_cross_entropy(
         hidden, weight, labels, vocab_size=v, chunk_tokens=chunk, accumulate_main_grad=True,
-        loss_mask=torch.ones(b, s) if mode == "eager" else None)
+        loss_mask=torch.ones(b, s, device=device) if mode == "eager" else None)
     got.sum().backward()
     ulps = ((weight.main_grad - ref).abs() / _bf16_ulp(ref)).max()
     assert ulps <= 1, f"{float(ulps):.2f} bf16 ulps from the fp32-accumulated reference"
