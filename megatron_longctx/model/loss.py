@@ -102,8 +102,10 @@ def _softmax_grad_(probs: torch.Tensor, target: torch.Tensor, vocab_start: int,
 class _ChunkedCrossEntropy(torch.autograd.Function):
     """hidden [N, h], weight [V/TP, h], target [N] -> per-token loss [N] (fp32).
 
-    With `token_weights` (the loss mask) and gradients wanted, each chunk's gradient is formed
-    in the forward pass while its softmax is at hand, weighted by the mask: grad_hidden [N, h]
+    With `token_weights` (the loss mask) and `eager` (the caller's answer to "can a backward
+    follow, outside fp16": under torch.no_grad `ctx.needs_input_grad` still reads true, and
+    grad mode is always off inside forward), each chunk's gradient is formed in the forward
+    pass while its softmax is at hand, weighted by the mask: grad_hidden [N, h]
     and an fp32 grad_W are kept instead of recomputing every chunk's logits in backward (on
     this CPU that recompute made the step 1.26x slower than the stock path at 4K tokens). Cost:
     grad_hidden (tokens x h in the compute dtype) and grad_W (V/TP x h x 4 B: 1.05 GB for
@@ -302,8 +304,9 @@ def vocab_parallel_chunked_cross_entropy(
             (megatron DDP's fp32 buffer) when the weight has one, as gradient-accumulation
             fusion does; otherwise the gradient is returned through autograd.
         loss_mask: [b, s] weights the caller will multiply the losses by (the trainer's loss
-            mask). Given, the gradient is formed in the forward pass (no logits recompute);
-            it stays exact for any other use of the losses (backward then recomputes).
+            mask). Given, with grad mode on and outside fp16, the gradient is formed in the
+            forward pass (no logits recompute); it stays exact for any other use of the
+            losses (backward then recomputes).
 
     Returns:
         fp32 per-token losses [b, s], as megatron's compute_language_model_loss returns them.
