@@ -73,13 +73,13 @@ FP32_RTOL = 1e-4
 BF16_RTOL = 1e-2
 FP8_RTOL = 2e-2
 
-#: The pretrain flags that select the stock loss path and ours (issue 16: model/loss.py).
+#: The pretrain flags that select the stock loss path and ours (model/loss.py).
 #: None would make the part look for such a flag, report candidates, and skip.
 LOSS_PATH_ARGS: dict[str, list[str]] | None = {
     "stock": ["--cross-entropy-impl", "megatron"],
     "ours": ["--cross-entropy-impl", "chunked"],
 }
-#: Flags that name the loss but do not select its implementation (not issue 16's option).
+#: Flags that name the loss but do not select its implementation (not the loss-path switch).
 NOT_LOSS_PATH_FLAGS = ("--on-nan-loss", "--eod-mask-loss")
 
 RECOMPUTE_ARGS = ["--recompute-granularity", "full", "--recompute-method", "uniform",
@@ -615,7 +615,7 @@ def part_correctness(ctx: Ctx) -> None:
     takes `corr_steps` fp32 steps. Device (a child with the GPU visible; in --cpu-smoke a
     second CPU process): the same finetune in fp32 with TF32 off, then in bf16. Starting from a
     trained checkpoint makes the check see a lost load: a model that drops the loaded weights
-    (issue 14's bf16 defect) jumps back to the ~ln(vocab) loss of a random model instead of
+    (an earlier bf16 defect) jumps back to the ~ln(vocab) loss of a random model instead of
     continuing from where stage 1 ended.
     """
     versions = ctx.context.get("versions") or {}
@@ -945,11 +945,11 @@ def part_needle(ctx: Ctx) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# part 5: stock vs chunked loss (issue 16)
+# part 5: stock vs chunked loss
 # ---------------------------------------------------------------------------------------------
 def loss_path_flags() -> tuple[list[str], list[str], list[str]]:
     """pretrain_longctx.py's flags: all, those naming the loss, and those among them not known
-    to be unrelated options (candidates for issue 16's switch)."""
+    to be unrelated options (candidates for the loss-path switch)."""
     from megatron_longctx.config.training import build_pretrain_parser
 
     flags = [opt for action in build_pretrain_parser()._actions
@@ -980,7 +980,7 @@ def part_loss(ctx: Ctx) -> None:
         if f.startswith("--") and f not in flags]
     if LOSS_PATH_ARGS is None or missing:
         raise SkipPartError(
-            "issue 16's chunked loss is not in this tree: no pretrain_longctx.py flag selects "
+            "the chunked loss is not in this tree: no pretrain_longctx.py flag selects "
             f"the loss path (flags naming the loss: {', '.join(named) or 'none'}; candidates: "
             f"{', '.join(candidates) or 'none'}"
             + (f"; LOSS_PATH_ARGS names missing flags {missing}" if missing else
