@@ -418,6 +418,9 @@ def _highlights(name: str, entry: dict) -> str:
                              f"{_fmt(item.get('tflops'), '.3g')} TF"
                              + (f", MFU {100 * mfu:.0f}%" if mfu is not None else "")
                              + f", {_fmt(item.get('peak_memory_gb'), '.1f')} GB")
+        if name == "loss" and r.get("memory_ratio") is not None:
+            parts.append(f"memory stock/ours {r['memory_ratio']:.2f}x, time ours/stock "
+                         f"{r['time_ratio']:.2f}x")
         return "; ".join(parts)
     if name == "needle":
         parts = []
