@@ -41,6 +41,7 @@ from megatron_longctx.config.flags import (
     option,
 )
 from megatron_longctx.config.model import ModelConfig, ParallelConfig, PrecisionConfig, validate_all
+from megatron_longctx.config.plan import PlanConfig
 from megatron_longctx.config.presets import PRESET_NAMES
 from megatron_longctx.config.tokenizer import NULL_TOKENIZER, TOKENIZER_TYPES
 
@@ -334,6 +335,7 @@ class PretrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # --dry-run (megatron_longctx/plan)
     attention_backend: str | None = option(None, Flag(
         "--attention-backend", "TE attention backend: auto | fused | flash | unfused | local",
         group="precision"))
@@ -359,7 +361,8 @@ class PretrainConfig:
         """All checks, in the order a user would fix them; world-size checks last."""
         validate_all(self.model, self.parallel, self.precision, te_available=te_available,
                      world_size=world_size)
-        for part in (self.data, self.optim, self.training, self.checkpoint, self.logging):
+        for part in (self.data, self.optim, self.training, self.checkpoint, self.logging,
+                     self.plan):
             part.validate()
         dp = self.data_parallel_size(world_size)
         gbs, mbs = self.global_batch_size(world_size), self.training.micro_batch_size
@@ -407,6 +410,7 @@ PRETRAIN_GROUPS = {
     "model": "model (defaults from --model-preset)", "data": "data",
     "training": "training", "optim": "training", "parallel": "parallelism",
     "precision": "precision and kernels", "checkpoint": "checkpoints", "logging": "logging",
+    "plan": "memory/time estimate (--dry-run)",
 }
 #: Megatron-LM switches that are not config fields: (flag, argparse kwargs). Translated by
 #: `_compat_settings` (--bf16/--fp16, --num-layers-per-virtual-pipeline-stage) and
