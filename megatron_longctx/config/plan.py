@@ -5,7 +5,7 @@ megatron_longctx/plan/.
 
 Attributes:
     dry_run: `--dry-run`: print the memory and time estimate of the run's own flags and exit
-        (0 when it fits `--gpu-memory-gb`, 1 when it does not) before any process group or
+        (0 when it fits `--gpu-memory-gb`, 4 when it does not) before any process group or
         model exists.
     gpu_memory_gb: usable memory per GPU, GB (10^9 bytes; H100: 80).
     plan_world_size: GPUs of the run for the estimate (default: the launcher's world size,
@@ -29,7 +29,7 @@ class PlanConfig:
     """The planner's flags (see the module docstring)."""
 
     dry_run: bool = option(False, Flag(
-        "--dry-run", "print the memory/time estimate of these flags and exit (0 fits, 1 "
+        "--dry-run", "print the memory/time estimate of these flags and exit (0 fits, 4 "
         "over --gpu-memory-gb) without starting a process group", group="plan"))
     gpu_memory_gb: float = option(80.0, Flag(
         "--gpu-memory-gb", "usable memory per GPU in GB for the estimate", group="plan"))

@@ -347,10 +347,12 @@ def layer_input_bytes(model: ModelConfig, layout: Layout) -> float:
 def backward_transient_bytes(model: ModelConfig, layout: Layout) -> float:
     """Bytes per token alive at the peak of the first layer backward beside the kept
     activations: fc1's output gradient (2f), the gradient of the layer output (h), the norms'
-    rstd, and in bf16/fp16 runs three fp32 h-sized temporaries of the fp32 norm backward."""
+    rstd, and in bf16/fp16 runs of the local spec three fp32 h-sized temporaries of our RMSNorm's
+    fp32 backward (TE's norm backward is fused)."""
     e = DTYPE_BYTES[layout.dtype]
     h = model.hidden_size
-    return (2 * model.ffn_hidden_size / layout.tp + h) * e + 8 + (12 * h if e < 4 else 0)
+    fp32_norm = 12 * h if e < 4 and layout.impl == "local" else 0
+    return (2 * model.ffn_hidden_size / layout.tp + h) * e + 8 + fp32_norm
 
 
 def loss_bytes(model: ModelConfig, layout: Layout, tokens: int) -> dict[str, float]:

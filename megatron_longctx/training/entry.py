@@ -38,6 +38,9 @@ from megatron_longctx.config.training import (
 from megatron_longctx.parallel.init import set_cuda_connections
 from megatron_longctx.training import signals
 
+#: --dry-run's exit code when the layout is estimated over --gpu-memory-gb.
+EXIT_OVER_MEMORY = 4
+
 
 def _resolved_config(argv: list[str] | None, world_size: int) -> tuple[PretrainConfig, object]:
     """(resolved and validated config, its tokenizer); ValueError names the flag."""
@@ -68,7 +71,8 @@ def _resolved_config(argv: list[str] | None, world_size: int) -> tuple[PretrainC
 def _dry_run(argv: list[str] | None, world_size: int) -> int | None:
     """`--dry-run`: the planner's estimate for these flags, before any process group or model
     (megatron_longctx/plan); None when the flag is absent. Exit 0 when the estimate fits
-    --gpu-memory-gb, 1 when it does not; the flags alone are validated, no file is read."""
+    --gpu-memory-gb, EXIT_OVER_MEMORY (4) when it does not (examples/train_128k.sh refuses
+    the layout on 4 only); the flags are validated, no dataset or tokenizer is read."""
     if "--dry-run" not in (sys.argv[1:] if argv is None else argv):
         return None
     from megatron_longctx.plan.inputs import layout_from_config, trainer_model
@@ -90,7 +94,7 @@ def _dry_run(argv: list[str] | None, world_size: int) -> int | None:
         return _error(err)
     text, fits = dry_run_report(trainer_model(cfg), layout, cfg.plan)
     print(text, flush=True)
-    return 0 if fits else 1
+    return 0 if fits else EXIT_OVER_MEMORY
 
 
 def _error(message: object) -> int:
