@@ -160,13 +160,16 @@ def _recompute_choices(model: ModelConfig, layout: Layout, limit: float, mfu: fl
                       budget, gpn)]
     per_chunk = model.num_layers // (layout.pp * layout.vpp)
     best = None
-    for n in range(1, per_chunk + 1):
+    lo, hi = 1, per_chunk  # memory falls as N grows: bisect for the fewest N that fits
+    while lo <= hi:
+        n = (lo + hi) // 2
         c = _candidate(model, replace(layout, recompute_granularity="full",
                                       recompute_method="block", recompute_num_layers=n),
                        limit, mfu, budget, gpn)
         if c.fits:
-            best = c
-            break
+            best, hi = c, n - 1
+        else:
+            lo = n + 1
     out.append(best or _candidate(model, replace(layout, recompute_granularity="full",
                                                  recompute_method="uniform",
                                                  recompute_num_layers=1),

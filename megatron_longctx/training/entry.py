@@ -75,6 +75,7 @@ def _dry_run(argv: list[str] | None, world_size: int) -> int | None:
     the layout on 4 only); the flags are validated, no dataset or tokenizer is read."""
     if "--dry-run" not in (sys.argv[1:] if argv is None else argv):
         return None
+    from megatron_longctx.config.model import validate_all
     from megatron_longctx.plan.inputs import layout_from_config, trainer_model
     from megatron_longctx.plan.report import dry_run_report
 
@@ -88,8 +89,11 @@ def _dry_run(argv: list[str] | None, world_size: int) -> int | None:
     # A GPU run: Transformer Engine (or auto) asked for, or a GPU on this machine.
     cuda = cfg.precision.transformer_impl != "local" or os.path.exists("/dev/nvidiactl")
     layout = layout_from_config(cfg, world, cuda=cuda)
-    try:
-        cfg.validate(world, te_available=layout.impl == "transformer_engine")
+    try:  # the flags only: data and tokenizer files are the trainer's to check
+        validate_all(cfg.model, cfg.parallel, cfg.precision, world_size=world,
+                     te_available=layout.impl == "transformer_engine")
+        cfg.training.validate()
+        cfg.plan.validate()
     except ValueError as err:
         return _error(err)
     text, fits = dry_run_report(trainer_model(cfg), layout, cfg.plan)
