@@ -69,7 +69,9 @@ def layout_from_config(cfg: PretrainConfig, world_size: int, *, cuda: bool = Tru
         dtype=prec.params_dtype, impl=impl, fp8=prec.fp8 is not None,
         cross_entropy_impl=prec.cross_entropy_impl,
         cross_entropy_chunk_size=prec.cross_entropy_chunk_size,
-        cp_comm_type=p.cp_comm_type, fused_kernels=cuda, overlap_grad_reduce=overlap)
+        cp_comm_type=p.cp_comm_type, fused_kernels=cuda, overlap_grad_reduce=overlap,
+        offload_modules=tuple(t.offload_modules or ()) if t.fine_grained_activation_offloading
+        else ())
 
 
 def trainer_model(cfg: PretrainConfig, vocab_size: int | None = None) -> ModelConfig:

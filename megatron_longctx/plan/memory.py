@@ -60,8 +60,6 @@ GIB = float(1 << 30)
 #: Default allocator margin on GPUs: fraction of the estimate plus a fixed reserve (bytes).
 DEFAULT_MARGIN_FRACTION = 0.08
 DEFAULT_MARGIN_FIXED = int(2.5 * (1 << 30))
-#: megatron's default `offload_modules` choices for dense models (fine-grained offloading).
-OFFLOAD_MODULES = ("attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm")
 
 
 @dataclass(frozen=True)

@@ -121,3 +121,25 @@ def test_dry_run_over_memory_exits_4_with_layouts_that_fit():
                     "--plan-world-size", "8", "--use-distributed-optimizer")
     assert proc.returncode == 4, proc.stderr
     assert "DOES NOT FIT" in proc.stdout and "--recompute-granularity full" in proc.stdout
+
+
+def test_activation_offloading_flags_are_checked_and_counted():
+    from megatron_longctx.config.training import parse_pretrain_args
+    from megatron_longctx.plan.inputs import layout_from_config
+
+    base = ["--model-preset", "llama2-7b", "--seq-length", "32768", "--mock-data",
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", "32000", "--train-iters", "1",
+            "--bf16"]
+    cfg = parse_pretrain_args([*base, "--fine-grained-activation-offloading",
+                               "--offload-modules", "core_attn", "attn_proj"])
+    cfg.training.validate()
+    with_offload = layout_from_config(cfg, 1)
+    assert with_offload.offload_modules == ("core_attn", "attn_proj")
+    plain = layout_from_config(parse_pretrain_args(base), 1)
+    model = with_sequence(get_preset("llama2-7b"), 32768)
+    assert (estimate_memory(model, with_offload).activation_bytes
+            < estimate_memory(model, plain).activation_bytes)
+    bad = parse_pretrain_args([*base, "--fine-grained-activation-offloading",
+                               "--offload-modules", "attn_proj"])
+    with pytest.raises(ValueError, match="--offload-modules attn_proj needs core_attn"):
+        bad.training.validate()
