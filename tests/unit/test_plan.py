@@ -143,3 +143,29 @@ def test_activation_offloading_flags_are_checked_and_counted():
                                "--offload-modules", "attn_proj"])
     with pytest.raises(ValueError, match="--offload-modules attn_proj needs core_attn"):
         bad.training.validate()
+
+
+def test_tool_reads_an_hf_config_dir_and_searches(tmp_path, capsys):
+    """tools/plan_layout.py: the model from an HF config.json equals the preset's; --search
+    prints ranked layouts and the flags of the best; exit 0."""
+    import json
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import plan_layout
+
+    from megatron_longctx.convert.hf_llama import hf_config_from_model
+
+    (tmp_path / "config.json").write_text(json.dumps(
+        hf_config_from_model(get_preset("llama3-8b"), "bf16")))
+    assert plan_layout.main(["--hf-config", str(tmp_path), "--seq-length", "65536",
+                             "--tp", "2", "--cp", "4", "--recompute", "block:12"]) == 0
+    from_hf = capsys.readouterr().out
+    assert plan_layout.main(["--model-preset", "llama3-8b", "--seq-length", "65536",
+                             "--tp", "2", "--cp", "4", "--recompute", "block:12"]) == 0
+    from_preset = capsys.readouterr().out
+    assert from_hf == from_preset and "fits in 80 GB" in from_hf
+    assert plan_layout.main(["--model-preset", "llama2-7b", "--seq-length", "65536",
+                             "--search"]) == 0
+    out = capsys.readouterr().out
+    assert "best: --tensor-model-parallel-size" in out and "rejected (over memory)" in out
+    assert plan_layout.main(["--seq-length", "1024"]) == 2
