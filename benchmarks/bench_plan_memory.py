@@ -109,6 +109,18 @@ def worker(argv: list[str]) -> int:
             wrapped.owner = chunk
             chunk.buffers = wrapped
         tracker.track_external(*[c.module for c in chunks], *inner)
+        pre_forward = tracker._pre_fw_hook
+
+        def next_microbatch(module: torch.nn.Module, inputs: object) -> None:
+            # MemTracker refuses a root module entered again in forward (it takes that for the
+            # next iteration); pipeline schedules do so per micro-batch. Only the global
+            # snapshots are read here, so the module's own statistics are dropped instead.
+            if not tracker._mod_tracker.is_bw and set(tracker._mod_tracker.parents) <= {
+                    "Global", tracker._mod_tracker.get_known_fqn(module)}:
+                tracker.memory_tracking.pop(module, None)
+            pre_forward(module, inputs)
+
+        tracker._pre_fw_hook = next_microbatch
         model_storages = {p.untyped_storage().data_ptr() for c in chunks
                           for p in c.module.parameters()}
         for chunk in chunks:
@@ -160,7 +172,9 @@ def run_config(argv: list[str], world: int, timeout: float = 600) -> list[dict]:
     reports = [json.loads(line[6:]) for out in outs for line in out.splitlines()
                if line.startswith("BENCH ")]
     if len(reports) != world or any(r["code"] for r in reports):
-        raise RuntimeError("trainer failed: " + " / ".join(outs[-1].splitlines()[-5:]))
+        bad = next((o for o, p in zip(outs, procs) if p.returncode), outs[-1])
+        lines = [line for line in bad.splitlines() if "Error" in line or "error" in line]
+        raise RuntimeError("trainer failed: " + " / ".join((lines or bad.splitlines())[-4:]))
     return sorted(reports, key=lambda r: r["rank"])
 
 
