@@ -103,6 +103,7 @@ PARTS: tuple[Part, ...] = (
     Part("needle", 110, 120, "converted random HF model, needle tool at 32K"),
     Part("loss", 45, 60, "stock vs chunked loss memory (issue 16)"),
     Part("te", 90, 60, "Transformer Engine bf16 / FP8 / FP8 attention"),
+    Part("plan-memory", 90, 150, "planner estimate vs max_memory_allocated, 7B slice 16K/32K"),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
 PARTS_BY_NAME = {p.name: p for p in PARTS}

@@ -920,6 +920,59 @@ def part_te(ctx: Ctx) -> None:
         ctx.rec.result(fp8_skipped="FP8 needs compute capability 8.9+")
 
 
+# ---------------------------------------------------------------------------------------------
+# part: the layout planner's estimate against the device's measured peak
+# ---------------------------------------------------------------------------------------------
+def part_plan_memory(ctx: Ctx) -> None:
+    """`megatron_longctx.plan.memory.estimate_memory` (no allocator margin) vs
+    `torch.cuda.max_memory_allocated` for a 2-layer slice of LLaMA-2 7B (bf16, one GPU, 2 steps
+    of `pretrain`) at 16K and 32K tokens, local spec and, when importable, Transformer Engine.
+    Check: total within 10% (docs/slurm.md has the CPU table; this is the GPU leg, including
+    the TE terms that CPU runs cannot measure). --cpu-smoke: the tiny preset at 1K/2K, peak
+    RSS against the estimate (RSS includes the process's ~0.5 GB baseline: recorded only)."""
+    require_megatron()
+    require_cuda(ctx)
+    from megatron_longctx.model.build import te_available
+    from megatron_longctx.plan.inputs import layout_from_config, trainer_model
+    from megatron_longctx.plan.memory import estimate_memory
+
+    preset, vocab, layers = ("tiny", 512, 2) if ctx.smoke else ("llama2-7b", 32000, 2)
+    seqs = (1024, 2048) if ctx.smoke else (16384, 32768)
+    impls = ["local"] + (["transformer_engine"] if te_available() and not ctx.smoke else [])
+    runs: dict[str, Any] = {}
+    ctx.rec.result(model=f"{preset} x {layers} layers, bf16", runs=runs)
+    for impl in impls:
+        for seq in seqs:
+            label = f"{impl} {_label(seq)}"
+            if ctx.time_left() < 15:
+                runs[label] = {"skipped": "deadline"}
+                continue
+            argv = trainer_argv(preset=preset, seq=seq, vocab=vocab, gbs=1, iters=2, lr=1e-5,
+                                layers=layers, extra=["--bf16", "--transformer-impl", impl])
+            try:
+                measured = timed_pretrain(argv, warmup=1)
+            except Exception as err:  # noqa: BLE001  (an OOM or a TE failure is a result)
+                ctx.rec.error(label, err)
+                runs[label] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                free_memory()
+                continue
+            cfg = pretrain_config(argv)
+            est = estimate_memory(trainer_model(cfg),
+                                  layout_from_config(cfg, 1, cuda=not ctx.smoke),
+                                  margin_fraction=0.0, margin_fixed=0)
+            peak_gb = measured["peak_memory_gb"] * (1 << 30) / 1e9
+            est_gb = est.raw_bytes / 1e9
+            runs[label] = {"command": measured["command"], "measured_gb": round(peak_gb, 3),
+                           "estimated_gb": round(est_gb, 3),
+                           "model_state_gb": round(est.model_state_bytes / 1e9, 3),
+                           "rel_error": round((est_gb - peak_gb) / peak_gb, 4)}
+            ctx.rec.result(runs=runs)
+            if not ctx.smoke:
+                ctx.rec.check(f"plan {label} within 10%",
+                              {"ok": abs(est_gb - peak_gb) <= 0.1 * peak_gb,
+                               "measured_gb": peak_gb, "estimated_gb": est_gb})
+
+
 PART_FUNCTIONS: dict[str, Callable[[Ctx], None]] = {
     "versions": part_versions,
     "correctness": part_correctness,
@@ -928,4 +981,5 @@ PART_FUNCTIONS: dict[str, Callable[[Ctx], None]] = {
     "needle": part_needle,
     "loss": part_loss,
     "te": part_te,
+    "plan-memory": part_plan_memory,
 }
