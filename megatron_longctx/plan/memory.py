@@ -358,7 +358,8 @@ def loss_bytes(model: ModelConfig, layout: Layout, tokens: int) -> dict[str, flo
     e = DTYPE_BYTES[layout.dtype]
     h = model.hidden_size
     rows = model.padded_vocab(layout.tp) // layout.tp
-    out: dict[str, float] = {"final norm": tokens * (8 * h + e * h + 4)}
+    sp = layout.tp if layout.sequence_parallel else 1  # the final norm runs on s / TP tokens
+    out: dict[str, float] = {"final norm": tokens * (8 * h + e * h + 4) / sp}
     if layout.cross_entropy_impl == "megatron":
         per = 4 if layout.dtype == "fp32" else 6
         out["logits (stock loss)"] = per * tokens * rows + 2 * e * tokens * h
