@@ -465,7 +465,10 @@ def estimate_memory(model: ModelConfig, layout: Layout, *, stage: int | None = N
         if layout.recompute_method == "block":
             kept = min(n, per_chunk) * layout.vpp
             acts["layer activations"] = flight * ((layers - kept) * per_layer + kept * layer_in)
-            acts["recomputed layer"] = per_layer if kept else 0.0
+            # The recomputed layers come first, so their backward runs last: by then the kept
+            # layers' activations are freed and one rebuilt layer replaces them (measured: no
+            # extra layer at the peak unless every layer is recomputed).
+            acts["recomputed layer"] = per_layer if kept >= layers else 0.0
             notes["layer activations"] = (f"{layers - kept} layers keep activations "
                                           f"({per_layer / GIB:.3f} GiB each), {kept} keep only "
                                           f"their input, x {flight:g} micro-batches in flight")
@@ -477,6 +480,8 @@ def estimate_memory(model: ModelConfig, layout: Layout, *, stage: int | None = N
                                           f"({layer_in / GIB:.3f} GiB each) x {flight:g} "
                                           f"micro-batches in flight")
         notes["recomputed layer"] = "one recompute unit rebuilt during its backward"
+        if not acts["recomputed layer"]:
+            del acts["recomputed layer"]
     else:
         acts["layer activations"] = flight * layers * per_layer
         notes["layer activations"] = (f"{layers} layers x {per_layer / GIB:.3f} GiB per layer "
