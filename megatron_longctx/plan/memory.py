@@ -86,7 +86,6 @@ class Layout:
             = one bucket per buffer.
         offload_modules: megatron's fine-grained activation offloading: the modules whose
             inputs go to host memory during forward (empty = off).
-        untie_override: unused placeholder for tied-embedding models (the model decides).
     """
 
     tp: int = 1
