@@ -4,6 +4,9 @@
 Megatron-LM flag names (see `python pretrain_longctx.py --help` and docs/training.md). Launch
 with torchrun or srun (one process per GPU); ranks come from the environment.
 
+`--dry-run` prints the per-GPU memory and step-time estimate of the flags and exits (0 fits,
+4 over --gpu-memory-gb) before any process group (megatron_longctx/plan, docs/slurm.md).
+
 Exit codes: 0 done; 2 bad flags or inputs (one line naming the file); 3 NaN/Inf loss with
 --on-nan-loss stop; 75 saved after SIGTERM/SIGUSR1 (--exit-signal-handler) or
 --exit-duration-in-mins, or signalled before the first step (nothing to save): requeue to

@@ -12,28 +12,31 @@ registered in gpu_check_parts.py (`register_part`; its docstring says how to add
 ===========  =============================================================  ======  ========
 part         what it measures (the product's code paths it goes through)    budget  estimate
 ===========  =============================================================  ======  ========
-versions     torch / CUDA / driver / GPU / megatron-core / TE versions,     40 s    ~15 s
+versions     torch / CUDA / driver / GPU / megatron-core / TE versions,     30 s    ~15 s
              csrc backend, measured bf16 matmul TFLOP/s (8192^3)
-correctness  tiny preset: `pretrain` 20 steps on CPU + `--save`; then       75 s    ~30 s
+correctness  tiny preset: `pretrain` 20 steps on CPU + `--save`; then       60 s    ~30 s
              `--load --finetune` 4 steps on CPU fp32 (reference, in the
              part's own process), CUDA fp32 and CUDA bf16; losses compared
-throughput   LLaMA-2 7B layer shapes x 4 (1.07B params), bf16, local spec   110 s   ~35 s
+throughput   LLaMA-2 7B layer shapes x 4 (1.07B params), bf16, local spec   75 s    ~35 s
              + SDPA, mock data, `pretrain` at 8K / 32K / 64K tokens:
              tokens/s, TFLOP/s, MFU (training/metrics.py), peak memory
-needle       random HF LLaMA (same shapes) -> `convert_hf_to_megatron` ->   100 s   ~50 s
+needle       random HF LLaMA (same shapes) -> `convert_hf_to_megatron` ->   80 s    ~50 s
              our eval backend at 32K: prefill tokens/s, decode ms/token,
              one needle cell (`run_needle`); then the HF backend the same
-loss         stock vs chunked loss, 2 layers of that shape, 16K tokens,     60 s    ~30 s
+loss         stock vs chunked loss, 2 layers of that shape, 16K tokens,     50 s    ~30 s
              LLaMA-3's 128,256 vocabulary, order stock/ours/ours/stock:
              peak memory, step time, first loss
-te           TE spec bf16, FP8 hybrid delayed, FP8 + FP8 attention at 8K:   70 s    ~40 s
+te           TE spec bf16, FP8 hybrid delayed, FP8 + FP8 attention at 8K:   60 s    ~40 s
              losses vs TE bf16 and tokens/s (skips without TE)
+plan-memory  the layout planner's estimate (megatron_longctx/plan) vs      60 s    ~45 s
+             torch.cuda.max_memory_allocated: 2 layers of LLaMA-2 7B,
+             bf16, 16K and 32K tokens, local spec and TE when present
 ===========  =============================================================  ======  ========
 
 Estimates are for one H100 SXM.
-Budgets sum to 455 s (7 min 35 s), under the 470 s global deadline. Device time (15 minutes in
+Budgets sum to 415 s (6 min 55 s), under the 470 s global deadline. Device time (15 minutes in
 all): machine start (~2 min) + install and csrc build (~30 s) + this run (<= 470 s) + a rerun of
-the longest part (110 s + a process start) + transfers leave ~2 minutes spare
+the longest part (80 s + a process start) + transfers leave ~2 minutes spare
 (docs/gpu-validation.md has the plan). Estimates come from FLOPs at 40% of the H100's 989
 TFLOP/s bf16 peak plus process starts (~5 s each: torch + megatron-core import, CUDA context)
 and model builds: docs/gpu-validation.md has the arithmetic. A part is killed at min(its

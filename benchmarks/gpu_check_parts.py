@@ -497,7 +497,7 @@ def _estimate_s(prev: dict[str, Any] | None, flops_ratio: float, steps: int) -> 
 # ---------------------------------------------------------------------------------------------
 # part 1: versions
 # ---------------------------------------------------------------------------------------------
-@register_part("versions", gpu_budget_s=40, smoke_budget_s=60,
+@register_part("versions", gpu_budget_s=30, smoke_budget_s=60,
                what="versions, GPU, measured bf16 matmul rate")
 def part_versions(ctx: Ctx) -> None:
     """Versions of everything the numbers depend on, and the device's measured matmul rate."""
@@ -604,7 +604,7 @@ def _corr_argv(s: Shapes, *, iters: int, lr: float, extra: list[str]) -> list[st
                         extra=["--transformer-impl", "local", *extra])
 
 
-@register_part("correctness", gpu_budget_s=75, smoke_budget_s=150,
+@register_part("correctness", gpu_budget_s=60, smoke_budget_s=150,
                what="tiny model losses: CUDA fp32 == CPU, bf16 within tolerance",
                cpu_process=True)
 def part_correctness(ctx: Ctx) -> None:
@@ -756,7 +756,7 @@ def _run_series(ctx: Ctx, items: list[tuple[str, list[str], int, float]],
         ctx.rec.result(runs=runs)
 
 
-@register_part("throughput", gpu_budget_s=110, smoke_budget_s=120,
+@register_part("throughput", gpu_budget_s=75, smoke_budget_s=120,
                what="1.07B LLaMA-shaped bf16 local+SDPA at 8K/32K/64K")
 def part_throughput(ctx: Ctx) -> None:
     """LLaMA-shaped 1.07B model (LLaMA-2 7B layers, 4 of them), bf16, local spec + SDPA, at
@@ -885,7 +885,7 @@ def _time_generation(model: Any, length: int, decode_tokens: int) -> dict[str, A
     return result
 
 
-@register_part("needle", gpu_budget_s=100, smoke_budget_s=120,
+@register_part("needle", gpu_budget_s=80, smoke_budget_s=120,
                what="converted random HF model, needle tool at 32K")
 def part_needle(ctx: Ctx) -> None:
     """The needle tool at `needle_length` on a converted random HF model.
@@ -958,7 +958,7 @@ def loss_path_flags() -> tuple[list[str], list[str], list[str]]:
     return flags, named, [f for f in named if f not in NOT_LOSS_PATH_FLAGS]
 
 
-@register_part("loss", gpu_budget_s=60, smoke_budget_s=120,
+@register_part("loss", gpu_budget_s=50, smoke_budget_s=120,
                what="stock vs chunked loss: memory, time, loss")
 def part_loss(ctx: Ctx) -> None:
     """Stock megatron loss path vs ours (the chunked cross-entropy, model/loss.py) at
@@ -1038,7 +1038,7 @@ TE_VARIANTS: dict[str, list[str]] = {
 TE_VARIANTS["te-fp8-attention"] = [*TE_VARIANTS["te-fp8"], "--fp8-dot-product-attention"]
 
 
-@register_part("te", gpu_budget_s=70, smoke_budget_s=60,
+@register_part("te", gpu_budget_s=60, smoke_budget_s=60,
                what="Transformer Engine bf16 / FP8 / FP8 attention")
 def part_te(ctx: Ctx) -> None:
     """TE spec in bf16, FP8 (hybrid, delayed scaling) and FP8 + FP8 attention at `te_seq`
@@ -1086,3 +1086,62 @@ def part_te(ctx: Ctx) -> None:
             if name != "te-bf16":
                 ctx.rec.skip_check(f"{name}_vs_te_bf16", "FP8 needs compute capability 8.9+")
 
+
+# ---------------------------------------------------------------------------------------------
+# part: the layout planner's estimate against the device's measured peak
+# ---------------------------------------------------------------------------------------------
+@register_part("plan-memory", gpu_budget_s=60, smoke_budget_s=150,
+               what="planner estimate vs max_memory_allocated, 7B slice 16K/32K")
+def part_plan_memory(ctx: Ctx) -> None:
+    """`megatron_longctx.plan.memory.estimate_memory` (no allocator margin) vs
+    `torch.cuda.max_memory_allocated` for a 2-layer slice of LLaMA-2 7B (bf16, one GPU, 2 steps
+    of `pretrain`) at 16K and 32K tokens, local spec and, when importable, Transformer Engine.
+    Check: total within 10% (docs/slurm.md has the CPU table; this is the GPU leg, including
+    the TE terms that CPU runs cannot measure). --cpu-smoke: the tiny preset at 1K/2K, peak
+    RSS against the estimate (RSS includes the process's ~0.5 GB baseline: recorded only)."""
+    require_megatron()
+    require_cuda(ctx)
+    from megatron_longctx.model.build import te_available
+    from megatron_longctx.plan.inputs import layout_from_config, trainer_model
+    from megatron_longctx.plan.memory import estimate_memory
+
+    preset, vocab, layers = ("tiny", 512, 2) if ctx.smoke else ("llama2-7b", 32000, 2)
+    seqs = (1024, 2048) if ctx.smoke else (16384, 32768)
+    impls = ["local"] + (["transformer_engine"] if te_available() and not ctx.smoke else [])
+    runs: dict[str, Any] = {}
+    ctx.rec.result(model=f"{preset} x {layers} layers, bf16", runs=runs)
+    if not ctx.smoke:
+        for impl in impls:
+            for seq in seqs:
+                ctx.rec.expect(f"plan {impl} {_label(seq)} within 10%",
+                               "planner estimate vs torch.cuda.max_memory_allocated")
+    for impl in impls:
+        for seq in seqs:
+            label = f"{impl} {_label(seq)}"
+            if ctx.time_left() < 15:
+                runs[label] = {"skipped": "deadline"}
+                continue
+            argv = trainer_argv(preset=preset, seq=seq, vocab=vocab, gbs=1, iters=2, lr=1e-5,
+                                layers=layers, extra=["--bf16", "--transformer-impl", impl])
+            try:
+                measured = timed_pretrain(argv, warmup=1)
+            except Exception as err:  # noqa: BLE001  (an OOM or a TE failure is a result)
+                ctx.rec.error(label, err)
+                runs[label] = {"error": f"{type(err).__name__}: {err}"[:300]}
+                free_memory()
+                continue
+            cfg = pretrain_config(argv)
+            est = estimate_memory(trainer_model(cfg),
+                                  layout_from_config(cfg, 1, cuda=not ctx.smoke),
+                                  margin_fraction=0.0, margin_fixed=0)
+            peak_gb = measured["peak_memory_gb"] * (1 << 30) / 1e9
+            est_gb = est.raw_bytes / 1e9
+            runs[label] = {"command": measured["command"], "measured_gb": round(peak_gb, 3),
+                           "estimated_gb": round(est_gb, 3),
+                           "model_state_gb": round(est.model_state_bytes / 1e9, 3),
+                           "rel_error": round((est_gb - peak_gb) / peak_gb, 4)}
+            ctx.rec.result(runs=runs)
+            if not ctx.smoke:
+                ctx.rec.check(f"plan {label} within 10%",
+                              {"passed": abs(est_gb - peak_gb) <= 0.1 * peak_gb,
+                               "measured_gb": peak_gb, "estimated_gb": est_gb})

@@ -343,6 +343,31 @@ CMD=(
   "${EXTRA_ARGS[@]}"
 )
 
+# ---------------------------------------------------------------------------------------------
+# Memory check before srun: the planner's estimate for exactly these flags
+# (`pretrain_longctx.py --dry-run`: no process group, seconds). A layout estimated over
+# GPU_MEMORY_GB per GPU stops the job here (exit 2) with the estimate by term and layouts that
+# fit, instead of an out-of-memory crash after start-up. PLAN_CHECK=0 skips it (e.g. a layout
+# measured to fit). An estimate that cannot run (e.g. no Python environment on the batch host)
+# only warns. Skipped with CONTAINER_IMAGE (the batch host may lack the image's packages).
+: "${PLAN_CHECK:=1}"
+: "${GPU_MEMORY_GB:=80}"
+if [[ $PLAN_CHECK == 1 && -z $CONTAINER_IMAGE ]]; then
+  PLAN_RC=0
+  "$PYTHON" "$REPO_DIR/pretrain_longctx.py" "${MODEL_ARGS[@]}" "${CONTEXT_ARGS[@]}" \
+    "${DATA_ARGS[@]}" "${TRAINING_ARGS[@]}" "${PARALLEL_ARGS[@]}" "${PRECISION_ARGS[@]}" \
+    "${EXTRA_ARGS[@]}" --dry-run --plan-world-size "$WORLD_SIZE" \
+    --gpu-memory-gb "$GPU_MEMORY_GB" || PLAN_RC=$?
+  if (( PLAN_RC == 4 )); then
+    echo "error: TP$TP CP$CP PP$PP with RECOMPUTE_NUM_LAYERS=$RECOMPUTE_NUM_LAYERS is estimated" \
+         "over $GPU_MEMORY_GB GB per GPU (estimate above); use a suggested layout or" \
+         "PLAN_CHECK=0 to run anyway" >&2
+    exit 2
+  elif (( PLAN_RC != 0 )); then
+    echo "warning: memory estimate failed (exit $PLAN_RC); starting without it" >&2
+  fi
+fi
+
 # The resolved command of this attempt, re-runnable by hand inside an allocation.
 {
   echo "# job $SLURM_JOB_ID attempt $ATTEMPT on $SLURM_JOB_NODELIST ($WORLD_SIZE tasks," \

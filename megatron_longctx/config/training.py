@@ -41,11 +41,14 @@ from megatron_longctx.config.flags import (
     option,
 )
 from megatron_longctx.config.model import ModelConfig, ParallelConfig, PrecisionConfig, validate_all
+from megatron_longctx.config.plan import PlanConfig
 from megatron_longctx.config.presets import PRESET_NAMES
 from megatron_longctx.config.tokenizer import NULL_TOKENIZER, TOKENIZER_TYPES
 
 LR_DECAY_STYLES = ("constant", "cosine", "linear")
 NAN_POLICIES = ("stop", "skip")
+#: megatron-core 0.16.1's offload_modules for dense models (MoE ones are not used here).
+OFFLOAD_MODULES = ("attn_norm", "qkv_linear", "core_attn", "attn_proj", "mlp_norm")
 
 #: Exit code after a save on SIGTERM/SIGUSR1 or --exit-duration-in-mins: "requeue me".
 #: 75 is EX_TEMPFAIL (sysexits.h): the job is not done and a rerun will continue it.
@@ -234,6 +237,12 @@ class TrainingConfig:
         "--recompute-method", "with full: uniform | block"))
     recompute_num_layers: int | None = option(None, Flag(
         "--recompute-num-layers", "layers per recompute unit (uniform) or recomputed (block)"))
+    fine_grained_activation_offloading: bool = option(False, Flag(
+        "--fine-grained-activation-offloading", "megatron-core's activation offloading: the "
+        "inputs of --offload-modules go to host memory in forward (CUDA only)"))
+    offload_modules: list[str] | None = option(None, Flag(
+        "--offload-modules", "with --fine-grained-activation-offloading: attn_norm qkv_linear "
+        "core_attn attn_proj mlp_norm (attn_proj needs core_attn)"))
     on_nan_loss: str = option("stop", Flag("--on-nan-loss", "stop | skip"))
     exit_duration_in_mins: float | None = option(None, Flag(
         "--exit-duration-in-mins", f"save and exit {EXIT_REQUEUE} after this wall time"))
@@ -264,6 +273,17 @@ class TrainingConfig:
             raise ValueError("--recompute-method needs --recompute-granularity full")
         if self.recompute_method and (self.recompute_num_layers or 0) < 1:
             raise ValueError("--recompute-method needs --recompute-num-layers >= 1")
+        offload = self.offload_modules or []
+        if self.fine_grained_activation_offloading and not offload:
+            raise ValueError("--fine-grained-activation-offloading needs --offload-modules")
+        if offload and not self.fine_grained_activation_offloading:
+            raise ValueError("--offload-modules needs --fine-grained-activation-offloading")
+        bad = sorted(set(offload) - set(OFFLOAD_MODULES))
+        if bad:
+            raise ValueError(f"--offload-modules: {' '.join(bad)} not in {OFFLOAD_MODULES}")
+        if "attn_proj" in offload and "core_attn" not in offload:
+            raise ValueError("--offload-modules attn_proj needs core_attn too (the projection's "
+                             "input is core attention's output)")
         if self.on_nan_loss not in NAN_POLICIES:
             raise ValueError(f"--on-nan-loss must be one of {NAN_POLICIES}, got "
                              f"{self.on_nan_loss!r}")
@@ -334,6 +354,7 @@ class PretrainConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)  # --dry-run (megatron_longctx/plan)
     attention_backend: str | None = option(None, Flag(
         "--attention-backend", "TE attention backend: auto | fused | flash | unfused | local",
         group="precision"))
@@ -359,7 +380,8 @@ class PretrainConfig:
         """All checks, in the order a user would fix them; world-size checks last."""
         validate_all(self.model, self.parallel, self.precision, te_available=te_available,
                      world_size=world_size)
-        for part in (self.data, self.optim, self.training, self.checkpoint, self.logging):
+        for part in (self.data, self.optim, self.training, self.checkpoint, self.logging,
+                     self.plan):
             part.validate()
         dp = self.data_parallel_size(world_size)
         gbs, mbs = self.global_batch_size(world_size), self.training.micro_batch_size
@@ -407,6 +429,7 @@ PRETRAIN_GROUPS = {
     "model": "model (defaults from --model-preset)", "data": "data",
     "training": "training", "optim": "training", "parallel": "parallelism",
     "precision": "precision and kernels", "checkpoint": "checkpoints", "logging": "logging",
+    "plan": "memory/time estimate (--dry-run)",
 }
 #: Megatron-LM switches that are not config fields: (flag, argparse kwargs). Translated by
 #: `_compat_settings` (--bf16/--fp16, --num-layers-per-virtual-pipeline-stage) and

@@ -96,6 +96,14 @@ def transformer_overrides(cfg: PretrainConfig) -> dict[str, Any]:
         if t.recompute_granularity == "full":
             overrides["recompute_method"] = t.recompute_method
             overrides["recompute_num_layers"] = t.recompute_num_layers
+    if t.fine_grained_activation_offloading:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ValueError("--fine-grained-activation-offloading needs CUDA (megatron's "
+                             "offload manager runs on CUDA streams and events)")
+        overrides["fine_grained_activation_offloading"] = True
+        overrides["offload_modules"] = list(t.offload_modules or [])
     if cfg.attention_backend:
         from megatron.core.transformer.enums import AttnBackend
 

@@ -221,3 +221,32 @@ def test_model_flags_replace_the_llama2_architecture(tmp_path):
     proc = _launch(tmp_path, _shims(tmp_path), SMOKE="0", SLURM_NTASKS="8",
                    MIXTURE_PLAN=str(plan), HF_MODEL_DIR="/models/hf")
     assert "--ffn-hidden-size 11008" in _calls(tmp_path).splitlines()[-1]
+
+
+def _planned(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
+    """train_128k.sh with the real planner (`pretrain_longctx.py --dry-run`) before srun."""
+    import sys
+
+    return _launch(tmp_path, _shims(tmp_path), PYTHON=sys.executable, REPO_DIR=str(REPO),
+                   PYTHONPATH=str(REPO), **env)
+
+
+def test_layout_over_memory_is_refused_before_srun(tmp_path):
+    """LLaMA-2 7B at 128K on TP1 x CP1 without recompute cannot fit 80 GB: the job stops with
+    the estimate and layouts that fit, and srun never runs."""
+    proc = _planned(tmp_path, SMOKE="0", SLURM_NTASKS="8", TP="1", CP="1",
+                    RECOMPUTE_NUM_LAYERS="0", PRECISION="bf16")
+    assert proc.returncode == 2, proc.stderr
+    assert "estimated over 80 GB" in proc.stderr
+    assert "DOES NOT FIT" in proc.stdout and "flags:" in proc.stdout
+    assert "srun" not in _calls(tmp_path)
+
+
+def test_smoke_layout_passes_the_check_and_plan_check_0_skips_it(tmp_path):
+    proc = _planned(tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "fits in 80 GB" in proc.stdout and "srun" in _calls(tmp_path)
+    (tmp_path / "skip").mkdir()
+    skipped = _planned(tmp_path / "skip", SMOKE="0", SLURM_NTASKS="8", TP="1", CP="1",
+                       RECOMPUTE_NUM_LAYERS="0", PRECISION="bf16", PLAN_CHECK="0")
+    assert "DOES NOT FIT" not in skipped.stdout and "srun" in _calls(tmp_path / "skip")
