@@ -29,22 +29,20 @@ Length: RULER's rule, `prompt tokens (BOS included) + new tokens <= length` unde
 tokenizer. Each sample's size is one integer `units` (haystack words for essay, noise or
 distractor lines, distinct words for cwe, total words for fwe, JSON pairs, documents for QA):
 the largest fitting `units` is searched once per (task, length) on sample 0 by interpolation
-(3-6 tokenizations of a full prompt; RULER instead grows the haystack in fixed steps of 500
-words or 25 lines, 50-250 tokenizations at 128K), and every sample starts from it and shrinks
-only when its own random values tokenize longer. Prompts therefore sit within a few units of
-the length (tests: within 2% at 1-4K with a small test tokenizer).
+(3-6 tokenizations of a full prompt; RULER HEAD bisects, ~17-25), and every sample starts from
+it and shrinks only when its own random values tokenize longer. Prompts therefore sit within a
+few units of the length (tests: within 5% at 2K and 8K with a small test tokenizer). json_kv
+takes HELMET's fixed pair count for the length instead when it fits.
 
 Randomness: each sample draws from `SeedSequence([seed, crc32(task), length, index])`, whatever
 `units` it is built at, so a sample is reproducible alone (resume, TP ranks, reordering).
 RULER's generators draw from one global stream (sample i depends on samples 0..i-1) and shuffle
-needles and word lists with the same fixed seed for every sample; ours shuffle per sample.
+word lists with the same fixed seed for every sample; ours shuffle per sample. QA follows
+RULER's order exactly: question i of the file, gold documents where `random.Random(seed)`'s
+shuffle puts them.
 
-Deliberate differences, each to keep every answer retrievable from the prompt (the oracle test):
-distractor keys never equal a real key (RULER samples them independently: a collision is
-possible among ~1M adjective-noun keys); vt chain start values are distinct; fwe refuses a
-length whose top-3 counts could tie (below ~75 words); word-list entries with spaces (e.g.
-"contact lens") are dropped so a numbered list splits unambiguously (19 of ~8,700). Essay
-sentences are split with a regex (`.`, `!`, `?` followed by whitespace) instead of nltk's Punkt.
+Every deliberate difference from RULER's and HELMET's code, with its expected effect on a
+score, is listed in docs/evaluation.md ("Deliberate differences from RULER and HELMET").
 """
 
 from __future__ import annotations
