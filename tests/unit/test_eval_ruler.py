@@ -1,7 +1,15 @@
-"""RULER-style suite: scoring by hand, generation checked against RULER's definitions (needle,
-key, value and query counts, chain lengths, word frequencies, prompt lengths under the
-tokenizer), determinism, an oracle that answers from the prompt alone scores 100 on every
-task at every length and a random model ~0, resume, shared-prefix KV reuse equal to plain
+"""RULER-style suite: generated prompts read back through RULER's and HELMET's published
+templates and checked against their published parameters (typed here from their sources, not
+taken from our TASKS table): needle, key, value and query counts, vt hops and its ~500-token
+3-letter-name example, cwe frequencies and example sizes on both sides of 4096, fwe's Zipf
+counts, json_kv's pair counts and scoring, QA's question order and gold position. Each of
+these mutations fails a test here (checked by hand, 2026-12-07): multivalue answers cut to 1
+of 4 values, multikey_1 with 1 key, vt with 1 hop, cwe with other frequencies (either side of
+4096), any template sentence changed (niah, singular niah, vt, cwe, fwe, QA, json_kv). Also:
+scoring by hand, a LLaMA-3-sized tokenizer at 131,072 tokens (cwe past wonderwords' words), a
+failing cell that does not stop the others, the headline (RULER's 13-task mean with QA, else
+labelled), a non-repeating default haystack, an oracle that answers from the prompt alone
+scores 100 everywhere and a random model ~0, resume, shared-prefix KV reuse equal to plain
 generation (ours and HF), and the CLI end to end."""
 
 from __future__ import annotations
