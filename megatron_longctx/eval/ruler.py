@@ -267,8 +267,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     if training:
         lines.append(f"* training length: {training:,} tokens")
     lines.append(f"* {results['cells_done']}/{results['cells_total']} cells, "
-                 f"{results['settings']['num_samples']} samples each; scores 0-100 "
-                 "(string_match_all / string_match_part, RULER)")
+                 f"{results['settings']['num_samples']} samples each; means over the cells "
+                 "done; scores 0-100 (RULER's string_match_all / string_match_part; json_kv: "
+                 "HELMET's substring_exact_match)")
     return "\n".join(lines) + "\n"
 
 
