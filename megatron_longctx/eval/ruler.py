@@ -24,9 +24,16 @@ HELMET's JSON KV). This module runs them:
    (`reused_tokens`). Models that are not a `CausalLM` (test fakes, wrappers) get plain
    `generate(ids, n, use_cache=...)` calls.
 4. **Score.** Per sample: RULER's `string_match_all` (fraction of references found) or
-   `string_match_part` (any reference found), x100. Per cell: the mean over its samples.
-   Per task: the mean over lengths; per length: the mean over tasks; overall: the mean over all
-   cells (RULER reports per-length means over its 13 tasks).
+   `string_match_part` (any reference found), HELMET's `substring_exact_match` for json_kv,
+   x100. Per cell: the mean over its samples. Per task: the mean over lengths. Per length and
+   overall (the headline): the mean over the headline tasks (`headline`): RULER's 13 when
+   all ran (QA files given), else the RULER tasks that ran, labelled with them and as not
+   RULER's number in results.md, results.json (`headline`), the plot and the log; json_kv is
+   reported but never averaged (it is HELMET's, not one of RULER's 13).
+5. **Failures.** A cell whose prompts cannot be built (a length too short for the task, a
+   word list too small) is recorded in `failed` with its error, shown as "failed" in
+   results.md, and the other cells still run; the tool then exits 2. Errors of the model
+   itself stop the run (results so far are saved).
 
 Results (`results.json`, rewritten atomically after every cell, with `results.md` beside it;
 `ruler.png` at the end) hold settings, the model, and every cell with its samples. A rerun
@@ -55,6 +62,7 @@ from megatron_longctx.eval.needle import (
 from megatron_longctx.eval.ruler_tasks import (
     QA_TASKS,
     RULER_LENGTHS,
+    RULER_TASKS,
     SYNTHETIC_TASKS,
     TASKS,
     SampleMaker,
@@ -173,10 +181,30 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def headline(tasks: list[str]) -> dict[str, Any]:
+    """Which tasks the headline mean averages, and its label.
+
+    RULER's headline is the mean over its 13 tasks (QA included; json_kv, HELMET's, is not
+    one of them). With all 13 run, that is the mean; otherwise the mean is over the RULER
+    tasks that ran (all tasks when none is RULER's) and its label lists them and says it is
+    not RULER's 13-task number (QA usually scores lowest, so a mean without it reads high).
+    """
+    ruler = [t for t in tasks if t in RULER_TASKS]
+    if set(RULER_TASKS) <= set(tasks):
+        return {"tasks": list(RULER_TASKS), "ruler_13": True,
+                "label": "RULER 13-task mean"}
+    averaged = ruler or list(tasks)
+    missing = [t for t in RULER_TASKS if t not in averaged]
+    label = (f"mean of {len(averaged)} tasks ({', '.join(averaged)}); not RULER's 13-task "
+             f"mean: {', '.join(missing) if len(missing) <= 4 else f'{len(missing)} tasks'} "
+             "not run")
+    return {"tasks": averaged, "ruler_13": False, "label": label}
+
+
 def summarize(cells: dict[tuple[str, int], dict[str, Any]], tasks: list[str],
               lengths: list[int], num_samples: int) -> dict[str, Any]:
-    """Cell scores (mean of samples 0..num_samples-1) and the task / length / overall means
-    over complete cells of the grid."""
+    """Cell scores (mean of samples 0..num_samples-1), task means, and the length / overall
+    means over the complete cells of the headline tasks (`headline`)."""
     table: dict[str, dict[str, float]] = {}
     done = []
     for task in tasks:
@@ -190,11 +218,15 @@ def summarize(cells: dict[tuple[str, int], dict[str, Any]], tasks: list[str],
             score = float(np.mean([s["score"] for s in samples]))
             table.setdefault(task, {})[str(length)] = score
             done.append((task, length, score))
+    head = headline(tasks)
+    averaged = [(t, L, s) for t, L, s in done if t in head["tasks"]]
     return {
         "scores": table,
         "task_means": {t: _mean([s for tt, _, s in done if tt == t]) for t in tasks},
-        "length_means": {str(L): _mean([s for _, LL, s in done if LL == L]) for L in lengths},
-        "overall": _mean([s for _, _, s in done]),
+        "length_means": {str(L): _mean([s for _, LL, s in averaged if LL == L])
+                         for L in lengths},
+        "overall": _mean([s for _, _, s in averaged]),
+        "headline": head,
         "cells_done": len(done), "cells_total": len(tasks) * len(lengths),
     }
 
@@ -208,17 +240,26 @@ def markdown_table(results: dict[str, Any]) -> str:
     def fmt(x: float | None) -> str:
         return "-" if x is None else f"{x:.1f}"
 
+    failed = {(f["task"], int(f["length"])) for f in results.get("failed", [])}
+    averaged = results.get("headline", {}).get("tasks", tasks)
     head = "| task | " + " | ".join(length_label(L) for L in lengths) + " | mean |"
     rows = [head, "|---" * (len(lengths) + 2) + "|"]
     for task in tasks:
-        cells = [fmt(scores.get(task, {}).get(str(L))) for L in lengths]
-        rows.append(f"| {task} | " + " | ".join(cells)
+        cells = ["failed" if (task, L) in failed else fmt(scores.get(task, {}).get(str(L)))
+                 for L in lengths]
+        name = task if task in averaged else f"{task} (not averaged)"
+        rows.append(f"| {name} | " + " | ".join(cells)
                     + f" | {fmt(results['task_means'].get(task))} |")
     rows.append("| **mean** | " + " | ".join(fmt(results["length_means"].get(str(L)))
                                             for L in lengths)
                 + f" | **{fmt(results.get('overall'))}** |")
+    label = results.get("headline", {}).get("label", "mean")
     lines = [f"RULER-style suite: {results['model'].get('path')}", "",
-             *rows, ""]
+             f"**{label}: {fmt(results.get('overall'))}**", "", *rows, ""]
+    lines.append(f"* mean row and column: {label}")
+    lines.append(f"* essay haystack: {results['settings'].get('haystack_source')}")
+    for f in results.get("failed", []):
+        lines.append(f"* {f['task']} at {f['length']:,} tokens failed: {f['error']}")
     skipped = results["settings"].get("skipped_tasks") or {}
     for task, why in skipped.items():
         lines.append(f"* {task} skipped: {why}")
@@ -226,8 +267,9 @@ def markdown_table(results: dict[str, Any]) -> str:
     if training:
         lines.append(f"* training length: {training:,} tokens")
     lines.append(f"* {results['cells_done']}/{results['cells_total']} cells, "
-                 f"{results['settings']['num_samples']} samples each; scores 0-100 "
-                 "(string_match_all / string_match_part, RULER)")
+                 f"{results['settings']['num_samples']} samples each; means over the cells "
+                 "done; scores 0-100 (RULER's string_match_all / string_match_part; json_kv: "
+                 "HELMET's substring_exact_match)")
     return "\n".join(lines) + "\n"
 
 
@@ -245,17 +287,22 @@ def plot_scores(results: dict[str, Any], path: str | Path, *,
     tasks = results["settings"]["run_tasks"]
     fig, ax = plt.subplots(figsize=(9, 5.5))
     cmap = plt.get_cmap("tab20")
+    averaged = results.get("headline", {}).get("tasks", tasks)
     for i, task in enumerate(tasks):
         row = results.get("scores", {}).get(task, {})
         xs = [L for L in lengths if str(L) in row]
         if xs:
             ax.plot(xs, [row[str(L)] for L in xs], marker="o", markersize=3, linewidth=1,
-                    color=cmap(i % 20), label=task)
+                    color=cmap(i % 20),
+                    label=task if task in averaged else f"{task} (not in the mean)")
     means = results.get("length_means", {})
     xs = [L for L in lengths if means.get(str(L)) is not None]
+    head = results.get("headline", {})
+    short = ("RULER 13-task mean" if head.get("ruler_13")
+             else f"mean of {len(head.get('tasks', tasks))} tasks (not RULER's 13)")
     if xs:
         ax.plot(xs, [means[str(L)] for L in xs], color="black", linewidth=3, marker="o",
-                label="mean")
+                label=short)
     ax.set_xscale("log", base=2)
     ax.set_xticks(lengths, [length_label(L) for L in lengths])
     ax.minorticks_off()
@@ -271,8 +318,9 @@ def plot_scores(results: dict[str, Any], path: str | Path, *,
             ax.plot([], [], " ", label=f"training length {training_length:,} ({side} the grid)")
     overall = results.get("overall")
     name = Path(str(results.get("model", {}).get("path", "model"))).name
-    ax.set_title(f"RULER-style suite: {name} (overall "
-                 f"{'n/a' if overall is None else f'{overall:.1f}'})")
+    ax.set_title(f"RULER-style suite: {name}\n{short}: "
+                 f"{'n/a' if overall is None else f'{overall:.1f}'}; haystack: "
+                 f"{str(results['settings'].get('haystack_source'))[:60]}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=8)
     fig.tight_layout()
@@ -319,7 +367,8 @@ def run_ruler(model: Any, settings: RulerSettings, output_dir: str | Path, *,
 
     Raises:
         ResultsMismatchError: results.json exists with other settings or another model.
-        LengthTooShortError: a task does not fit a requested length.
+        (A task that does not fit a requested length, or whose prompts fail to build, is
+        listed in the results' `failed` instead.)
     """
     settings.validate()
     out = Path(output_dir)
@@ -335,7 +384,11 @@ def run_ruler(model: Any, settings: RulerSettings, output_dir: str | Path, *,
     reuse = bool(reuse_prefix and use_cache and isinstance(model, CausalLM))
     resources = TaskResources.load(settings.haystack_file, settings.squad_file,
                                    settings.hotpotqa_file)
+    if log is not None:
+        log(f"essay haystack: {resources.essay_source}")
+        log(f"headline: {headline(tasks)['label']}")
     state = _initial_state(settings, tasks, skipped, resources, reuse, description)
+    state["failed"] = []
     run = _GridRun(model, settings, resources, cells, state, out, use_cache=use_cache,
                    reuse=reuse, log=log)
     todo = run.pending(tasks)
@@ -425,11 +478,30 @@ class _GridRun:
                 self.model.clear_cache()
         self.save()
 
+    def fail(self, task: str, length: int, err: Exception) -> None:
+        """Record a cell whose prompts could not be built (the other cells still run); a
+        rerun tries it again."""
+        error = f"{type(err).__name__}: {err}"
+        self.state["failed"].append({"task": task, "length": length, "error": error})
+        cell = self.cells.get((task, length))
+        if cell is not None and not cell["samples"]:
+            del self.cells[(task, length)]
+        self.save()
+        msg = f"{task} {length}: FAILED ({error}); the other cells go on"
+        if self.bar is not None:
+            self.bar.write(msg)
+        elif self.log is not None:
+            self.log(msg)
+
     def run_cell(self, task: str, length: int, missing: list[int]) -> None:
         spec = TASKS[task]
         max_new = self.settings.new_tokens(task)
-        maker = SampleMaker(spec, length, max_new, self.model.tokenizer, self.resources,
-                            self.settings.seed)
+        try:
+            maker = SampleMaker(spec, length, max_new, self.model.tokenizer, self.resources,
+                                self.settings.seed)
+        except Exception as err:  # noqa: BLE001 (a task's own failure stops only its cell)
+            self.fail(task, length, err)
+            return
         cell = self.cells.setdefault((task, length), {
             "task": task, "length": length, "metric": spec.metric,
             "max_new_tokens": max_new, "samples": []})
@@ -437,7 +509,11 @@ class _GridRun:
             self.bar.set_description(f"{task} {length_label(length)}")
         start = time.perf_counter()
         for g in range(0, len(missing), REUSE_GROUP):
-            group = [maker.make(i) for i in missing[g:g + REUSE_GROUP]]
+            try:
+                group = [maker.make(i) for i in missing[g:g + REUSE_GROUP]]
+            except Exception as err:  # noqa: BLE001 (prompt building, not the model)
+                self.fail(task, length, err)
+                return
             if self.reuse:  # lexicographic order of ids: the best order for one cache
                 group.sort(key=lambda s: s.ids)
             for sample in group:

@@ -19,45 +19,44 @@ Tasks (`TASKS`; RULER's 13 minus nothing, plus `json_kv`):
 | niah_multikey_3 | distractor needles | UUID -> UUID | 1 | all | 128 |
 | niah_multivalue | essay | 1 key, 4 values | 4 | all | 128 |
 | niah_multiquery | essay | 4 keys, all 4 queried | 4 | all | 128 |
-| vt | noise | 1 chain of 4 hops (5 variables) + a one-shot example | 5 | all | 30 |
+| vt | noise | 1 chain of 4 hops (5 variables) + a ~500-token one-shot example | 5 | all | 30 |
 | cwe | numbered word list | 10 words x30, others x3 (6/1 below 4K) + one-shot | 10 | all | 120 |
 | fwe | coded words, Zipf alpha 2 | vocab = length // 50 | 3 | all | 50 |
-| json_kv | JSON of UUID pairs | 2 demonstrations, 1 queried key | 1 | all | 100 |
+| json_kv | JSON of UUID pairs (HELMET's count) | 2 demos, 1 queried key | 1 | sub-EM | 100 |
 | qa_1 / qa_2 | SQuAD / HotpotQA documents | gold + distractor documents | any of | part | 32 |
 
 Length: RULER's rule, `prompt tokens (BOS included) + new tokens <= length` under the model's
 tokenizer. Each sample's size is one integer `units` (haystack words for essay, noise or
 distractor lines, distinct words for cwe, total words for fwe, JSON pairs, documents for QA):
 the largest fitting `units` is searched once per (task, length) on sample 0 by interpolation
-(3-6 tokenizations of a full prompt; RULER instead grows the haystack in fixed steps of 500
-words or 25 lines, 50-250 tokenizations at 128K), and every sample starts from it and shrinks
-only when its own random values tokenize longer. Prompts therefore sit within a few units of
-the length (tests: within 2% at 1-4K with a small test tokenizer).
+(3-6 tokenizations of a full prompt; RULER HEAD bisects, ~17-25), and every sample starts from
+it and shrinks only when its own random values tokenize longer. Prompts therefore sit within a
+few units of the length (tests: within 5% at 2K and 8K with a small test tokenizer). json_kv
+takes HELMET's fixed pair count for the length instead when it fits.
 
 Randomness: each sample draws from `SeedSequence([seed, crc32(task), length, index])`, whatever
 `units` it is built at, so a sample is reproducible alone (resume, TP ranks, reordering).
 RULER's generators draw from one global stream (sample i depends on samples 0..i-1) and shuffle
-needles and word lists with the same fixed seed for every sample; ours shuffle per sample.
+word lists with the same fixed seed for every sample; ours shuffle per sample. QA follows
+RULER's order exactly: question i of the file, gold documents where `random.Random(seed)`'s
+shuffle puts them.
 
-Deliberate differences, each to keep every answer retrievable from the prompt (the oracle test):
-distractor keys never equal a real key (RULER samples them independently: a collision is
-possible among ~1M adjective-noun keys); vt chain start values are distinct; fwe refuses a
-length whose top-3 counts could tie (below ~75 words); word-list entries with spaces (e.g.
-"contact lens") are dropped so a numbered list splits unambiguously (19 of ~8,700). Essay
-sentences are split with a regex (`.`, `!`, `?` followed by whitespace) instead of nltk's Punkt.
+Every deliberate difference from RULER's and HELMET's code, with its expected effect on a
+score, is listed in docs/evaluation.md ("Deliberate differences from RULER and HELMET").
 """
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import re
 import string
 import uuid
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -80,12 +79,12 @@ NIAH_TEMPLATE_ONE = (
     "mentioned in the provided text is")
 NOISE = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back "
          "again.")
-#: RULER's text, its "assgined" typo included (prompts stay comparable with published runs).
+#: RULER's text (HEAD's, with the 2024 release's "assgined" typo fixed to "assigned").
 VT_TEMPLATE = (
     "Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n"
     "{context}\nQuestion: Find all variables that are assigned the value {query} in the text "
     "above. Answer: According to the chain(s) of variable assignment in the text above, {num_v} "
-    "variables are assgined the value {query}, they are: ")
+    "variables are assigned the value {query}, they are: ")
 CWE_TEMPLATE = (
     "Below is a numbered list of words. In these words, some appear more often than others. "
     "Memorize the ones that appear most often.\n{context}\nQuestion: What are the {num_cw} most "
@@ -107,68 +106,41 @@ QA_DOCUMENT = "Document {i}:\n{document}"
 JSON_KV_TEMPLATE = ("{context}\n\nExtract the value corresponding to the specified key in the "
                     "JSON object below.\n\n{demos}Key: {query}\nCorresponding value:")
 JSON_KV_DEMO = "Key: {key}\nCorresponding value: {value}"
+#: HELMET's json_kv test files per length (data/json_kv/test_k{pairs}_dep6.jsonl): JSON pairs
+#: per prompt, fixed whatever the tokenizer (HELMET sized them with LLaMA-2's).
+HELMET_JSON_KV_PAIRS = {4096: 50, 8192: 105, 16384: 220, 32768: 440, 65536: 900, 131072: 1800}
 
-#: The essay haystack when no --haystack-file is given: generic prose written for this
-#: project (no download, no copyrighted text), repeated as needed. ~900 words, i.e. it repeats
-#: every ~1,200 LLaMA tokens; RULER's Paul Graham essays do not repeat below ~150K tokens, so
-#: pass your own long text (--haystack-file) for results comparable with published RULER runs.
-DEFAULT_ESSAY = """\
-Most work that lasts is done slowly. A carpenter who builds a table to be used for fifty years \
-spends more time choosing the wood than cutting it. He looks at the grain, feels the weight of \
-each board, and sets aside the pieces that would warp in a damp winter. None of this shows in \
-the finished table. What shows is that it does not wobble, and that is the whole point.
+#: Sentence shapes of the default essay haystack (`essay_words`): slots {a} adjective, {n}
+#: noun, {v} verb (base form), filled from the wonderwords lists by a seeded stream.
+ESSAY_SHAPES = (
+    "The {a} {n} will {v} the {n} before the {a} {n} arrives.",
+    "Nobody expected a {n} to {v} so close to the {n}.",
+    "In the {a} season, every {n} learns to {v} with a {a} {n}.",
+    "She said the {n} would never {v} without a {a} {n} nearby.",
+    "If you {v} a {n} long enough, the {n} starts to look {a}.",
+    "Most people who {v} the {n} forget about the {a} {n} behind it.",
+    "There was a {a} {n} on the corner, and a {n} that liked to {v}.",
+    "A {a} {n} is easier to {v} than a {a} {n}.",
+    "We could {v} the {n}, but the {n} seemed too {a} for that.",
+    "After the {n} left, the {a} {n} began to {v} again.",
+    "Why would a {n} {v} when the {n} is already {a}?",
+    "Years later, the {n} still remembered how to {v} the {a} {n}.",
+    "Every {n} has a {a} side that only the {n} can {v}.",
+    "He walked past the {a} {n} and decided to {v} the {n} instead.",
+    "Sometimes the {n} and the {n} {v} together for a {a} while.",
+    "It is strange how a {a} {n} can {v} a whole {n}.",
+)
+#: Words per generated block; block k is drawn from its own stream, so any prefix of the
+#: haystack is the same whatever length asked for it.
+ESSAY_BLOCK_WORDS = 20_000
+ESSAY_SOURCE = ("generated essay (ruler_tasks.ESSAY_SHAPES over the wonderwords lists, "
+                "seeded, non-repeating)")
 
-Cities grow in the same way. Nobody plans the corner bakery, the shoe repair shop, or the bench \
-where old friends meet every morning. They appear because someone needed them, and they stay \
-because enough people keep coming back. A planner can draw the streets, but the life of a \
-street is written by thousands of small decisions made by people who never meet each other.
-
-Learning a new skill is rarely a straight line. For weeks nothing seems to change, and then one \
-evening the fingers find the chord without looking, or the sentence in a foreign language comes \
-out whole. The progress was happening all along, below the surface, in the hours that felt \
-wasted. Patience is not waiting. It is doing the same careful thing again while the result \
-takes its time.
-
-Weather shapes the character of a place more than its monuments do. In a town with long rainy \
-seasons people learn to be cheerful indoors, to cook slow meals, and to tell long stories. In a \
-dry valley they rise early and rest in the heat of the afternoon. Visitors notice the buildings \
-first, but residents talk about the wind, the light in October, and the year the river froze.
-
-A good question is often worth more than a quick answer. When a team is stuck, the person who \
-asks what problem they are really trying to solve can save a month of effort. Questions open \
-doors that answers close too early. The habit of asking them is easy to describe and hard to \
-keep, because an answer feels like progress and a question feels like delay.
-
-Gardens teach humility. You can prepare the soil, choose the seeds, and water on schedule, and \
-still a late frost or a family of rabbits decides the harvest. Experienced gardeners plant a \
-little more than they need and share the surplus with neighbors. Over the years they stop \
-trying to control every outcome and start paying attention to what the ground is telling them.
-
-Tools change faster than the problems they solve. People wrote letters with quills, then with \
-fountain pens, then on typewriters and keyboards, but the difficulty of saying exactly what one \
-means stayed the same. Each new tool removes one kind of friction and adds another. The writers \
-worth reading learned to think clearly first and to treat the tool as a detail.
-
-Maps are useful because they leave things out. A map that showed every stone and every blade of \
-grass would be as large as the land and just as confusing. The art is in choosing what to keep: \
-the roads for a driver, the contour lines for a hiker, the depths for a sailor. Every summary is \
-a map of something, and its value depends on knowing who will use it and why.
-
-Small routines carry people through difficult seasons. A walk after dinner, a cup of tea before \
-the day begins, a phone call every Sunday: none of these solve a hard problem, yet they give the \
-days a shape. When everything else is uncertain, a familiar habit is a handrail. It is worth \
-choosing such habits deliberately, while things are calm, so that they are there when needed.
-
-Libraries are quiet, but they are not still. Every book on the shelf is an argument waiting for a \
-reader, and every reader brings questions the author never imagined. A student looking for one \
-fact finds three others along the way. The best discoveries often happen on the shelf next to \
-the one you meant to visit, which is a good reason to browse without a plan now and then.
-"""
 
 # --------------------------------------------------------------------------------------------
 # task definitions (RULER scripts/synthetic.yaml)
 # --------------------------------------------------------------------------------------------
-METRICS = ("string_match_all", "string_match_part")
+METRICS = ("string_match_all", "string_match_part", "substring_exact_match")
 
 
 @dataclass(frozen=True)
@@ -179,7 +151,8 @@ class TaskSpec:
         name: the task's RULER name (or json_kv).
         kind: niah | vt | cwe | fwe | json_kv | qa.
         params: the generator's settings (RULER's synthetic.yaml `args`).
-        metric: string_match_all | string_match_part.
+        metric: string_match_all | string_match_part (RULER) | substring_exact_match
+            (HELMET's json_kv).
         max_new_tokens: RULER's `tokens_to_generate` for the kind.
     """
 
@@ -205,16 +178,20 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     _niah("niah_multikey_3", "needle", "uuids", "uuids"),
     _niah("niah_multivalue", "essay", "words", "numbers", nv=4),
     _niah("niah_multiquery", "essay", "words", "numbers", nq=4),
-    TaskSpec("vt", "vt", {"num_chains": 1, "num_hops": 4, "icl_noise": 5}, max_new_tokens=30),
+    TaskSpec("vt", "vt", {"num_chains": 1, "num_hops": 4, "icl_tokens": 500, "icl_name_len": 3,
+                          "name_len": 5}, max_new_tokens=30),
     TaskSpec("cwe", "cwe", {"freq_cw": 30, "freq_ucw": 3, "num_cw": 10}, max_new_tokens=120),
     TaskSpec("fwe", "fwe", {"alpha": 2.0, "coded_wordlen": 6}, max_new_tokens=50),
-    TaskSpec("json_kv", "json_kv", {"shots": 2}, max_new_tokens=100),
+    TaskSpec("json_kv", "json_kv", {"shots": 2, "pairs": HELMET_JSON_KV_PAIRS},
+             metric="substring_exact_match", max_new_tokens=100),
     TaskSpec("qa_1", "qa", {"dataset": "squad"}, metric="string_match_part", max_new_tokens=32),
     TaskSpec("qa_2", "qa", {"dataset": "hotpotqa"}, metric="string_match_part",
              max_new_tokens=32),
 )}
 SYNTHETIC_TASKS = tuple(n for n, t in TASKS.items() if t.kind != "qa")
 QA_TASKS = ("qa_1", "qa_2")
+#: The 13 tasks RULER averages for its headline score (json_kv is HELMET's, outside it).
+RULER_TASKS = tuple(n for n in TASKS if n != "json_kv")
 #: RULER's default lengths (run.sh SEQ_LENGTHS).
 RULER_LENGTHS = (4096, 8192, 16384, 32768, 65536, 131072)
 
@@ -244,10 +221,46 @@ def string_match_part(prediction: str, references: Sequence[str]) -> float:
     return 100.0 if any(r.lower() in pred for r in references) else 0.0
 
 
+_ARTICLES_RE = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """HELMET's (SQuAD's) answer normalisation: lower case, punctuation removed, articles
+    removed, whitespace runs collapsed to one space."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES_RE.sub(" ", text).split())
+
+
+def _first_answer_line(prediction: str, prefix: str = "corresponding value:") -> str:
+    """HELMET's `parse_output`: the rest of the line after `prefix` (case-insensitive), else
+    the first line."""
+    for pattern in (re.compile(f"(?:{re.escape(prefix)})(.*)(?:\n|$)", re.IGNORECASE),
+                    re.compile(r"(?:^)(.*)(?:\n|$)")):
+        match = pattern.search(prediction)
+        if match is not None:
+            line = match[1].strip()
+            return re.sub(f"^{re.escape(prefix)}", "", line, flags=re.IGNORECASE).strip()
+    return prediction
+
+
+def substring_exact_match(prediction: str, references: Sequence[str]) -> float:
+    """100 if a normalised reference is a substring of the normalised prediction or of its
+    parsed answer line, else 0: HELMET's `substring_exact_match` for json_kv (the better of
+    the raw and the parsed output, as its `post_process`)."""
+    candidates = (normalize_answer(prediction),
+                  normalize_answer(_first_answer_line(prediction)))
+    return 100.0 if any(normalize_answer(r) in c for r in references
+                        for c in candidates) else 0.0
+
+
 def score_prediction(metric: str, prediction: str, references: Sequence[str]) -> float:
-    """Score one sample (0-100) with the task's metric after RULER's post-processing."""
+    """Score one sample (0-100) with the task's metric: RULER's metrics after RULER's
+    post-processing, HELMET's on the raw output (it normalises instead)."""
     if not references:
         raise ValueError("a sample without reference answers")
+    if metric == "substring_exact_match":
+        return substring_exact_match(prediction, references)
     fn = string_match_all if metric == "string_match_all" else string_match_part
     return fn(postprocess_prediction(prediction), references)
 
@@ -273,6 +286,38 @@ def wonderwords_lists() -> dict[str, list[str]]:
         out[name] = sorted({w for w in words.filter(include_categories=[category])
                             if _WORD_OK.fullmatch(w)})
     return out
+
+
+def english_words() -> list[str]:
+    """The `english-words` package's "web2" list (Webster's 2nd, public domain), lower case,
+    letters only, sorted: ~234K words. cwe draws from it when a prompt needs more distinct
+    words than the wonderwords lists hold (~8.7K; 128K tokens under LLaMA-3's tokenizer need
+    ~11K), as RULER HEAD draws from its larger English word list there."""
+    from english_words import get_english_words_set
+
+    return sorted(get_english_words_set(["web2"], lower=True, alpha=True))
+
+
+def generated_essay(adjs: Sequence[str], nouns: Sequence[str], verbs: Sequence[str],
+                    block: int) -> list[str]:
+    """Words of block `block` of the default essay haystack: sentences of `ESSAY_SHAPES`
+    filled with random wonderwords words, from the block's own seeded stream. ~16 shapes x
+    ~1.5K adjectives x ~6.8K nouns x ~1K verbs: no sentence pattern lines up with the same
+    words twice, so, unlike a repeated text, no stretch of the haystack recurs at any length."""
+    rng = np.random.default_rng([0x6573_7361, block])  # "essa"
+    slots = {"a": adjs, "n": nouns, "v": verbs}
+    out: list[str] = []
+    while len(out) < ESSAY_BLOCK_WORDS:
+        shape = ESSAY_SHAPES[int(rng.integers(len(ESSAY_SHAPES)))]
+        words = []
+        for token in shape.split():
+            m = re.fullmatch(r"\{(\w)\}(\W*)", token)
+            if m:
+                pool = slots[m[1]]
+                token = pool[int(rng.integers(len(pool)))] + m[2]
+            words.append(token)
+        out += words
+    return out[:ESSAY_BLOCK_WORDS]
 
 
 def read_squad(path: str | Path) -> tuple[list[dict[str, Any]], list[str]]:
@@ -318,10 +363,14 @@ class TaskResources:
     """What the generators read: word lists, essay words, QA data (loaded once per run).
 
     Attributes:
-        key_words: "adjective-noun" keys (RULER's NIAH word keys: ~6.2M combinations).
+        adjs, nouns, verbs: the wonderwords lists (NIAH word keys are "adjective-noun":
+            ~6.2M combinations).
         cwe_words: nouns + adjectives + verbs (RULER's cwe vocabulary).
-        essay_words: the essay haystack split on whitespace (repeated cyclically as needed).
-        essay_source: where the essay came from.
+        long_words: the larger English list cwe falls back to (`english_words`).
+        essay_words: the essay haystack split on whitespace: a --haystack-file's text
+            (repeated cyclically when a prompt needs more), or the generated essay (grown
+            block by block, never repeated).
+        essay_source: which haystack (results.md and the log name it).
         qa: dataset name -> (questions, documents).
     """
 
@@ -331,6 +380,28 @@ class TaskResources:
     essay_words: list[str]
     essay_source: str
     qa: dict[str, tuple[list[dict[str, Any]], list[str]]] = field(default_factory=dict)
+    verbs: list[str] = field(default_factory=list)
+    long_words: list[str] = field(default_factory=list)
+    essay_generated: bool = False
+
+    def cwe_extra_words(self) -> list[str]:
+        """`long_words` minus the wonderwords ones (case-insensitively), computed once."""
+        if not hasattr(self, "_cwe_extra"):
+            have = {w.lower() for w in self.cwe_words}
+            self._cwe_extra = [w for w in self.long_words if w not in have]
+        return self._cwe_extra
+
+    def essay(self, n_words: int) -> list[str]:
+        """The haystack's first `n_words` words (generated blocks appended as needed; a
+        haystack file repeats)."""
+        words = self.essay_words
+        if self.essay_generated:
+            while len(words) < n_words:
+                words += generated_essay(self.adjs, self.nouns, self.verbs,
+                                         len(words) // ESSAY_BLOCK_WORDS)
+            return words[:n_words]
+        reps = -(-n_words // len(words))
+        return (words * reps)[:n_words] if reps > 1 else words[:n_words]
 
     @classmethod
     def load(cls, haystack_file: str | None = None, squad_file: str | None = None,
@@ -339,13 +410,12 @@ class TaskResources:
         if haystack_file:
             from megatron_longctx.eval.needle import load_haystack_texts
 
-            text = "\n\n".join(load_haystack_texts(haystack_file))
-            source = str(Path(haystack_file).resolve())
+            words = "\n\n".join(load_haystack_texts(haystack_file)).split()
+            source = f"--haystack-file {Path(haystack_file).resolve()}"
+            if not words:
+                raise ValueError(f"--haystack-file {haystack_file}: no text")
         else:
-            text, source = DEFAULT_ESSAY, "built-in generic prose (ruler_tasks.DEFAULT_ESSAY)"
-        words = text.split()
-        if not words:
-            raise ValueError(f"--haystack-file {haystack_file}: no text")
+            words, source = [], ESSAY_SOURCE
         qa = {}
         for name, flag, path, reader in (("squad", "--squad-file", squad_file, read_squad),
                                          ("hotpotqa", "--hotpotqa-file", hotpotqa_file,
@@ -362,7 +432,8 @@ class TaskResources:
                 raise ValueError(f"{flag}: no answerable questions found")
         cwe = sorted(set(lists["nouns"]) | set(lists["adjs"]) | set(lists["verbs"]))
         return cls(adjs=lists["adjs"], nouns=lists["nouns"], cwe_words=cwe, essay_words=words,
-                   essay_source=source, qa=qa)
+                   essay_source=source, qa=qa, verbs=lists["verbs"],
+                   long_words=english_words(), essay_generated=not haystack_file)
 
 
 # --------------------------------------------------------------------------------------------
@@ -411,9 +482,7 @@ def _distinct(kind: str, n: int, rng: np.random.Generator, res: TaskResources,
 
 
 def _essay_text(res: TaskResources, n_words: int) -> str:
-    words = res.essay_words
-    reps = -(-n_words // len(words))
-    return " ".join((words * reps)[:n_words]) if reps > 1 else " ".join(words[:n_words])
+    return " ".join(res.essay(n_words))
 
 
 _SENT_SPLIT = re.compile(r"(?<=[.!?])\s+")
@@ -474,13 +543,13 @@ def build_niah(spec: TaskSpec, rng: np.random.Generator, units: int,
                                  "needles": len(needles), "distractors": distractors})
 
 
-def _vt_chains(rng: np.random.Generator, num_chains: int, num_hops: int,
+def _vt_chains(rng: np.random.Generator, num_chains: int, num_hops: int, name_len: int,
                avoid_values: set[int]) -> tuple[list[list[str]], list[list[str]], list[int]]:
     letters = np.array(list(string.ascii_uppercase))
     names: list[str] = []
     seen: set[str] = set()
     while len(names) < num_chains * (num_hops + 1):
-        name = "".join(rng.choice(letters, size=5))
+        name = "".join(rng.choice(letters, size=name_len))
         if name not in seen:
             seen.add(name)
             names.append(name)
@@ -492,7 +561,8 @@ def _vt_chains(rng: np.random.Generator, num_chains: int, num_hops: int,
         while value in used:
             value = int(rng.integers(10000, 99999))
         used.add(value)
-        chain = [f"VAR {vs[0]} = {value}"] + [f"VAR {vs[j + 1]} = VAR {vs[j]}"
+        # RULER's hop lines end in a space ("VAR B = VAR A \n"), its first line does not
+        chain = [f"VAR {vs[0]} = {value}"] + [f"VAR {vs[j + 1]} = VAR {vs[j]} "
                                               for j in range(num_hops)]
         chains.append(chain)
         variables.append(vs)
@@ -500,9 +570,9 @@ def _vt_chains(rng: np.random.Generator, num_chains: int, num_hops: int,
     return variables, chains, starts
 
 
-def _vt_prompt(rng: np.random.Generator, noises: int, num_chains: int,
-               num_hops: int, avoid: set[int]) -> tuple[str, list[str], list[list[str]], int]:
-    variables, chains, starts = _vt_chains(rng, num_chains, num_hops, avoid)
+def _vt_prompt(rng: np.random.Generator, noises: int, num_chains: int, num_hops: int,
+               name_len: int, avoid: set[int]) -> tuple[str, list[str], list[list[str]], int]:
+    variables, chains, starts = _vt_chains(rng, num_chains, num_hops, name_len, avoid)
     sentences = [NOISE] * noises
     for chain in chains:  # each chain at sorted random positions, in order
         at = sorted(int(i) for i in rng.choice(len(sentences), size=len(chain), replace=False))
@@ -513,19 +583,57 @@ def _vt_prompt(rng: np.random.Generator, noises: int, num_chains: int,
     return text, variables[0], chains, starts[0]
 
 
+def vt_icl_example(rng: np.random.Generator, spec: TaskSpec, noises: int,
+                   avoid: set[int] = frozenset()) -> tuple[str, int]:
+    """RULER's vt one-shot example: the task with `icl_name_len`-letter names (3) and
+    min(10, hops) hops over `noises` noise lines, followed by " " + its answer + "\n"
+    (RULER appends the answer after the prompt's "they are: ", hence two spaces)."""
+    p = spec.params
+    text, answer, _, value = _vt_prompt(rng, noises, p["num_chains"], min(10, p["num_hops"]),
+                                        p["icl_name_len"], set(avoid))
+    return text + " " + " ".join(answer) + "\n", value
+
+
+def vt_icl_noise(spec: TaskSpec, tokenizer: Any, seed: int) -> int:
+    """Noise lines of vt's one-shot example: the most for which the example's prompt (without
+    its answer) stays within `icl_tokens` (500) tokens under `tokenizer`, as RULER fits it
+    (its example fills ~500 tokens: ~18 lines with LLaMA tokenizers)."""
+    p = spec.params
+    rng_seed = [int(seed), zlib.crc32(b"vt-icl")]
+
+    def tokens(n: int) -> int:
+        rng = np.random.default_rng(rng_seed)
+        text, _, _, _ = _vt_prompt(rng, n, p["num_chains"], min(10, p["num_hops"]),
+                                   p["icl_name_len"], set())
+        return len(tokenizer.encode(text))
+
+    lo, hi = min(10, p["num_hops"]) + 1, 2 * min(10, p["num_hops"]) + 2
+    if tokens(lo) > p["icl_tokens"]:
+        return lo
+    while tokens(hi) <= p["icl_tokens"]:
+        lo, hi = hi, 2 * hi
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if tokens(mid) <= p["icl_tokens"] else (lo, mid)
+    return lo
+
+
 def build_vt(spec: TaskSpec, rng: np.random.Generator, units: int, res: TaskResources) -> Built:
-    """RULER variable_tracking.py: chains "VAR A = 12345", "VAR B = VAR A", ... (num_hops
-    hops, 5-letter upper-case names) inserted in order at random lines of `units` noise
-    sentences; asked: every variable holding the first chain's value. A one-shot example (a
-    short task of `icl_noise` lines with its answer) comes first, as RULER's few-shot vt."""
+    """RULER variable_tracking.py: chains "VAR ABCDE = 12345", "VAR FGHIJ = VAR ABCDE ", ...
+    (num_hops hops, 5-letter upper-case names) inserted in order at random lines of `units`
+    noise sentences; asked: every variable holding the first chain's value. RULER's one-shot
+    example (3-letter names, `icl_noise` lines: ~500 tokens, see `vt_icl_noise`) comes first,
+    separated by an empty line."""
     p = spec.params
     hops, nc = p["num_hops"], p["num_chains"]
+    if "icl_noise" not in p:
+        raise ValueError("vt needs params['icl_noise'] (SampleMaker fits it to icl_tokens)")
     if units < hops + 1:
         raise ValueError("fewer noise lines than chain statements")
-    icl_text, icl_answer, _, icl_value = _vt_prompt(rng, p["icl_noise"], nc, hops, set())
-    text, answer, chains, _ = _vt_prompt(rng, units, nc, hops, {icl_value})
-    prompt = icl_text + " ".join(icl_answer) + "\n\n" + text
-    return Built(prompt, list(answer), {"chains": chains, "noise_lines": units})
+    icl_text, icl_value = vt_icl_example(rng, spec, p["icl_noise"])
+    text, answer, chains, _ = _vt_prompt(rng, units, nc, hops, p["name_len"], {icl_value})
+    return Built(icl_text + "\n" + text, list(answer), {"chains": chains, "noise_lines": units,
+                                                        "icl_noise_lines": p["icl_noise"]})
 
 
 def _numbered(words: Sequence[str]) -> str:
@@ -545,16 +653,32 @@ def cwe_frequencies(spec: TaskSpec, length: int) -> tuple[tuple[int, int], tuple
 def build_cwe(spec: TaskSpec, rng: np.random.Generator, units: int, res: TaskResources,
               length: int) -> Built:
     """RULER common_words_extraction.py: `units` distinct words from the wonderwords nouns,
-    adjectives and verbs; the first num_cw repeated freq_cw times, the others freq_ucw times,
-    shuffled, numbered "1. w 2. w ..."; a one-shot example with its answer first."""
+    adjectives and verbs; when they hold fewer than `units` words, all of them plus the rest
+    from the larger English list (`english_words`). RULER HEAD then draws all `units` words
+    from its larger list instead: most of those rare words take 2-4 tokens where wonderwords'
+    take ~1, so a prompt one word past the switch jumps by tens of thousands of tokens at
+    128K and its length search stops at the switch, well short of the length; topping up
+    keeps the prompt filling the length. The first num_cw repeated freq_cw times,
+    the others freq_ucw times, shuffled, numbered "1. w 2. w ..."; a one-shot example with
+    its answer first."""
     num_cw = spec.params["num_cw"]
     (fc, fu), (ex_words, ex_c, ex_u) = cwe_frequencies(spec, length)
     if units <= num_cw:
         raise ValueError("no uncommon words")
 
     def example(n: int, c: int, u: int) -> tuple[str, list[str]]:
-        chosen = [res.cwe_words[int(i)] for i in rng.choice(len(res.cwe_words), n,
-                                                            replace=False)]
+        base = res.cwe_words
+        if n <= len(base):
+            chosen = [base[int(i)] for i in rng.choice(len(base), n, replace=False)]
+        else:  # all of wonderwords, the rest from the larger list, in random order
+            extra = res.cwe_extra_words()
+            if n > len(base) + len(extra):
+                raise ValueError(f"cwe needs {n:,} distinct words; the word lists hold "
+                                 f"{len(base) + len(extra):,}")
+            more = [extra[int(i)] for i in rng.choice(len(extra), n - len(base),
+                                                      replace=False)]
+            pool = base + more
+            chosen = [pool[int(i)] for i in rng.permutation(n)]
         common, rare = chosen[:num_cw], chosen[num_cw:]
         words = common * c + rare * u
         words = [words[i] for i in rng.permutation(len(words))]
@@ -613,6 +737,23 @@ def build_fwe(spec: TaskSpec, rng: np.random.Generator, units: int, res: TaskRes
     return Built(text, vocab[1:4], {"vocab": vocab, "counts": counts, "words": units})
 
 
+def json_kv_pairs(spec: TaskSpec, length: int) -> int:
+    """HELMET's pair count for `length` (50 at 4K ... 1,800 at 128K); other lengths
+    interpolate linearly between HELMET's, or scale its 4K / 128K counts proportionally
+    outside them (at least shots + 1)."""
+    table = spec.params["pairs"]
+    if length in table:
+        return int(table[length])
+    xs = sorted(table)
+    if length < xs[0]:
+        n = table[xs[0]] * length / xs[0]
+    elif length > xs[-1]:
+        n = table[xs[-1]] * length / xs[-1]
+    else:
+        n = float(np.interp(length, xs, [table[x] for x in xs]))
+    return max(int(round(n)), spec.params["shots"] + 1)
+
+
 def build_json_kv(spec: TaskSpec, rng: np.random.Generator, units: int,
                   res: TaskResources) -> Built:
     """HELMET json_kv (lost-in-the-middle kv_retrieval): `units` UUID key -> UUID value pairs
@@ -634,19 +775,30 @@ def build_json_kv(spec: TaskSpec, rng: np.random.Generator, units: int,
     return Built(text, [value], {"pairs": units, "query_position": picked[0]})
 
 
+def qa_positions(num_docs: int, seed: int) -> list[int]:
+    """RULER's document order: `random.Random(seed).shuffle` of the document list (gold
+    documents first, then distractors). Element i of the result is the index, in that list,
+    of the document shown as "Document i+1", so the gold documents land at the same positions
+    in every sample with `num_docs` documents."""
+    order = list(range(num_docs))
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def build_qa(spec: TaskSpec, rng: np.random.Generator, units: int, res: TaskResources,
              index: int, seed: int) -> Built:
-    """RULER qa.py: the question's gold documents plus distractors (the article's other
-    paragraphs first for SQuAD, then random documents), shuffled, "Document i:\\n..." each;
-    `units` = documents in all. Question i of a run is the i-th of a seeded permutation."""
+    """RULER qa.py: question `index` in file order (wrapping when a run asks for more samples
+    than the file has questions); its gold documents, then distractors (the article's other
+    paragraphs first for SQuAD, then random documents; all documents repeated when `units`
+    reaches their number), ordered by RULER's fixed-seed shuffle (`qa_positions`);
+    "Document i:\n..." each; `units` = documents in all."""
     questions, docs = res.qa[spec.params["dataset"]]
-    order = np.random.default_rng([seed, 7]).permutation(len(questions))
-    qa = questions[int(order[index % len(questions)])]
+    qa = questions[index % len(questions)]
     gold, more = list(qa["context"]), list(qa["more_context"])
     if units < len(gold):
         raise ValueError("fewer documents than gold documents")
     if units >= len(docs):
-        chosen = list(range(len(docs)))
+        chosen = (list(range(len(docs))) * -(-units // len(docs)))[:units]
     elif units - len(gold) <= len(more):
         chosen = gold + [more[int(i)] for i in rng.choice(len(more), units - len(gold),
                                                           replace=False)]
@@ -655,11 +807,14 @@ def build_qa(spec: TaskSpec, rng: np.random.Generator, units: int, res: TaskReso
         extra = units - len(gold) - len(more)
         chosen = gold + more + [rest[int(i)] for i in rng.choice(len(rest), extra,
                                                                  replace=False)]
-    chosen = [chosen[int(i)] for i in rng.permutation(len(chosen))]
+    order = qa_positions(len(chosen), seed)
+    shown = [chosen[i] for i in order]
     context = "\n\n".join(QA_DOCUMENT.format(i=i + 1, document=docs[d])
-                          for i, d in enumerate(chosen))
+                          for i, d in enumerate(shown))
+    gold_at = sorted(order.index(i) for i in range(len(gold))) if units < len(docs) else []
     return Built(QA_TEMPLATE.format(context=context, query=qa["query"]), list(qa["outputs"]),
-                 {"documents": len(chosen), "question": qa["query"]})
+                 {"documents": len(shown), "question": qa["query"], "question_index":
+                  index % len(questions), "gold_positions": gold_at})
 
 
 def min_units(spec: TaskSpec, res: TaskResources) -> int:
@@ -746,6 +901,9 @@ class SampleMaker:
 
     def __init__(self, spec: TaskSpec, length: int, max_new_tokens: int, tokenizer: Any,
                  res: TaskResources, seed: int) -> None:
+        if spec.kind == "vt" and "icl_noise" not in spec.params:
+            spec = replace(spec, params={**spec.params,
+                                         "icl_noise": vt_icl_noise(spec, tokenizer, seed)})
         self.spec, self.length, self.tokenizer, self.res, self.seed = (
             spec, int(length), tokenizer, res, int(seed))
         self.bos = list(tokenizer.bos_ids)
@@ -769,7 +927,8 @@ class SampleMaker:
 
     def units_hint(self) -> int:
         """Largest units for which sample 0 fits: grow by linear extrapolation (at most 4x a
-        step), then interpolate inside the bracket, bisecting every third step."""
+        step), then interpolate inside the bracket, bisecting every third step. json_kv:
+        HELMET's fixed pair count when it fits (else the largest that does)."""
         if self._hint is not None:
             return self._hint
         n0 = self.min_units
@@ -780,6 +939,13 @@ class SampleMaker:
                                       f"{err}") from None
         if f0 > self.budget:
             raise self._too_short(f0)
+        if self.spec.kind == "json_kv":
+            fixed = json_kv_pairs(self.spec, self.length)
+            f = len(self._make(0, fixed)[1])
+            if f <= self.budget:
+                self._slope = max((f - f0) / max(fixed - n0, 1), 1e-3)
+                self._hint = fixed
+                return fixed
         lo, f_lo, hi, f_hi = n0, f0, None, None
         n = 2 * n0 + 8
         for step in range(64):
