@@ -40,7 +40,7 @@ Protocol, one cell per (length, depth) of the grid:
 
 Needle types (`NEEDLE_TYPES`): `paper` (the defaults above, or `--needle/--question/--answer`),
 `passkey` (a random 5-digit pass key, the Landmark-attention phrasing) and `synthetic-fact`
-(`FACT_TEMPLATE` / `QUESTION_PROMPT_TEMPLATE` / `make_fact` of `megatron_longctx.demo.corpus`,
+(`FACT_TEMPLATE` / `QUESTION_PROMPT_TEMPLATE` / `make_fact` of `megatron_longctx.data.synthetic`,
 i.e. what the demo's tiny model is trained to retrieve). Random needles are drawn per cell from
 `(seed, length, depth)`, so a rerun builds identical prompts.
 
@@ -235,7 +235,7 @@ def make_needle(settings: NeedleSettings, length: int, depth: float) -> Needle:
         key = str(int(_cell_rng(settings.seed, length, depth).integers(10000, 100000)))
         return Needle(PASSKEY_NEEDLE.format(key=key), PASSKEY_QUESTION, key)
     if settings.needle_type == "synthetic-fact":
-        from megatron_longctx.demo.corpus import (
+        from megatron_longctx.data.synthetic import (
             FACT_TEMPLATE,
             QUESTION_PROMPT_TEMPLATE,
             make_fact,
@@ -254,7 +254,7 @@ def make_needle(settings: NeedleSettings, length: int, depth: float) -> Needle:
 # haystack
 # --------------------------------------------------------------------------------------------
 def _fact_patterns() -> list[re.Pattern[str]]:
-    from megatron_longctx.demo.corpus import FACT_TEMPLATE, QUESTION_TEMPLATE
+    from megatron_longctx.data.synthetic import FACT_TEMPLATE, QUESTION_TEMPLATE
 
     out = []
     # Questions first, so each is removed whole.
@@ -269,7 +269,7 @@ def _fact_patterns() -> list[re.Pattern[str]]:
 def synthetic_haystack_texts(min_words: int, seed: int = 1234) -> list[str]:
     """Book-style documents of the synthetic demo corpus with at least `min_words` words in
     all, their own fact statements and questions removed (no competing "secret code")."""
-    from megatron_longctx.demo.corpus import CorpusConfig, iter_records
+    from megatron_longctx.data.synthetic import CorpusConfig, iter_records
 
     config = CorpusConfig(total_words=max(int(min_words), 1000), seed=seed,
                           domain_shares={"RedPajamaBook": 1.0}, min_words=200)
