@@ -83,6 +83,7 @@ import torch.distributed as dist
 from megatron_longctx.checkpoint.integrity import open_checkpoint
 from megatron_longctx.checkpoint.meta import is_longctx_checkpoint, model_config_of
 from megatron_longctx.config.dtypes import PARAMS_DTYPES, torch_dtype
+from megatron_longctx.identity import content_sha256
 
 #: Prompt tokens per prefill forward; 0 prefills the whole prompt in one forward.
 DEFAULT_PREFILL_CHUNK = 4096
@@ -173,6 +174,7 @@ class CausalLM:
         self._tokenizer_model = tokenizer_model
         self._tokenizer: EvalTokenizer | None = None
         self._prefix_cache = _PrefixCache()
+        self._content: dict[str, Any] | None = None
 
     # -- tokenizer --------------------------------------------------------------------------
     @property
@@ -259,12 +261,24 @@ class CausalLM:
         return self._call("token_losses", [int(i) for i in ids])
 
     def describe(self) -> dict[str, Any]:
-        """What results files record about the model."""
+        """What results files record about the model, its content included: the sha256 of
+        the weights directory (`identity.content_sha256`; a checkpoint re-converted or
+        retrained at the same path differs) and of the tokenizer files."""
+        if self._content is None:
+            tokenizer = self._tokenizer_model
+            self._content = {
+                "weights_sha256": content_sha256(self._weights_path()),
+                "tokenizer_sha256": (content_sha256(tokenizer) if tokenizer
+                                     and Path(tokenizer).exists() else None)}
         return {"kind": self.kind, "path": str(Path(self.path).resolve()),
                 "vocab_size": self.vocab_size,
                 "max_position_embeddings": self.max_position_embeddings,
                 "training_length": self.training_length,
-                "tokenizer": self._tokenizer_model}
+                "tokenizer": self._tokenizer_model, **self._content}
+
+    def _weights_path(self) -> Path:
+        """The file or directory whose bytes are the model (hashed once by `describe`)."""
+        return Path(self.path)
 
     def serve(self) -> None:
         """Non-driver ranks: execute the driver's calls until it closes (no-op on rank 0)."""
@@ -522,6 +536,9 @@ class MegatronCausalLM(CausalLM):
         self.rank = dist.get_rank()
         self.world_size = world
         self.is_driver = self.rank == 0
+
+    def _weights_path(self) -> Path:
+        return self.directory  # the iteration read, not the root later saves add to
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "checkpoint": str(self.directory.resolve()),

@@ -64,6 +64,7 @@ from typing import Any
 import numpy as np
 
 from megatron_longctx.atomic import write_json_atomic
+from megatron_longctx.identity import content_sha256
 
 FORMAT = "megatron-longctx-needle/1"
 RESULTS_NAME = "results.json"
@@ -211,6 +212,8 @@ class NeedleSettings:
             out.pop(name)
         out["template"] = self.resolved_template()
         out["haystack"] = str(Path(self.haystack).resolve()) if self.haystack else None
+        out["haystack_sha256"] = (content_sha256(self.haystack) if self.haystack
+                                  and Path(self.haystack).exists() else None)
         return out
 
 
@@ -462,8 +465,11 @@ def _cell_key(length: int, depth: float) -> tuple[int, float]:
 
 
 def model_identity(description: dict[str, Any]) -> dict[str, Any]:
-    """The part of a model description that must match for results to be resumed."""
-    keys = ("kind", "path", "checkpoint", "iteration", "tokenizer")
+    """The part of a model description that must match for results to be resumed: where the
+    model is, what its files hold (`weights_sha256`, `tokenizer_sha256`) and the dtype it
+    runs in (another --dtype changes the answers)."""
+    keys = ("kind", "path", "checkpoint", "iteration", "tokenizer", "weights_sha256",
+            "tokenizer_sha256", "dtype")
     return {k: description.get(k) for k in keys}
 
 
@@ -476,10 +482,13 @@ def check_resumable(path: Path, results: dict[str, Any], identity: dict[str, Any
             raise ResultsMismatchError(
                 f"{path} was made with {name}={results['settings'].get(name)!r}, this run "
                 f"has {value!r}; use another --output-dir or --overwrite")
-    if model_identity(results["model"]) != model_identity(description):
+    held, now = model_identity(results["model"]), model_identity(description)
+    changed = [k for k in now if held.get(k) != now[k]]
+    if changed:
+        name = changed[0]
         raise ResultsMismatchError(
-            f"{path} holds results of model {model_identity(results['model'])}, not "
-            f"{model_identity(description)}; use another --output-dir or --overwrite")
+            f"{path} holds results of another model ({name} {held.get(name)!r}, this run "
+            f"has {now[name]!r}); use another --output-dir or --overwrite")
 
 
 def read_results(path: str | Path, fmt: str) -> dict[str, Any] | None:

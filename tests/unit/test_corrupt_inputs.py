@@ -177,3 +177,129 @@ def test_trainer_process_names_a_truncated_shard(tiny_models, tmp_path) -> None:
     assert proc.returncode == 2, proc.stderr[-2000:]
     _assert_one_line(proc.stderr, "pretrain_longctx.py: error: ", name, process=True)
     assert not (tmp_path / "save" / LATEST_NAME).exists()
+
+
+# --------------------------------------------------------------------------------------------
+# results identified by content: a rerun into an existing output directory after its inputs
+# changed at the same path refuses in one line (it reused the finished cells before)
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def eval_models(tmp_path_factory) -> dict[str, Path]:
+    """`tiny_models` with a vocabulary that holds the test BPE (717 tokens)."""
+    from megatron_longctx.convert.hf_llama import convert_hf_to_megatron
+    from tests.unit.test_convert import make_hf
+
+    root = tmp_path_factory.mktemp("eval-models")
+    make_hf(root / "hf", vocab_size=768)
+    convert_hf_to_megatron(root / "hf", root / "ours")
+    return {"hf": root / "hf", "ours": root / "ours"}
+
+
+def _eval_argv(tool: str, model: Path, out: Path, tokenizer: str) -> list[str]:
+    """`_argv` with the test BPE and lengths its prompts fit in."""
+    argv = _argv(tool, model, out, out)
+    argv[argv.index("--lengths") + 1] = "512"
+    return argv + ["--tokenizer-model", tokenizer]
+
+
+def _rerun_refuses(capsys, tool: str, argv: list[str], change, *needles: str) -> None:
+    module = _tool(tool)
+    assert module.main(argv) == 0
+    capsys.readouterr()
+    extra = change() or []
+    assert module.main(argv + extra) == 2
+    _assert_one_line(capsys.readouterr().err, f"{module.TOOL}: error: ", *needles)
+
+
+def test_needle_rerun_after_reconversion_refuses(eval_models, tmp_path, capsys,
+                                                 hf_tokenizer_dir):
+    """An HF model re-saved at the same path with other weights (same size, same config)."""
+    from tests.unit.test_convert import make_hf
+
+    model = copy_tree(eval_models["hf"], tmp_path / "hf")
+    argv = _eval_argv("eval_needle", model, tmp_path / "out", hf_tokenizer_dir)
+    _rerun_refuses(capsys, "eval_needle", argv,
+                   lambda: make_hf(model, seed=1, vocab_size=768) and None, "weights_sha256")
+
+
+def test_needle_rerun_with_another_dtype_refuses(eval_models, tmp_path, capsys,
+                                                 hf_tokenizer_dir):
+    """Another --dtype changes the answers; the cells were reused and relabelled before."""
+    model = copy_tree(eval_models["ours"], tmp_path / "ours")
+    argv = _eval_argv("eval_needle", model, tmp_path / "out", hf_tokenizer_dir)
+    _rerun_refuses(capsys, "eval_needle", argv + ["--dtype", "fp32"],
+                   lambda: ["--dtype", "bf16"], "dtype")
+
+
+def test_needle_rerun_after_haystack_edit_refuses(eval_models, tmp_path, capsys,
+                                                  hf_tokenizer_dir):
+    hay = tmp_path / "hay.txt"
+    hay.write_text("The sky is blue. The grass is green. " * 200)
+    argv = _eval_argv("eval_needle", eval_models["hf"], tmp_path / "out", hf_tokenizer_dir)
+    argv += ["--haystack", str(hay)]
+    _rerun_refuses(capsys, "eval_needle", argv,
+                   lambda: hay.write_text("The sea is grey. The sand is white. " * 200) and None,
+                   "haystack_sha256")
+
+
+def test_ruler_rerun_after_checkpoint_reconverted_refuses(eval_models, tmp_path, capsys,
+                                                          hf_tokenizer_dir):
+    """A checkpoint of ours re-converted at the same path from other HF weights."""
+    from megatron_longctx.convert.hf_llama import convert_hf_to_megatron
+    from tests.unit.test_convert import make_hf
+
+    model = copy_tree(eval_models["ours"], tmp_path / "ours")
+
+    def reconvert() -> None:
+        import shutil
+
+        make_hf(tmp_path / "hf2", seed=3, vocab_size=768)
+        shutil.rmtree(model)
+        convert_hf_to_megatron(tmp_path / "hf2", model)
+
+    argv = _eval_argv("eval_ruler", model, tmp_path / "out", hf_tokenizer_dir)
+    _rerun_refuses(capsys, "eval_ruler", argv, reconvert, "weights_sha256")
+
+
+def test_ablation_rerun_after_inputs_changed_refuses(eval_models, tmp_path):
+    """The ablation's output directory records its inputs by content: a stage-1 checkpoint
+    retrained in place and a new dataset matching a --data-prefix glob were reused before."""
+    import shutil
+
+    from megatron_longctx.convert.hf_llama import convert_hf_to_megatron
+    from megatron_longctx.demo.ablation import (
+        AblationPaths,
+        AblationSettings,
+        claim_output_dir,
+        input_identity,
+        resolve_prefixes,
+    )
+    from tests.unit.test_convert import make_hf
+
+    stage1 = copy_tree(eval_models["ours"], tmp_path / "stage1")
+    for name in ("a", "b"):
+        prefix = write_dataset(tmp_path / "data" / f"{name}_text_document")
+        Path(f"{prefix}.stats.json").write_text("{}")
+    settings = AblationSettings(data_prefix=(str(tmp_path / "data" / "*"),),
+                                stage1_checkpoint=str(stage1),
+                                tokenizer_model=str(tmp_path))
+    paths = AblationPaths(tmp_path / "out")
+
+    def claim() -> None:
+        prefixes = resolve_prefixes(settings.data_prefix)
+        claim_output_dir(settings, paths, input_identity(settings, prefixes))
+
+    claim()
+    claim()  # same inputs: resumes
+    prefix = write_dataset(tmp_path / "data" / "c_text_document")
+    Path(f"{prefix}.stats.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"other settings \(datasets\)"):
+        claim()
+    for suffix in (".bin", ".idx", ".stats.json"):
+        Path(f"{prefix}{suffix}").unlink()
+    claim()
+    make_hf(tmp_path / "hf2", seed=5, vocab_size=768)
+    shutil.rmtree(stage1)
+    convert_hf_to_megatron(tmp_path / "hf2", stage1)
+    with pytest.raises(ValueError, match=r"other settings \(stage1_checkpoint_sha256\)"):
+        claim()
