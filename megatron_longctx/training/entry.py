@@ -55,11 +55,13 @@ def _resolved_config(argv: list[str] | None, world_size: int) -> tuple[PretrainC
     have_te = build.te_available()
     cfg.validate(world_size, te_available=have_te)  # the flags alone, before reading files
     from megatron_longctx.training.checkpointing import check_checkpoint_to_load
+    from megatron_longctx.training.compat import reconcile_inputs
     from megatron_longctx.training.data import check_data_files, resolve_tokenizer
 
     check_data_files(cfg)
     check_checkpoint_to_load(cfg.checkpoint.load)
     tokenizer = resolve_tokenizer(cfg)
+    cfg = reconcile_inputs(cfg, args, tokenizer)
     resolved = resolve_runtime(cfg, te_available=have_te, tokenizer_vocab=tokenizer.vocab_size)
     resolved.validate(world_size, te_available=have_te)
     return resolved, tokenizer

@@ -303,3 +303,139 @@ def test_ablation_rerun_after_inputs_changed_refuses(eval_models, tmp_path):
     convert_hf_to_megatron(tmp_path / "hf2", stage1)
     with pytest.raises(ValueError, match=r"other settings \(stage1_checkpoint_sha256\)"):
         claim()
+
+
+# --------------------------------------------------------------------------------------------
+# what --load, --data-path and --mixture-plan are compared on (training/compat.py): adopted
+# with a log line, or refused in one line naming the field, the file and both values
+# --------------------------------------------------------------------------------------------
+TIED_ARCH = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "176",
+             "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2"]
+BASE_RUN = [a for a in TINY_RUN if a not in ("--model-preset", "tiny")]
+MOCK_FLAGS = ("--mock-data", "--tokenizer-type", "NullTokenizer", "--vocab-size", "512")
+
+
+def _train(monkeypatch, argv: list[str]) -> int:
+    from megatron_longctx.training import entry
+
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    return entry.main(argv)
+
+
+def _refused(monkeypatch, capsys, argv: list[str], *needles: str) -> None:
+    capsys.readouterr()
+    assert _train(monkeypatch, argv) == 2
+    _assert_one_line(capsys.readouterr().err, "pretrain_longctx.py: error: ", *needles)
+
+
+def test_trainer_adopts_the_checkpoints_position_encoding(tmp_path, monkeypatch, capsys):
+    """A converted model trained with RoPE base 500000, continued without --rotary-base: the
+    run used (and recorded) the preset's 10000 before; now it adopts 500000 with a log line,
+    and an explicit --rotary-base still wins (context extension)."""
+    import json
+
+    from megatron_longctx.convert.hf_llama import convert_hf_to_megatron
+    from tests.unit.test_convert import make_hf
+
+    make_hf(tmp_path / "hf", vocab_size=512, rope_theta=500000.0)
+    convert_hf_to_megatron(tmp_path / "hf", tmp_path / "ours")
+    capsys.readouterr()
+    run = [*TINY_RUN, "--train-iters", "1", "--load", str(tmp_path / "ours")]
+    assert _train(monkeypatch, [*run, "--save", str(tmp_path / "a")]) == 0
+    assert "adopting the checkpoint's --rotary-base 500000" in capsys.readouterr().err
+    meta = json.loads(next((tmp_path / "a").glob("iter_*/longctx_meta.json")).read_text())
+    assert meta["model"]["rotary_base"] == 500000
+    assert _train(monkeypatch, [*run, "--save", str(tmp_path / "b"),
+                                "--rotary-base", "2000000"]) == 0
+    assert "replaces the checkpoint's 500000" in capsys.readouterr().err
+    meta = json.loads(next((tmp_path / "b").glob("iter_*/longctx_meta.json")).read_text())
+    assert meta["model"]["rotary_base"] == 2000000
+
+
+def test_trainer_refuses_untied_checkpoint_into_tied_model(tiny_models, tmp_path,  # noqa: F811
+                                                           monkeypatch, capsys):
+    """The output layer was dropped silently before."""
+    _refused(monkeypatch, capsys, [*BASE_RUN, *TIED_ARCH, "--train-iters", "1",
+                                   "--load", str(tiny_models["ours"])],
+             "longctx_meta.json", "untie_embeddings_and_output_weights is True",
+             "this run builds False")
+
+
+def test_trainer_refuses_another_layer_count(tiny_models, tmp_path, monkeypatch,  # noqa: F811
+                                             capsys):
+    """A traceback from inside dist_checkpointing before."""
+    _refused(monkeypatch, capsys, [*TINY_RUN, "--num-layers", "4", "--train-iters", "1",
+                                   "--load", str(tiny_models["ours"])],
+             "longctx_meta.json", "num_layers is 2", "this run builds 4", "--num-layers")
+
+
+def test_trainer_refuses_another_optimizer_on_resume(tmp_path, monkeypatch, capsys):
+    """A ValueError traceback from inside the loop before."""
+    run = [*TINY_RUN, "--train-iters", "1", "--save", str(tmp_path / "ck")]
+    assert _train(monkeypatch, [*run, "--use-distributed-optimizer"]) == 0
+    _refused(monkeypatch, capsys, [*TINY_RUN, "--train-iters", "2",
+                                   "--load", str(tmp_path / "ck")],
+             "longctx_meta.json", "use_distributed_optimizer is True", "--no-load-optim")
+
+
+def _swapped_tokenizer(src: str, dst: Path) -> Path:
+    """The same vocabulary size, two tokens' ids swapped: another tokenizer."""
+    import json
+    import shutil
+
+    shutil.copytree(src, dst)
+    spec = json.loads((dst / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    a, b = sorted(vocab, key=vocab.get)[300:302]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (dst / "tokenizer.json").write_text(json.dumps(spec))
+    return dst
+
+
+def _dataset_with_stats(prefix: Path, tokenizer: str) -> Path:
+    import json
+
+    from megatron_longctx.config.tokenizer import TokenizerSpec
+    from megatron_longctx.data.stats import STATS_FORMAT
+    from megatron_longctx.data.tokenizers import build_tokenizer
+
+    write_dataset(prefix, length=100)
+    tok = build_tokenizer(TokenizerSpec("HuggingFaceTokenizer", tokenizer))
+    Path(f"{prefix}.stats.json").write_text(json.dumps(
+        {"format": STATS_FORMAT, "documents": 4, "tokens": 400, "histogram": {"bins": []},
+         "tokenizer": tok.identity()}))
+    return prefix
+
+
+def test_trainer_refuses_data_of_another_tokenizer_of_the_same_size(
+        tmp_path, monkeypatch, capsys, hf_tokenizer_dir):
+    other = _swapped_tokenizer(hf_tokenizer_dir, tmp_path / "tok2")
+    data = _dataset_with_stats(tmp_path / "d_text_document", str(other))
+    run = [a for a in BASE_RUN if a not in MOCK_FLAGS] + ["--model-preset", "tiny"]
+    _refused(monkeypatch, capsys, [*run, "--train-iters", "1", "--tokenizer-type",
+                                   "HuggingFaceTokenizer", "--tokenizer-model", hf_tokenizer_dir,
+                                   "--data-path", str(data)],
+             "--data-path", "d_text_document.stats.json", "tokenizer.sha256")
+
+
+def test_trainer_refuses_token_ids_beyond_the_vocabulary(tmp_path, monkeypatch, capsys):
+    data = write_dataset(tmp_path / "d_text_document", length=100)  # ids up to 499
+    run = [a for a in BASE_RUN if a not in MOCK_FLAGS] + ["--model-preset", "tiny"]
+    _refused(monkeypatch, capsys, [*run, "--train-iters", "1", "--tokenizer-type",
+                                   "NullTokenizer", "--vocab-size", "256",
+                                   "--data-path", str(data)],
+             "--data-path", "d_text_document.bin", "holds token id 4", "vocabulary is 256")
+
+
+def test_trainer_refuses_a_bad_plan_with_tokenizer_model(tmp_path, monkeypatch, capsys,
+                                                         hf_tokenizer_dir):
+    """The plan was loaded only inside the loop when --tokenizer-model was given: a
+    traceback."""
+    plan = tmp_path / "mixture_plan.json"
+    plan.write_text("{not json")
+    run = [a for a in BASE_RUN if a not in MOCK_FLAGS] + ["--model-preset", "tiny"]
+    _refused(monkeypatch, capsys, [*run, "--train-iters", "1", "--tokenizer-type",
+                                   "HuggingFaceTokenizer", "--tokenizer-model", hf_tokenizer_dir,
+                                   "--mixture-plan", str(plan)],
+             "mixture_plan.json", "not JSON")
