@@ -13,6 +13,7 @@ The dataset rows of the data tools are the data side's (docs/checks.md).
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -439,3 +440,105 @@ def test_trainer_refuses_a_bad_plan_with_tokenizer_model(tmp_path, monkeypatch, 
                                    "HuggingFaceTokenizer", "--tokenizer-model", hf_tokenizer_dir,
                                    "--mixture-plan", str(plan)],
              "mixture_plan.json", "not JSON")
+
+
+# --------------------------------------------------------------------------------------------
+# HF configs read as transformers reads them; non-physical RoPE values refused
+# --------------------------------------------------------------------------------------------
+def _hf_dict(**changes) -> dict:
+    from tests.unit.test_convert import hf_config
+
+    out = hf_config().to_dict()
+    for key in ("rope_parameters", "rope_scaling", "rope_theta"):
+        out.pop(key, None)
+    out.update(changes)
+    return out
+
+
+@pytest.mark.parametrize("changes", [
+    # both spellings: transformers takes rope_scaling, its theta from the top level
+    {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+     "rope_scaling": {"rope_type": "linear", "factor": 4.0}, "rope_theta": 500000.0},
+    # an empty rope_scaling does not hide rope_parameters
+    {"rope_scaling": {}, "rope_parameters": {"rope_type": "linear", "factor": 2.0},
+     "rope_theta": 250000.0},
+    {"rope_parameters": {"rope_type": "linear", "factor": 3.0, "rope_theta": 20000.0}},
+], ids=["both-spellings", "empty-rope-scaling", "v5-only"])
+def test_rope_precedence_follows_transformers(changes) -> None:
+    from transformers import LlamaConfig
+
+    from megatron_longctx.convert.hf_llama import model_config_from_hf
+
+    hf = _hf_dict(**changes)
+    want = LlamaConfig(**json.loads(json.dumps(hf))).rope_parameters
+    got = model_config_from_hf(hf)
+    assert float(got.rotary_base) == float(want["rope_theta"])
+    assert got.rope_type == want["rope_type"] and got.rope_scaling_factor == want["factor"]
+
+
+def test_mistral_and_qwen2_sliding_window_as_transformers_reads_it() -> None:
+    from transformers import MistralConfig, Qwen2Config
+
+    from megatron_longctx.convert.hf_llama import ConversionError, model_config_from_hf
+
+    base = {k: v for k, v in _hf_dict().items() if k not in ("architectures", "model_type")}
+    # Mistral ignores use_sliding_window; without the key its window is 4096
+    for extra in ({"use_sliding_window": False, "sliding_window": 4096}, {}):
+        hf = {**base, "model_type": "mistral", "architectures": ["MistralForCausalLM"], **extra}
+        assert MistralConfig(**{k: v for k, v in hf.items()
+                                if k != "model_type"}).sliding_window == 4096
+        with pytest.raises(ConversionError, match="sliding_window 4096"):
+            model_config_from_hf(hf)
+    # Qwen2 applies its window only with use_sliding_window (default false)
+    hf = {**base, "model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"],
+          "sliding_window": 4096}
+    assert Qwen2Config(**{k: v for k, v in hf.items() if k != "model_type"}).sliding_window \
+        is None
+    assert model_config_from_hf(hf).add_qkv_bias
+
+
+NON_PHYSICAL = [
+    ({"rope_scaling": {"rope_type": "linear", "factor": float("nan")}}, "rope_scaling.factor"),
+    ({"rope_scaling": {"rope_type": "dynamic", "factor": float("inf")}},
+     "rope_scaling.factor"),
+    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "attention_factor": 0.0,
+                          "original_max_position_embeddings": 64}},
+     "rope_parameters.attention_factor"),
+    ({"rope_theta": 0.0}, "rope_theta"),
+    ({"rope_theta": float("nan")}, "rope_theta"),
+]
+
+
+@pytest.mark.parametrize(("changes", "what"), NON_PHYSICAL,
+                         ids=["nan-factor", "inf-factor", "zero-attention", "zero-theta",
+                              "nan-theta"])
+def test_converter_refuses_non_physical_rope(tiny_models, tmp_path, capsys,  # noqa: F811
+                                             changes, what) -> None:
+    """These converted and then answered NaN (or nothing)."""
+    model = copy_tree(tiny_models["hf"], tmp_path / "hf")
+    config = json.loads((model / "config.json").read_text())
+    for key in ("rope_parameters", "rope_scaling", "rope_theta"):
+        config.pop(key, None)
+    config.update(changes)
+    (model / "config.json").write_text(json.dumps(config))
+    module = _tool("convert_checkpoint")
+    capsys.readouterr()
+    assert module.main(_argv("h2m", model, tmp_path / "out", tmp_path)) == 2
+    _assert_one_line(capsys.readouterr().err, "convert_checkpoint.py: error: ", "config.json",
+                     what)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("flags", [
+    ["--rope-type", "linear", "--rope-scaling-factor", "nan"],
+    ["--rope-type", "yarn", "--rope-scaling-factor", "4", "--rope-attention-factor", "inf",
+     "--rope-original-max-position-embeddings", "32"],
+    ["--rope-type", "yarn", "--rope-scaling-factor", "4", "--yarn-beta-fast", "nan",
+     "--rope-original-max-position-embeddings", "32"],
+    ["--rope-type", "yarn", "--rope-scaling-factor", "4", "--rope-attention-factor", "0",
+     "--rope-original-max-position-embeddings", "32"],
+], ids=["nan-factor", "inf-attention", "nan-beta", "zero-attention"])
+def test_trainer_flags_refuse_non_physical_rope(monkeypatch, capsys, flags) -> None:
+    """NaN/inf passed validation and stopped at step 1 as "loss is nan" without a flag."""
+    flag = next(f for f, v in zip(flags, flags[1:]) if v in ("nan", "inf", "0"))
+    _refused(monkeypatch, capsys, [*TINY_RUN, "--train-iters", "1", *flags], flag)
