@@ -736,7 +736,25 @@ class HFCausalLM(CausalLM):
     def _tensor(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
+    def _dynamic_rotaries(self) -> list[Any]:
+        """The model's dynamic-NTK rotary modules: transformers' `dynamic_rope_update` grows
+        their `inv_freq` when a forward sees more than `max_seq_len_cached` positions and
+        resets it only when a later one is shorter than the original length, so without a
+        reset a prompt's answer would depend on the longest prompt before it."""
+        return [m for m in self.model.modules()
+                if "dynamic" in str(getattr(m, "rope_type", "")) and
+                hasattr(m, "original_inv_freq") and hasattr(m, "original_max_seq_len")]
+
+    def _reset_rotary(self) -> None:
+        """Every dynamic rotary back to its freshly loaded state (per prompt: a cell's answer
+        is the one a newly loaded model gives, whatever the grid order or resume point)."""
+        for module in self._dynamic_rotaries():
+            module.register_buffer("inv_freq", module.original_inv_freq.clone(),
+                                   persistent=False)
+            module.max_seq_len_cached = module.original_max_seq_len
+
     def _new_state(self, total: int) -> Any:
+        self._reset_rotary()  # a new prompt
         return {"past": None}  # the model creates its DynamicCache on the first forward
 
     def _capacity(self, state: Any) -> int | None:
@@ -745,9 +763,12 @@ class HFCausalLM(CausalLM):
     def _can_rewind(self, state: Any) -> bool:
         """Full-attention DynamicCache layers only: a sliding-window layer (transformers 5)
         has dropped states past its window, a quantized or linear-attention one cannot be
-        cut back exactly."""
+        cut back exactly. Never with dynamic-NTK RoPE: the cached keys were rotated with the
+        frequencies of the previous prompt's length, so each prompt is prefilled anew."""
         from transformers.cache_utils import DynamicCache
 
+        if self._dynamic_rotaries():
+            return False
         past = state["past"]
         if past is None:
             return True
@@ -786,6 +807,7 @@ class HFCausalLM(CausalLM):
         return out.logits[0, -1].float()
 
     def _last_logits(self, ids: list[int]) -> torch.Tensor:
+        self._reset_rotary()  # a full recompute is a new prompt
         out = self.model(input_ids=self._tensor(ids), use_cache=False, logits_to_keep=1)
         return out.logits[0, -1].float()
 
@@ -795,6 +817,7 @@ class HFCausalLM(CausalLM):
         a LLaMA-style head: logits = lm_head(final hidden state), no extra scaling."""
         import torch.nn.functional as F
 
+        self._reset_rotary()
         base = getattr(self.model, self.model.base_model_prefix)
         head = self.model.get_output_embeddings()
         labels = torch.tensor(ids[1:], dtype=torch.long, device=self.device)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from megatron_longctx.checkpoint.meta import LATEST_NAME
@@ -542,3 +543,29 @@ def test_trainer_flags_refuse_non_physical_rope(monkeypatch, capsys, flags) -> N
     """NaN/inf passed validation and stopped at step 1 as "loss is nan" without a flag."""
     flag = next(f for f, v in zip(flags, flags[1:]) if v in ("nan", "inf", "0"))
     _refused(monkeypatch, capsys, [*TINY_RUN, "--train-iters", "1", *flags], flag)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation state is not carried between prompts
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("reuse", [False, True], ids=["prefill", "reuse-prefix"])
+def test_hf_dynamic_ntk_answer_independent_of_previous_prompt(tmp_path, reuse) -> None:
+    """transformers grows a dynamic-NTK model's frequencies on a long prompt and keeps them for
+    a shorter one that is still past the original length: the same cell answered differently
+    after a longer one (grid order, resume point)."""
+    from megatron_longctx.eval.models import HFCausalLM
+    from tests.unit.test_convert import make_hf
+
+    make_hf(tmp_path / "hf", vocab_size=512, max_position_embeddings=32,
+            rope_scaling={"rope_type": "dynamic", "factor": 2.0})
+    rng = np.random.default_rng(0)
+    long, short = rng.integers(0, 512, 200).tolist(), rng.integers(0, 512, 48).tolist()
+    fresh = HFCausalLM(tmp_path / "hf", dtype="fp32", prefill_chunk=0)
+    want = fresh.generate(short, 8)
+    want_losses = fresh.token_losses(short)
+    fresh.close()
+    model = HFCausalLM(tmp_path / "hf", dtype="fp32", prefill_chunk=0)
+    model.generate(long, 8, reuse_prefix=reuse)
+    assert model.generate(short, 8, reuse_prefix=reuse) == want
+    model.generate(long, 8)
+    np.testing.assert_array_equal(model.token_losses(short), want_losses)
