@@ -62,6 +62,28 @@ class PlanFileError(ValueError):
     """A plan file that cannot be read: the message names the file and the field."""
 
 
+#: How far the domains' target shares may sum from 1 (float rounding of computed shares).
+SHARE_SUM_TOLERANCE = 1e-6
+
+
+def load_json_unique(handle: Any, file: str) -> Any:
+    """`json.load` that refuses a key given twice in one object (json keeps the last one
+    silently), naming the key and `file`.
+
+    Raises:
+        PlanFileError: (a ValueError) for a duplicate key; json's own errors otherwise.
+    """
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise PlanFileError(f"{file}: duplicate key {key!r} (JSON keeps only the last)")
+            out[key] = value
+        return out
+
+    return json.load(handle, object_pairs_hook=pairs)
+
+
 # --------------------------------------------------------------------------------------------
 # held-out split
 # --------------------------------------------------------------------------------------------
@@ -388,6 +410,11 @@ class MixturePlan:
                         for i in range(len(top.items("domains"))))
         if not domains:
             raise top.fail("domains", "must list at least one domain")
+        total = sum(d.target_share for d in domains)
+        if abs(total - 1.0) > SHARE_SUM_TOLERANCE:
+            # Megatron's BlendedDataset would renormalise the weights without a word.
+            raise top.fail("domains", f"target_share values sum to {total:.6g}, not 1 (an "
+                                      "edited plan? re-run tools/blend_mixture.py)")
         warnings = top.items("warnings")
         return cls(
             strategy=top.text("strategy", STRATEGIES), parameters=_parameters(top),
@@ -427,7 +454,7 @@ def load_plan(path: str | os.PathLike) -> MixturePlan:
     path = str(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+            data = load_json_unique(handle, path)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PlanFileError(f"{path}: not JSON ({err}) (--mixture-plan)") from err
     return replace(MixturePlan.from_json(data, path), source=path)

@@ -569,3 +569,54 @@ def test_hf_dynamic_ntk_answer_independent_of_previous_prompt(tmp_path, reuse) -
     assert model.generate(short, 8, reuse_prefix=reuse) == want
     model.generate(long, 8)
     np.testing.assert_array_equal(model.token_losses(short), want_losses)
+
+
+# --------------------------------------------------------------------------------------------
+# plans and weights files
+# --------------------------------------------------------------------------------------------
+def _two_domains(tmp_path: Path) -> list[str]:
+    from tests.unit.mixture_fixtures import write_dataset as write_domain
+
+    return [write_domain(str(tmp_path / f"{d.lower()}_text_document"), np.full(30, 50), d)
+            for d in ("A", "B")]
+
+
+def test_plan_whose_shares_do_not_sum_to_one_is_refused(tmp_path) -> None:
+    """Megatron's BlendedDataset renormalised an edited plan's shares without a word."""
+    from megatron_longctx.mixture.outputs import write_plan_outputs
+    from megatron_longctx.mixture.plan import load_plan
+    from megatron_longctx.mixture.planner import plan_mixture
+    from tests.unit.test_faults_data import _plan_cfg
+
+    prefixes = _two_domains(tmp_path)
+    path = write_plan_outputs(plan_mixture(_plan_cfg(prefixes, tmp_path)),
+                              str(tmp_path / "o"))["plan"]
+    data = json.loads(Path(path).read_text())
+    data["domains"][0]["target_share"] = data["domains"][0]["target_share"] / 2
+    Path(path).write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"mixture_plan\.json: domains: target_share values "
+                                         r"sum to 0\.\d+, not 1"):
+        load_plan(path)
+
+
+def test_weights_file_not_summing_to_one_is_normalised_with_a_warning(tmp_path) -> None:
+    from megatron_longctx.mixture.planner import plan_mixture
+    from tests.unit.test_faults_data import _plan_cfg
+
+    weights = tmp_path / "w.json"
+    weights.write_text('{"A": 3, "B": 1}')
+    plan = plan_mixture(_plan_cfg(_two_domains(tmp_path), tmp_path,
+                                  domain_weights=str(weights)))
+    assert [d.target_share for d in plan.domains] == [0.75, 0.25]
+    assert any("weights sum to 4, not 1: normalised" in w for w in plan.warnings), plan.warnings
+
+
+def test_duplicate_key_in_weights_file_is_refused(tmp_path) -> None:
+    """`{"A": 1, "A": 3}` was resolved to the last value silently."""
+    from megatron_longctx.mixture.planner import PlanError, plan_mixture
+    from tests.unit.test_faults_data import _plan_cfg
+
+    weights = tmp_path / "w.json"
+    weights.write_text('{"A": 0.5, "B": 0.5, "A": 0.2}')
+    with pytest.raises(PlanError, match=r"--domain-weights .*w\.json: duplicate key 'A'"):
+        plan_mixture(_plan_cfg(_two_domains(tmp_path), tmp_path, domain_weights=str(weights)))
