@@ -13,7 +13,9 @@ Protocol, one cell per (length, depth) of the grid:
    punctuation (`.`, `!`, `?`, optionally followed by closing quotes/brackets) that is followed
    by whitespace, or right after a line break. A token position is a boundary when the
    previous token ends at or before such a character position and the next token starts at or
-   after it (no token straddles it).
+   after it (no token straddles it). A haystack with a stretch of more than
+   `MAX_SENTENCE_TOKENS` (1024) tokens without one (code, a word list, one long line) is cut
+   between words instead, with a warning: it would otherwise give prompts without haystack.
 4. **Filling and insertion, in tokens.** The haystack is cut at the largest boundary `b` that
    keeps the whole prompt within `length` tokens (measured by tokenizing the assembled prompt;
    the cut is lowered and the prompt rebuilt if joining changed the count), so the actual
@@ -56,6 +58,7 @@ import json
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -316,6 +319,11 @@ def sentence_end_positions(text: str) -> np.ndarray:
     return np.fromiter((m.end() for m in _SENTENCE_END_RE.finditer(text)), dtype=np.int64)
 
 
+#: Longest stretch of haystack tokens without a sentence boundary before the cuts fall back to
+#: word boundaries (prose sentences are 20-40 tokens; a 1024-token "sentence" is not prose).
+MAX_SENTENCE_TOKENS = 1024
+
+
 @dataclass
 class Haystack:
     """Haystack text tokenized once: token start offsets and sentence-boundary token indices.
@@ -362,6 +370,16 @@ class Haystack:
         else:
             inner = np.zeros(0, dtype=np.int64)
         boundaries = np.unique(np.concatenate([[0], inner, [n]])).astype(np.int64)
+        if n > 1 and np.diff(boundaries).max() > MAX_SENTENCE_TOKENS:
+            # A text without sentence ends (code, a word list, one long line) would give
+            # prompts with little or no haystack: cut between words instead, and say so.
+            words = np.flatnonzero([s == 0 or text[s - 1].isspace() for s in starts[:-1]])
+            boundaries = np.unique(np.concatenate([[0], words, [n]])).astype(np.int64)
+            if np.diff(boundaries).max() > MAX_SENTENCE_TOKENS:
+                boundaries = np.arange(n + 1, dtype=np.int64)
+            warnings.warn(f"haystack {source}: a stretch of more than {MAX_SENTENCE_TOKENS} "
+                          "tokens without a sentence end; prompts are cut between words "
+                          "instead", stacklevel=2)
         return cls(text=text, token_starts=starts, boundaries=boundaries, source=source)
 
     def boundary_at_or_below(self, token: int) -> int:

@@ -620,3 +620,42 @@ def test_duplicate_key_in_weights_file_is_refused(tmp_path) -> None:
     weights.write_text('{"A": 0.5, "B": 0.5, "A": 0.2}')
     with pytest.raises(PlanError, match=r"--domain-weights .*w\.json: duplicate key 'A'"):
         plan_mixture(_plan_cfg(_two_domains(tmp_path), tmp_path, domain_weights=str(weights)))
+
+
+# --------------------------------------------------------------------------------------------
+# haystacks without sentence boundaries still fill the prompt (with a warning)
+# --------------------------------------------------------------------------------------------
+def test_needle_haystack_without_sentence_ends_still_fills_the_prompt(hf_tokenizer_dir):
+    """Every cut fell on the only boundary, token 0: prompts held no haystack at all."""
+    from megatron_longctx.eval.models import EvalTokenizer
+    from megatron_longctx.eval.needle import (
+        PAPER_ANSWER,
+        PAPER_TEMPLATE,
+        Haystack,
+        Needle,
+        build_prompt,
+    )
+
+    tok = EvalTokenizer(hf_tokenizer_dir)
+    words = " ".join(["river", "stone", "light", "garden", "window"] * 1200)  # no sentence end
+    with pytest.warns(UserWarning, match="without a sentence end"):
+        hay = Haystack.from_texts([words], tok, 2000, "words.txt")
+    needle = Needle("The best thing is " + PAPER_ANSWER + ".", "What is best?", PAPER_ANSWER)
+    prompt = build_prompt(hay, tok, needle, PAPER_TEMPLATE, 1024, 50.0)
+    assert prompt.haystack_tokens > 800 and 40 < prompt.needle_depth < 60
+    assert len(prompt.ids) <= 1024
+
+
+def test_ruler_essay_without_sentence_ends_places_needles_inside(tmp_path):
+    """All needles went before the essay (one 'sentence': every depth rounded to 0)."""
+    from megatron_longctx.eval.ruler_tasks import TASKS, TaskResources, build_niah
+
+    essay = tmp_path / "essay.txt"
+    essay.write_text(" ".join(["river", "stone", "light", "garden", "window"] * 400))
+    res = TaskResources.load(haystack_file=str(essay))
+    before = []
+    for seed in range(6):
+        with pytest.warns(UserWarning, match="no sentence ends"):
+            built = build_niah(TASKS["niah_single_2"], np.random.default_rng(seed), 500, res)
+        before.append(built.text.split("One of the special magic")[0].count("garden"))
+    assert max(before) > 10, before
