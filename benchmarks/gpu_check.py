@@ -1,12 +1,12 @@
 #!/usr/bin/env python3
 """One prepared GPU validation run: versions, correctness, throughput, needle, loss path, TE.
 
-    python benchmarks/gpu_check.py --output $OUT/gpu_check.json      # on the lent GPU machine
+    python benchmarks/gpu_check.py --output $OUT/gpu_check.json      # on a GPU machine
     python benchmarks/gpu_check.py --cpu-smoke --output /tmp/smoke.json  # same code, tiny, CPU
 
 One command, one JSON result file, a summary table printed last. Each part runs in its own
 child process (`--child NAME`, internal), in this order, and is skipped with a reason when its
-requirement is missing (no CUDA, megatron-core or Transformer Engine not importable, issue 16's
+requirement is missing (no CUDA, megatron-core or Transformer Engine not importable, the
 chunked loss not in the tree):
 
 ===========  =============================================================  ======  ========
@@ -24,7 +24,7 @@ needle       random HF LLaMA (same shapes) -> `convert_hf_to_megatron` ->   110 
              our eval backend at 32K: prefill tokens/s, decode ms/token,
              one needle cell (`run_needle`); then the HF backend the same
 loss         stock vs chunked loss at 32K with LLaMA-3's vocabulary: peak   45 s    ~25 s
-             memory and step time (skips until issue 16 adds the option)
+             memory and step time (skips when no flag selects the loss)
 te           TE spec bf16, FP8 hybrid delayed, FP8 + FP8 attention at 8K:   90 s    ~40 s
              losses vs TE bf16 and tokens/s (skips without TE)
 ===========  =============================================================  ======  ========
@@ -101,7 +101,7 @@ PARTS: tuple[Part, ...] = (
          cpu_process=True),
     Part("throughput", 120, 120, "1.07B LLaMA-shaped bf16 local+SDPA at 8K/32K/64K"),
     Part("needle", 110, 120, "converted random HF model, needle tool at 32K"),
-    Part("loss", 45, 60, "stock vs chunked loss memory (issue 16)"),
+    Part("loss", 45, 60, "stock vs chunked loss memory"),
     Part("te", 90, 60, "Transformer Engine bf16 / FP8 / FP8 attention"),
 )
 PART_NAMES = tuple(p.name for p in PARTS)

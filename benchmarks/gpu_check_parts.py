@@ -21,8 +21,8 @@ Tolerances (stated here, checked in the correctness and TE parts):
 
 * fp32, CUDA vs CPU: step 1 (no update applied yet) within 1e-5 relative; later steps within
   1e-4 (Adam divides by sqrt(v): fp32 reduction-order noise in a near-zero gradient becomes an
-  lr-sized update, measured 1.8e-5 on weights after 3 steps at lr 1e-3 in docs/log.md; here lr is
-  1e-4). TF32 is switched off for that leg.
+  lr-sized update, measured 1.8e-5 on weights after 3 steps at lr 1e-3, docs/training.md; here
+  lr is 1e-4). TF32 is switched off for that leg.
 * bf16 vs the fp32 CPU reference: every step within 1e-2 relative (bf16 has an 8-bit mantissa,
   ~4e-3 per rounding; the loss is a mean over all tokens, so per-element errors average out).
 * FP8 (TE) vs TE bf16: every step within 2e-2 relative.
@@ -56,13 +56,13 @@ FP32_RTOL = 1e-4
 BF16_RTOL = 1e-2
 FP8_RTOL = 2e-2
 
-#: The pretrain flags that select the stock loss path and ours (issue 16: model/loss.py).
+#: The pretrain flags that select the stock loss path and ours (model/loss.py).
 #: None would make the part look for such a flag, report candidates, and skip.
 LOSS_PATH_ARGS: dict[str, list[str]] | None = {
     "stock": ["--cross-entropy-impl", "megatron"],
     "ours": ["--cross-entropy-impl", "chunked"],
 }
-#: Flags that name the loss but do not select its implementation (not issue 16's option).
+#: Flags that name the loss but do not select its implementation.
 NOT_LOSS_PATH_FLAGS = ("--on-nan-loss", "--eod-mask-loss")
 
 RECOMPUTE_ARGS = ["--recompute-granularity", "full", "--recompute-method", "uniform",
@@ -506,7 +506,8 @@ def part_correctness(ctx: Ctx) -> None:
     takes `corr_steps` fp32 steps. Device (a child with the GPU visible; in --cpu-smoke a
     second CPU process): the same finetune in fp32 with TF32 off, then in bf16. Starting from a
     trained checkpoint makes the check see a lost load: a model that drops the loaded weights
-    (issue 14's bf16 defect) jumps back to the ~ln(vocab) loss of a random model instead of
+    (the bf16 main-parameter defect, docs/training.md) jumps back to the ~ln(vocab) loss of a
+    random model instead of
     continuing from where stage 1 ended.
     """
     versions = ctx.context.get("versions") or {}
@@ -819,11 +820,11 @@ def part_needle(ctx: Ctx) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# part 5: stock vs chunked loss (issue 16)
+# part 5: stock vs chunked loss
 # ---------------------------------------------------------------------------------------------
 def loss_path_flags() -> tuple[list[str], list[str], list[str]]:
     """pretrain_longctx.py's flags: all, those naming the loss, and those among them not known
-    to be unrelated options (candidates for issue 16's switch)."""
+    to be unrelated options (candidates for the loss switch)."""
     from megatron_longctx.config.training import build_pretrain_parser
 
     flags = [opt for action in build_pretrain_parser()._actions
@@ -833,7 +834,7 @@ def loss_path_flags() -> tuple[list[str], list[str], list[str]]:
 
 
 def part_loss(ctx: Ctx) -> None:
-    """Stock megatron loss path vs ours (issue 16's chunked cross-entropy) at `loss_seq` tokens
+    """Stock megatron loss path vs ours (the chunked cross-entropy) at `loss_seq` tokens
     with LLaMA-3's vocabulary: peak memory, step time and the loss of both in the same run.
 
     Skips until the option exists: `LOSS_PATH_ARGS` names the flags, and each must be a flag
@@ -846,7 +847,7 @@ def part_loss(ctx: Ctx) -> None:
         if f.startswith("--") and f not in flags]
     if LOSS_PATH_ARGS is None or missing:
         raise SkipPartError(
-            "issue 16's chunked loss is not in this tree: no pretrain_longctx.py flag selects "
+            "the chunked loss is not in this tree: no pretrain_longctx.py flag selects "
             f"the loss path (flags naming the loss: {', '.join(named) or 'none'}; candidates: "
             f"{', '.join(candidates) or 'none'}"
             + (f"; LOSS_PATH_ARGS names missing flags {missing}" if missing else
@@ -895,7 +896,7 @@ def part_te(ctx: Ctx) -> None:
 
     if not te_available():
         raise SkipPartError(
-            "transformer_engine.pytorch is not importable (not on the lent machine; its CUDA "
+            "transformer_engine.pytorch is not importable (not on this machine; its CUDA "
             "wheel is ~190 MB, over the 64 MiB a device call carries)")
     s = ctx.shapes
     fp8_ok = torch.cuda.get_device_capability() >= (8, 9)

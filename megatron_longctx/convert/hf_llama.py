@@ -674,7 +674,7 @@ def write_hf_weights(model: Any, cfg: ModelConfig, out_dir: Path, dtype: torch.d
         path = out_dir / names[current_index]
         save_file(current, str(path), metadata={"format": "pt"})
         # safetensors 0.8 creates its files mode 0600 (unreadable for the group that shares
-        # the model); give them the mode the umask gives any other new file (issue 21).
+        # the model); give them the mode the umask gives any other new file.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(path, 0o666 & ~umask)

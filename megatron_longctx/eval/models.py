@@ -667,7 +667,7 @@ def _load_hf_strictly(auto_class: Any, root: Path, load_dtype: Any) -> Any:
     """`from_pretrained` after `convert.hf_checks.check_hf_dir` (architecture, every tensor
     present, expected and of the right shape, files not truncated), and refusing whatever
     transformers still reports as missing or unexpected: it would otherwise fill a missing
-    tensor with random weights and evaluate any architecture it knows (issue 21).
+    tensor with random weights and evaluate any architecture it knows.
 
     Raises:
         ConversionError: (a ValueError) one line naming the directory or file and the tensor.

@@ -25,7 +25,7 @@ was the string: `f"{f:.10g}"` wrote 5e-05, which megatron's parser (digits and d
 reads as 5 and 05, so 91% of the documents were held out; `split_string` now writes plain
 decimals (0.00005).
 
-Format 3 (issue 21) records the held-out tail per domain and bucket (`held_out_documents`,
+Format 3 records the held-out tail per domain and bucket (`held_out_documents`,
 `held_out_tokens`; repeat factors are relative to the training part, `train_unique_tokens`)
 and each domain's provenance (stats sha256, .idx/.bin sizes, checked by the training
 dataset); every number must be finite. Format-2 files still load (those fields 0 / empty).
@@ -45,7 +45,7 @@ import numpy as np
 from megatron_longctx.atomic import write_json_atomic
 from megatron_longctx.config.mixture import STRATEGIES, MixtureConfig
 
-#: Format 2: no `realization` section (views are derived from the plan). Format 3 (issue 21)
+#: Format 2: no `realization` section (views are derived from the plan). Format 3
 #: adds held-out counts per domain and bucket (repeat factors are over the training part) and
 #: each domain's provenance (stats sha256, .idx/.bin sizes); format-2 files still load, with
 #: those fields 0 / empty (their repeat factors were computed over whole datasets).

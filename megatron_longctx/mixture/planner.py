@@ -18,7 +18,7 @@ X_db / unique_db (epochs; < 1 means subsampled) and a sampling weight X_db / B:
   tokens, so no sample carries a dependency longer than that.
 - `domain-upsample`: w_d multiplied by `--upweight` factors and renormalised, natural lengths.
 
-Held-out documents (`--valid-fraction f`, issue 21): the last `held_out_count(n, f)` documents
+Held-out documents (`--valid-fraction f`): the last `held_out_count(n, f)` documents
 of each dataset never reach training, so every number is computed over the training part: the
 stats give each bucket's whole-dataset counts, the held-out tail's exact counts come from the
 .idx (12 bytes per document, memory-mapped), and unique tokens, natural long shares, domain

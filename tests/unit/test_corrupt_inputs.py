@@ -1,4 +1,4 @@
-"""Every model-loading tool over a table of damaged inputs (issue 21): exit 2, exactly one
+"""Every model-loading tool over a table of damaged inputs: exit 2, exactly one
 stderr line naming the damaged file (or directory) and what is wrong, no traceback, nothing
 written.
 
@@ -8,6 +8,10 @@ in-process through their `main` (the whole CLI path, from argv to exit code, wit
 traceback would show. The damage itself (truncation, in-place edits, a marker naming a missing
 iteration, a foreign architecture, a missing tensor) comes from test_faults_checkpoint.py.
 The dataset rows of the data tools are the data side's (docs/checks.md).
+
+Then, one section per class of silent wrong result (docs/checks.md): reruns identified by
+content, what the trainer compares its inputs on, HF configs read as transformers reads them,
+evaluation state between prompts, plans and weights files, haystacks without sentence ends.
 """
 
 from __future__ import annotations
@@ -132,7 +136,7 @@ def test_tool_refuses_damaged_input(tiny_models, tmp_path, capsys,  # noqa: F811
 
 
 def test_eval_process_names_a_truncated_shard(tiny_models, tmp_path) -> None:  # noqa: F811
-    """The issue's case: a truncated .distcp was a bare EOFError traceback in the needle tool."""
+    """A truncated .distcp was a bare EOFError traceback in the needle tool."""
     model = copy_tree(tiny_models["ours"], tmp_path / "ours")
     name = damage_checkpoint(model, "truncated-distcp")
     proc = subprocess.run(
