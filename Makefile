@@ -3,7 +3,7 @@
 # make ablation: the demo's stage 1, then every stage-2 mixture strategy from it, side by side
 #   (docs/demo.md "The ablation"; ~25 minutes on 2 idle cores; resumable: rerun to continue).
 # make bench: the benchmarks that print ratios against in-run baselines.
-# make gpu-wheels: wheels the lent GPU machine lacks (cp312 manylinux x86_64) into gpu-wheels/.
+# make gpu-wheels: wheels a bare GPU machine lacks (cp312 manylinux x86_64) into gpu-wheels/.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -47,7 +47,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_index.py
 	$(PY) benchmarks/bench_decode.py
 
-# The lent GPU machine (docs/gpu-validation.md) has Python 3.12, torch, transformers, tokenizers,
+# The GPU machine (docs/gpu-validation.md) has Python 3.12, torch, transformers, tokenizers,
 # matplotlib, tensorboard, psutil, click/joblib/regex/tqdm, but not these; no internet there, so
 # they travel with the command (at most 64 MiB with the working tree; these are ~10 MiB).
 # defusedxml: nltk's only dependency that image lacks; wonderwords: the RULER-style suite's word

@@ -25,7 +25,8 @@ install_early()
 
 import sys  # noqa: E402  (after the signal handler, on purpose)
 
+from megatron_longctx.plan import dry_run  # noqa: E402
 from megatron_longctx.training.entry import main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(dry_run.main() if dry_run.requested() else main())

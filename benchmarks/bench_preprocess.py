@@ -94,8 +94,8 @@ def measure(kind: str, jsonl: Path, tok_dir: Path, workdir: Path) -> dict:
 
 
 def prepare(workdir: Path, total_words: int) -> tuple[Path, Path]:
+    from megatron_longctx.data.synthetic import CorpusConfig, iter_records
     from megatron_longctx.data.train_tokenizer import train_bpe_tokenizer
-    from megatron_longctx.demo.corpus import CorpusConfig, iter_records
 
     records = list(iter_records(CorpusConfig(total_words=total_words, seed=7)))
     jsonl = workdir / "bench.jsonl"

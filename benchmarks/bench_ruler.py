@@ -46,8 +46,8 @@ def make_models(root: Path, max_length: int) -> tuple[Path, Path]:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from megatron_longctx.convert.hf_llama import convert_hf_to_megatron
+    from megatron_longctx.data.synthetic import CorpusConfig, iter_records
     from megatron_longctx.data.train_tokenizer import train_bpe_tokenizer
-    from megatron_longctx.demo.corpus import CorpusConfig, iter_records
     from megatron_longctx.eval.models import EvalTokenizer
 
     texts = [r["text"] for r in iter_records(CorpusConfig(total_words=300_000, seed=1))]

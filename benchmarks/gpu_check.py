@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """One prepared GPU validation run: versions, correctness, throughput, needle, loss path, TE.
 
-    python benchmarks/gpu_check.py --output $OUT/gpu_check.json      # on the lent GPU machine
+    python benchmarks/gpu_check.py --output $OUT/gpu_check.json      # on the GPU machine
     python benchmarks/gpu_check.py --cpu-smoke --output /tmp/smoke.json  # same code, tiny, CPU
 
 One command, one JSON result file, a summary table printed last. Each part runs in its own

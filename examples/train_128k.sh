@@ -110,7 +110,7 @@ else
   #   Recomputing 20 of 32 layers (block): 12 x 2.15 + 20 x 0.13 + 2.15 (the layer being
   #   recomputed) = 30.6 GB. Loss: megatron's stock path (CROSS_ENTROPY_IMPL=megatron) keeps
   #   logits 32768 x 32000/TP2 x (2 B bf16 + 4 B fp32 softmax) = 3.1 GB; the chunked loss
-  #   (default, issue 16) keeps a 1024-token chunk (1024 x 16000 x 6 B = 0.1 GB), an fp32
+  #   (default) keeps a 1024-token chunk (1024 x 16000 x 6 B = 0.1 GB), an fp32
   #   weight gradient 16000 x 4096 x 4 B = 0.26 GB and grad_hidden 32768 x 4096 x 2 B =
   #   0.27 GB: ~0.6 GB, 2.5 GB less. CP ring K/V buffers ~1 GB; NCCL/cuBLAS workspaces and
   #   fragmentation ~6 GB -> total ~66.5 GB at 4 nodes, ~73.5 GB on 1 node. FP8 keeps GEMM

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_longctx.demo.corpus import DOMAINS as SYNTHETIC_DOMAINS
+from megatron_longctx.data.synthetic import DOMAINS as SYNTHETIC_DOMAINS
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")

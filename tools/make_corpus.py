@@ -17,7 +17,7 @@ import sys
 import time
 
 from megatron_longctx.config.flags import add_config_flags, config_from_namespace
-from megatron_longctx.demo.corpus import CorpusConfig, summarize_plan, write_corpus
+from megatron_longctx.data.synthetic import CorpusConfig, summarize_plan, write_corpus
 
 
 def build_parser() -> argparse.ArgumentParser:

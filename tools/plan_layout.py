@@ -19,6 +19,7 @@ import argparse
 import sys
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -38,7 +39,8 @@ def _recompute(text: str) -> tuple[str | None, str | None, int | None]:
     return "full", method, int(n)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The tool's flags: model source, one layout, cluster and time."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0], allow_abbrev=False)
     src = ap.add_argument_group("model")
     src.add_argument("--model-preset", choices=PRESET_NAMES)
@@ -71,15 +73,45 @@ def main(argv: list[str] | None = None) -> int:
     cl.add_argument("--mfu", type=float, default=None, help="assumed MFU (default: the NeMo "
                     "LLaMA-2 7B 128K anchor, 0.327)")
     cl.add_argument("--token-budget", type=float, default=5e9)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _one_layout(args: argparse.Namespace, model: Any, base: Any, mfu: float) -> int:
+    """Estimate the layout the flags give; 0 when it fits, 1 when not, 2 on a bad layout."""
+    from megatron_longctx.plan.memory import estimate_memory
+    from megatron_longctx.plan.search import estimate_time, format_estimate
+
+    world = args.gpus_per_node * args.nodes
+    mp = args.tp * args.cp * args.pp
+    if world % mp:
+        print(f"plan_layout.py: error: {world} GPUs are not a multiple of TP*CP*PP = {mp}",
+              file=sys.stderr)
+        return 2
+    dp = world // mp
+    gbs = max(dp, args.global_batch_tokens // args.seq_length)
+    gran, method, n = args.recompute
+    layout = replace(base, tp=args.tp, cp=args.cp, pp=args.pp, vpp=args.vpp, dp=dp,
+                     micro_batch_size=args.micro_batch_size,
+                     num_microbatches=max(1, gbs // (dp * args.micro_batch_size)),
+                     sequence_parallel=args.tp > 1, recompute_granularity=gran,
+                     recompute_method=method, recompute_num_layers=n)
+    mem = estimate_memory(model, layout)
+    time = estimate_time(model, layout, mfu=mfu, token_budget=args.token_budget,
+                         gpus_per_node=args.gpus_per_node)
+    print(format_estimate(model, mem, time, gpu_memory_gb=args.gpu_memory_gb))
+    print("flags: " + " ".join(layout.flags()))
+    return 0 if mem.total_bytes <= args.gpu_memory_gb * 1e9 else 1
+
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     from megatron_longctx.plan.inputs import load_model
-    from megatron_longctx.plan.memory import Layout, estimate_memory, with_sequence
+    from megatron_longctx.plan.memory import Layout, with_sequence
     from megatron_longctx.plan.search import (
         DEFAULT_MFU,
         MFU_SOURCE,
-        estimate_time,
-        format_estimate,
         format_search,
         search_layouts,
     )
@@ -105,27 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                                token_budget=args.token_budget, base=base)
         print(format_search(model, cands, gpu_memory_gb=args.gpu_memory_gb))
         return 0 if any(c.fits for c in cands) else 1
-    world = args.gpus_per_node * args.nodes
-    mp = args.tp * args.cp * args.pp
-    if world % mp:
-        print(f"plan_layout.py: error: {world} GPUs are not a multiple of TP*CP*PP = {mp}",
-              file=sys.stderr)
-        return 2
-    dp = world // mp
-    gbs = max(dp, args.global_batch_tokens // args.seq_length)
-    gran, method, n = args.recompute
-    layout = replace(base, tp=args.tp, cp=args.cp, pp=args.pp, vpp=args.vpp, dp=dp,
-                     micro_batch_size=args.micro_batch_size,
-                     num_microbatches=max(1, gbs // (dp * args.micro_batch_size)),
-                     sequence_parallel=args.tp > 1, recompute_granularity=gran,
-                     recompute_method=method, recompute_num_layers=n)
-    mem = estimate_memory(model, layout)
-    time = estimate_time(model, layout, mfu=mfu, token_budget=args.token_budget,
-                         gpus_per_node=args.gpus_per_node)
-    print(format_estimate(model, mem, time, gpu_memory_gb=args.gpu_memory_gb))
-    print("flags: " + " ".join(layout.flags()))
-    return 0 if mem.total_bytes <= args.gpu_memory_gb * 1e9 else 1
-
+    return _one_layout(args, model, base, mfu)
 
 if __name__ == "__main__":
     sys.exit(main())

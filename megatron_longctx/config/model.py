@@ -18,12 +18,13 @@ default and help once (config/flags.py); pretrain_longctx.py's parser is generat
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
 
 from megatron_longctx.config.dtypes import PARAMS_DTYPES
-from megatron_longctx.config.flags import Flag, derived, option
+from megatron_longctx.config.flags import FLAG_KEY, Flag, derived, option
 
 CP_COMM_TYPES = ("p2p", "a2a", "all_gather", "a2a+p2p")
 FP8_FORMATS = ("e4m3", "hybrid")
@@ -158,6 +159,19 @@ def _check_rope_flags_apply(cfg: ModelConfig, rope_type: str) -> None:
         raise ValueError(f"--no-yarn-truncate applies to --rope-type yarn, not {rope_type}")
 
 
+def _check_finite(cfg: ModelConfig) -> None:
+    """ValueError naming the flag of the first float field (or float list) holding NaN or
+    infinity: such a value passes every range check (`nan <= 0` is False) and surfaces only
+    as "loss is nan" at step 1."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        values = value if isinstance(value, (tuple, list)) else (value,)
+        if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+            flag = f.metadata.get(FLAG_KEY)
+            name = flag.name if flag is not None else f.name
+            raise ValueError(f"{name} must be a finite number, got {value}")
+
+
 def validate_rope(spec: RopeSpec, rotary_dim: int) -> None:
     """Check a resolved scheme; messages name the flag (`rotary_dim`: rotated channels)."""
     kind = spec.rope_type
@@ -180,6 +194,9 @@ def validate_rope(spec: RopeSpec, rotary_dim: int) -> None:
     if kind == "llama3" and not 0 < spec.low_freq_factor < spec.high_freq_factor:
         raise ValueError(f"--rope-low-freq-factor ({spec.low_freq_factor}) must be positive "
                          f"and below --rope-high-freq-factor ({spec.high_freq_factor})")
+    if spec.attention_factor is not None and spec.attention_factor <= 0:
+        raise ValueError(f"--rope-attention-factor must be positive, got "
+                         f"{spec.attention_factor}")
     if kind == "yarn" and not spec.beta_slow < spec.beta_fast:
         raise ValueError(f"--yarn-beta-slow ({spec.beta_slow}) must be below --yarn-beta-fast "
                          f"({spec.beta_fast})")
@@ -417,6 +434,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the Megatron flag on the first inconsistent field."""
+        _check_finite(self)
         for flag, value in (
             ("--num-layers", self.num_layers),
             ("--hidden-size", self.hidden_size),

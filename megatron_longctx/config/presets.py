@@ -60,7 +60,7 @@ PRESETS: dict[str, ModelConfig] = {
     # base 100 at its 64-token stage 1, 7 of the 16 rotary pairs have wavelengths beyond the
     # training length (LLaMA-2, base 10,000 at 4K: 18 of 64); with base 10,000 it would be 11
     # of 16, and such a model already half-works at 8x its training length before any
-    # extension, which hides the effect the demo shows (docs/demo-experiments).
+    # extension, which hides the effect the demo shows (docs/demo.md).
     "demo": ModelConfig(
         num_layers=2, hidden_size=128, ffn_hidden_size=352, num_attention_heads=4,
         num_query_groups=4, vocab_size=4096, max_position_embeddings=8192, seq_length=64,

@@ -39,6 +39,7 @@ from typing import Any
 from megatron_longctx.config.model import ModelConfig
 from megatron_longctx.convert.hf_llama import (
     ConversionError,
+    hf_rope_source,
     hf_shapes,
     hf_weight_files,
     model_config_from_hf,
@@ -60,9 +61,7 @@ def architecture_config(hf: dict[str, Any], where: str) -> ModelConfig:
         ConversionError: another model type or architecture, a missing shape field, biases.
     """
     plain = {key: value for key, value in hf.items() if key not in _ROPE_KEYS}
-    theta = (hf.get("rope_parameters") or {}).get("rope_theta") if isinstance(
-        hf.get("rope_parameters"), dict) else None
-    plain["rope_theta"] = float(theta or hf.get("rope_theta") or 10000.0)
+    plain["rope_theta"], _ = hf_rope_source(hf, where)  # transformers' precedence; finite
     archs = hf.get("architectures") or []
     if not isinstance(archs, list):
         raise ConversionError(f"{where}: architectures must be a list, found {archs!r}")

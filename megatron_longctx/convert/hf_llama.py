@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
 import shutil
@@ -106,22 +107,74 @@ def read_hf_config(hf_dir: str | os.PathLike) -> dict[str, Any]:
     return cfg
 
 
-def _hf_rope(hf: dict[str, Any], where: str) -> tuple[float, str, dict[str, Any]]:
-    """(theta, rope_type, parameters) from either config style.
+#: RoPE parameters that must be positive (zero or negative is no rotation or a zero
+#: attention scale: NaN or empty answers); every numeric one must be finite.
+_POSITIVE_ROPE_KEYS = ("factor", "attention_factor", "original_max_position_embeddings",
+                       "low_freq_factor", "high_freq_factor", "short_factor", "long_factor")
 
-    transformers >= 5 writes `rope_parameters: {rope_type, rope_theta, ...}`; older configs
-    (every released LLaMA) have top-level `rope_theta` and `rope_scaling: {rope_type|type, ...}`.
+
+def _check_physical(theta: Any, params: dict[str, Any], source: str, where: str) -> float:
+    """`theta` as a float after refusing non-finite or non-positive RoPE values (json.loads
+    reads `NaN` and `Infinity`; transformers accepts them and the model then answers NaN)."""
+    if isinstance(theta, bool) or not isinstance(theta, (int, float)) or \
+            not math.isfinite(theta) or theta <= 0:
+        raise ConversionError(f"{where}: rope_theta must be a finite positive number, got "
+                              f"{theta!r}")
+    for key, value in params.items():
+        if key in ("rope_type", "type", "rope_theta") or value is None or isinstance(value, bool):
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue
+        if not all(math.isfinite(v) for v in values):
+            raise ConversionError(f"{where}: {source}.{key} must be finite, got {value!r}")
+        if key in _POSITIVE_ROPE_KEYS and not all(v > 0 for v in values):
+            raise ConversionError(f"{where}: {source}.{key} must be positive, got {value!r}")
+    return float(theta)
+
+
+def hf_rope_source(hf: dict[str, Any], where: str) -> tuple[float, dict[str, Any]]:
+    """(theta, rope dict) as transformers reads config.json (`RotaryEmbeddingConfigMixin.
+    convert_rope_params_to_dict`, transformers 5): a non-empty `rope_scaling` (4.x spelling)
+    takes precedence over `rope_parameters` (5.x spelling); `rope_theta` comes from the chosen
+    dict, else the top level, else 10000. Non-finite or non-positive values are refused.
+
+    Raises:
+        ConversionError: naming the file and the key.
     """
-    params = hf.get("rope_parameters")
-    if isinstance(params, dict):
-        theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    else:
-        theta = hf.get("rope_theta", 10000.0)
-        params = hf.get("rope_scaling") or {}
-        if not isinstance(params, dict):
-            raise ConversionError(f"{where}: rope_scaling must be an object or null")
+    for key in ("rope_scaling", "rope_parameters"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ConversionError(f"{where}: {key} must be an object or null")
+    source = "rope_scaling" if hf.get("rope_scaling") else "rope_parameters"
+    params = hf.get(source) or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    return _check_physical(theta, params, source, where), params
+
+
+def _hf_rope(hf: dict[str, Any], where: str) -> tuple[float, str, dict[str, Any]]:
+    """(theta, rope_type, parameters) from either config style (`hf_rope_source`)."""
+    theta, params = hf_rope_source(hf, where)
     rope_type = params.get("rope_type", params.get("type", "default"))
-    return float(theta), str(rope_type), params
+    return theta, str(rope_type), params
+
+
+def sliding_window_of(hf: dict[str, Any]) -> int | None:
+    """The sliding window transformers applies to some layer, or None (full attention):
+    Mistral reads `sliding_window` (default 4096 when absent) and ignores
+    `use_sliding_window`; Qwen2 applies it only with `use_sliding_window` (default false) to
+    the layers `layer_types` marks (default: from `max_window_layers`, 28, on); LLaMA has
+    none."""
+    model_type = hf.get("model_type")
+    if model_type == "mistral":
+        return hf.get("sliding_window", 4096)
+    if model_type != "qwen2" or not hf.get("use_sliding_window", False):
+        return None
+    window = hf.get("sliding_window", 4096)
+    layers = hf.get("layer_types")
+    if isinstance(layers, list):
+        return window if "sliding_attention" in layers else None
+    slides = int(hf.get("num_hidden_layers", 0)) > int(hf.get("max_window_layers", 28))
+    return window if slides else None
 
 
 def rope_fields_from_hf(hf: dict[str, Any], rope_type: str, params: dict[str, Any],
@@ -225,10 +278,11 @@ def model_config_from_hf(hf: dict[str, Any], where: str = "config.json") -> Mode
     if bad:
         raise ConversionError(f"{where}: architectures {bad} not supported for model_type "
                               f"{model_type!r}; only [{MODEL_TYPES[model_type]!r}]")
-    if hf.get("sliding_window") is not None and hf.get("use_sliding_window", True):
-        raise ConversionError(f"{where}: sliding_window {hf['sliding_window']}: sliding-window "
-                              "attention is not supported (full causal attention only; "
-                              "Mistral v0.2+ configs set it to null)")
+    window = sliding_window_of(hf)
+    if window is not None:
+        raise ConversionError(f"{where}: sliding_window {window}: sliding-window attention is "
+                              "not supported (full causal attention only; Mistral v0.2+ "
+                              "configs set it to null)")
     act = hf.get("hidden_act", "silu")
     if act != "silu":
         raise ConversionError(f"{where}: hidden_act {act!r} not supported (LLaMA uses 'silu')")
@@ -620,7 +674,7 @@ def write_hf_weights(model: Any, cfg: ModelConfig, out_dir: Path, dtype: torch.d
         path = out_dir / names[current_index]
         save_file(current, str(path), metadata={"format": "pt"})
         # safetensors 0.8 creates its files mode 0600 (unreadable for the group that shares
-        # the model); give them the mode the umask gives any other new file (issue 21).
+        # the model); give them the mode the umask gives any other new file.
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(path, 0o666 & ~umask)

@@ -7,4 +7,6 @@
 * `stats`: per-domain token counts and length histograms, the only input of stage 2;
   `native`: the csrc index kernels (pybind11) with numpy twins, used by stats and the
   stage-2 dataset; `train_tokenizer`: a small BPE for tests and the demo.
+* `synthetic`: the deterministic SlimPajama-style corpus with retrievable facts (the demo's
+  data, the tests' input, and the needle/RULER tools' synthetic haystack and fact needles).
 """

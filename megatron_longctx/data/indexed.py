@@ -36,6 +36,8 @@ from typing import Any
 
 import numpy as np
 
+from megatron_longctx.identity import file_sha256  # noqa: F401  (re-exported)
+
 INDEX_MAGIC = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
 _DTYPE_CODES = {
@@ -296,15 +298,6 @@ def check_dataset(prefix: str) -> IndexInfo:
         raise DatasetError(f"{path}: {size} bytes but {idx_path(prefix)} describes {expected}: "
                            "the pair comes from different runs")
     return index
-
-
-def file_sha256(path: str, chunk: int = 16 << 20) -> str:
-    """sha256 of a file's bytes (streamed; ~1 GB/s, a few % of tokenizing the same bytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def read_document(prefix: str, index: IndexInfo, doc: int) -> np.ndarray:

@@ -6,7 +6,7 @@ medians and histograms are exact, not merged estimates) and the run metadata (in
 skip counts and samples) is concatenated in shard order, which is what a single run records.
 The merged marker is written last, like a shard's.
 
-What is checked (issue 21): every shard marker must be JSON listing its datasets, every shard
+What is checked: every shard marker must be JSON listing its datasets, every shard
 dataset must match its stats (`stats.load_checked_stats`: truncated .bin/.idx, corrupt stats,
 stats of another run), each named in a one-line `MergeError`. Merged outputs are published like
 a shard's: old stats removed, .bin/.idx renamed, then stats recording the merged .idx's sha256

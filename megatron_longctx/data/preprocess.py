@@ -21,7 +21,7 @@ list (so concatenating shard outputs in order equals one run), writes outputs un
 `{prefix}.shard{i:05d}-of{K:05d}` and a completion marker `{that}.done.json` last; a rerun whose
 marker matches the same configuration and the same input contents skips the shard.
 
-Publication order and provenance (issue 21): a rerun first removes the stats files of the
+Publication order and provenance: a rerun first removes the stats files of the
 datasets the previous marker listed, then the marker; each dataset is published as: old stats
 removed, `.bin/.idx` renamed (indexed.py), new stats written (with the published .idx's
 sha256); the marker comes last and lists each dataset with that sha256. A kill at any point

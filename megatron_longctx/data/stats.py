@@ -175,7 +175,7 @@ def check_run_marker(path: str, stats: dict[str, Any]) -> None:
     """A dataset's run must have completed and still list it with the same .idx.
 
     Checked for stats that record their `index` (written by preprocess_data.py and
-    merge_datasets.py since issue 21): a completion marker beside them (`run_markers`) must
+    merge_datasets.py): a completion marker beside them (`run_markers`) must
     list the dataset with the same .idx sha256. Otherwise the dataset is left over from an
     interrupted run, or from an earlier run into the same prefix (a domain the new input no
     longer has). Moving a run's directory keeps it valid; moving datasets without their

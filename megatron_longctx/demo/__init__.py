@@ -1,9 +1,7 @@
-"""The demo: a synthetic multi-domain corpus with retrievable facts, the pipeline that runs
-all four stages on it (`make demo`), and the stage-2 mixture comparison (`make ablation`).
-Not part of the product's data path.
+"""The demo: the pipeline that runs all four stages on the synthetic corpus
+(`data.synthetic`; `make demo`), and the stage-2 mixture comparison (`make ablation`).
+Built on the product; nothing in the product imports it.
 
-* `corpus`: the deterministic SlimPajama-style corpus generator (`CorpusConfig`,
-  `write_corpus`; the needle and RULER code import its facts and haystack from here).
 * `pipeline`: `DemoSettings` and the stages (`prepare_data`, `plan_mixtures`, `train_stages`,
   `evaluate_needles`, `evaluate_ruler`, `write_report`), each running repository tools;
   `Stage2Run` is the stage-2 trainer command both the demo and the ablation run.

@@ -245,13 +245,29 @@ def auto_upsample_domains(prefixes: list[str], long_threshold: int) -> list[str]
     return [d for d in long if total[d] and long[d] / total[d] > corpus]
 
 
-def claim_output_dir(settings: AblationSettings, paths: AblationPaths) -> None:
-    """Record the settings beside the results; refuse a directory made with other ones.
+def input_identity(settings: AblationSettings, prefixes: list[str]) -> dict[str, Any]:
+    """What the results were made from, by content (`identity.content_sha256`): the stage-1
+    checkpoint iteration read (retrained in place: another hash) and every dataset the
+    prefixes and globs resolved to (a new one matching a glob: another key), each its
+    .idx and .bin."""
+    from megatron_longctx.checkpoint.meta import resolve_checkpoint
+    from megatron_longctx.identity import content_sha256
+
+    stage1 = resolve_checkpoint(settings.stage1_checkpoint)
+    return {"stage1_checkpoint_sha256": content_sha256(stage1) if stage1 else None,
+            "datasets": {p: [content_sha256(f"{p}.idx"), content_sha256(f"{p}.bin")]
+                         for p in prefixes}}
+
+
+def claim_output_dir(settings: AblationSettings, paths: AblationPaths,
+                     inputs: dict[str, Any] | None = None) -> None:
+    """Record the settings and the inputs' identity (`input_identity`) beside the results;
+    refuse a directory made with other ones.
 
     Raises:
-        ValueError: `paths.settings` exists with other settings (names the fields).
+        ValueError: `paths.settings` exists with other settings or inputs (names the fields).
     """
-    wanted = json.loads(json.dumps(asdict(settings)))
+    wanted = json.loads(json.dumps({**asdict(settings), **(inputs or {})}))
     if paths.settings.is_file():
         held = json.loads(paths.settings.read_text())
         changed = sorted(k for k in set(wanted) | set(held) if wanted.get(k) != held.get(k))
@@ -456,7 +472,7 @@ def run_ablation(settings: AblationSettings, output_dir: str | Path) -> Ablation
 
     paths = AblationPaths(Path(output_dir).resolve())
     prefixes = check_inputs(settings)
-    claim_output_dir(settings, paths)
+    claim_output_dir(settings, paths, input_identity(settings, prefixes))
     upsample = list(settings.upsample_domains) or auto_upsample_domains(
         prefixes, settings.long_length)
     sources = sources_from_data_paths(prefixes, settings.valid_fraction)

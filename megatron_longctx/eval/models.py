@@ -83,6 +83,7 @@ import torch.distributed as dist
 from megatron_longctx.checkpoint.integrity import open_checkpoint
 from megatron_longctx.checkpoint.meta import is_longctx_checkpoint, model_config_of
 from megatron_longctx.config.dtypes import PARAMS_DTYPES, torch_dtype
+from megatron_longctx.identity import content_sha256
 
 #: Prompt tokens per prefill forward; 0 prefills the whole prompt in one forward.
 DEFAULT_PREFILL_CHUNK = 4096
@@ -173,6 +174,7 @@ class CausalLM:
         self._tokenizer_model = tokenizer_model
         self._tokenizer: EvalTokenizer | None = None
         self._prefix_cache = _PrefixCache()
+        self._content: dict[str, Any] | None = None
 
     # -- tokenizer --------------------------------------------------------------------------
     @property
@@ -259,12 +261,24 @@ class CausalLM:
         return self._call("token_losses", [int(i) for i in ids])
 
     def describe(self) -> dict[str, Any]:
-        """What results files record about the model."""
+        """What results files record about the model, its content included: the sha256 of
+        the weights directory (`identity.content_sha256`; a checkpoint re-converted or
+        retrained at the same path differs) and of the tokenizer files."""
+        if self._content is None:
+            tokenizer = self._tokenizer_model
+            self._content = {
+                "weights_sha256": content_sha256(self._weights_path()),
+                "tokenizer_sha256": (content_sha256(tokenizer) if tokenizer
+                                     and Path(tokenizer).exists() else None)}
         return {"kind": self.kind, "path": str(Path(self.path).resolve()),
                 "vocab_size": self.vocab_size,
                 "max_position_embeddings": self.max_position_embeddings,
                 "training_length": self.training_length,
-                "tokenizer": self._tokenizer_model}
+                "tokenizer": self._tokenizer_model, **self._content}
+
+    def _weights_path(self) -> Path:
+        """The file or directory whose bytes are the model (hashed once by `describe`)."""
+        return Path(self.path)
 
     def serve(self) -> None:
         """Non-driver ranks: execute the driver's calls until it closes (no-op on rank 0)."""
@@ -523,6 +537,9 @@ class MegatronCausalLM(CausalLM):
         self.world_size = world
         self.is_driver = self.rank == 0
 
+    def _weights_path(self) -> Path:
+        return self.directory  # the iteration read, not the root later saves add to
+
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "checkpoint": str(self.directory.resolve()),
                 "iteration": self.meta.get("iteration"), "dtype": self.dtype,
@@ -650,7 +667,7 @@ def _load_hf_strictly(auto_class: Any, root: Path, load_dtype: Any) -> Any:
     """`from_pretrained` after `convert.hf_checks.check_hf_dir` (architecture, every tensor
     present, expected and of the right shape, files not truncated), and refusing whatever
     transformers still reports as missing or unexpected: it would otherwise fill a missing
-    tensor with random weights and evaluate any architecture it knows (issue 21).
+    tensor with random weights and evaluate any architecture it knows.
 
     Raises:
         ConversionError: (a ValueError) one line naming the directory or file and the tensor.
@@ -719,7 +736,25 @@ class HFCausalLM(CausalLM):
     def _tensor(self, ids: list[int]) -> torch.Tensor:
         return torch.tensor([ids], dtype=torch.long, device=self.device)
 
+    def _dynamic_rotaries(self) -> list[Any]:
+        """The model's dynamic-NTK rotary modules: transformers' `dynamic_rope_update` grows
+        their `inv_freq` when a forward sees more than `max_seq_len_cached` positions and
+        resets it only when a later one is shorter than the original length, so without a
+        reset a prompt's answer would depend on the longest prompt before it."""
+        return [m for m in self.model.modules()
+                if "dynamic" in str(getattr(m, "rope_type", "")) and
+                hasattr(m, "original_inv_freq") and hasattr(m, "original_max_seq_len")]
+
+    def _reset_rotary(self) -> None:
+        """Every dynamic rotary back to its freshly loaded state (per prompt: a cell's answer
+        is the one a newly loaded model gives, whatever the grid order or resume point)."""
+        for module in self._dynamic_rotaries():
+            module.register_buffer("inv_freq", module.original_inv_freq.clone(),
+                                   persistent=False)
+            module.max_seq_len_cached = module.original_max_seq_len
+
     def _new_state(self, total: int) -> Any:
+        self._reset_rotary()  # a new prompt
         return {"past": None}  # the model creates its DynamicCache on the first forward
 
     def _capacity(self, state: Any) -> int | None:
@@ -728,9 +763,12 @@ class HFCausalLM(CausalLM):
     def _can_rewind(self, state: Any) -> bool:
         """Full-attention DynamicCache layers only: a sliding-window layer (transformers 5)
         has dropped states past its window, a quantized or linear-attention one cannot be
-        cut back exactly."""
+        cut back exactly. Never with dynamic-NTK RoPE: the cached keys were rotated with the
+        frequencies of the previous prompt's length, so each prompt is prefilled anew."""
         from transformers.cache_utils import DynamicCache
 
+        if self._dynamic_rotaries():
+            return False
         past = state["past"]
         if past is None:
             return True
@@ -769,6 +807,7 @@ class HFCausalLM(CausalLM):
         return out.logits[0, -1].float()
 
     def _last_logits(self, ids: list[int]) -> torch.Tensor:
+        self._reset_rotary()  # a full recompute is a new prompt
         out = self.model(input_ids=self._tensor(ids), use_cache=False, logits_to_keep=1)
         return out.logits[0, -1].float()
 
@@ -778,6 +817,7 @@ class HFCausalLM(CausalLM):
         a LLaMA-style head: logits = lm_head(final hidden state), no extra scaling."""
         import torch.nn.functional as F
 
+        self._reset_rotary()
         base = getattr(self.model, self.model.base_model_prefix)
         head = self.model.get_output_embeddings()
         labels = torch.tensor(ids[1:], dtype=torch.long, device=self.device)

@@ -13,7 +13,9 @@ Protocol, one cell per (length, depth) of the grid:
    punctuation (`.`, `!`, `?`, optionally followed by closing quotes/brackets) that is followed
    by whitespace, or right after a line break. A token position is a boundary when the
    previous token ends at or before such a character position and the next token starts at or
-   after it (no token straddles it).
+   after it (no token straddles it). A haystack with a stretch of more than
+   `MAX_SENTENCE_TOKENS` (1024) tokens without one (code, a word list, one long line) is cut
+   between words instead, with a warning: it would otherwise give prompts without haystack.
 4. **Filling and insertion, in tokens.** The haystack is cut at the largest boundary `b` that
    keeps the whole prompt within `length` tokens (measured by tokenizing the assembled prompt;
    the cut is lowered and the prompt rebuilt if joining changed the count), so the actual
@@ -40,7 +42,7 @@ Protocol, one cell per (length, depth) of the grid:
 
 Needle types (`NEEDLE_TYPES`): `paper` (the defaults above, or `--needle/--question/--answer`),
 `passkey` (a random 5-digit pass key, the Landmark-attention phrasing) and `synthetic-fact`
-(`FACT_TEMPLATE` / `QUESTION_PROMPT_TEMPLATE` / `make_fact` of `megatron_longctx.demo.corpus`,
+(`FACT_TEMPLATE` / `QUESTION_PROMPT_TEMPLATE` / `make_fact` of `megatron_longctx.data.synthetic`,
 i.e. what the demo's tiny model is trained to retrieve). Random needles are drawn per cell from
 `(seed, length, depth)`, so a rerun builds identical prompts.
 
@@ -56,6 +58,7 @@ import json
 import math
 import re
 import time
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -64,6 +67,7 @@ from typing import Any
 import numpy as np
 
 from megatron_longctx.atomic import write_json_atomic
+from megatron_longctx.identity import content_sha256
 
 FORMAT = "megatron-longctx-needle/1"
 RESULTS_NAME = "results.json"
@@ -211,6 +215,8 @@ class NeedleSettings:
             out.pop(name)
         out["template"] = self.resolved_template()
         out["haystack"] = str(Path(self.haystack).resolve()) if self.haystack else None
+        out["haystack_sha256"] = (content_sha256(self.haystack) if self.haystack
+                                  and Path(self.haystack).exists() else None)
         return out
 
 
@@ -235,7 +241,7 @@ def make_needle(settings: NeedleSettings, length: int, depth: float) -> Needle:
         key = str(int(_cell_rng(settings.seed, length, depth).integers(10000, 100000)))
         return Needle(PASSKEY_NEEDLE.format(key=key), PASSKEY_QUESTION, key)
     if settings.needle_type == "synthetic-fact":
-        from megatron_longctx.demo.corpus import (
+        from megatron_longctx.data.synthetic import (
             FACT_TEMPLATE,
             QUESTION_PROMPT_TEMPLATE,
             make_fact,
@@ -254,7 +260,7 @@ def make_needle(settings: NeedleSettings, length: int, depth: float) -> Needle:
 # haystack
 # --------------------------------------------------------------------------------------------
 def _fact_patterns() -> list[re.Pattern[str]]:
-    from megatron_longctx.demo.corpus import FACT_TEMPLATE, QUESTION_TEMPLATE
+    from megatron_longctx.data.synthetic import FACT_TEMPLATE, QUESTION_TEMPLATE
 
     out = []
     # Questions first, so each is removed whole.
@@ -269,7 +275,7 @@ def _fact_patterns() -> list[re.Pattern[str]]:
 def synthetic_haystack_texts(min_words: int, seed: int = 1234) -> list[str]:
     """Book-style documents of the synthetic demo corpus with at least `min_words` words in
     all, their own fact statements and questions removed (no competing "secret code")."""
-    from megatron_longctx.demo.corpus import CorpusConfig, iter_records
+    from megatron_longctx.data.synthetic import CorpusConfig, iter_records
 
     config = CorpusConfig(total_words=max(int(min_words), 1000), seed=seed,
                           domain_shares={"RedPajamaBook": 1.0}, min_words=200)
@@ -311,6 +317,11 @@ def load_haystack_texts(path: str | Path) -> list[str]:
 def sentence_end_positions(text: str) -> np.ndarray:
     """Character positions right after each sentence end or line break (see module doc)."""
     return np.fromiter((m.end() for m in _SENTENCE_END_RE.finditer(text)), dtype=np.int64)
+
+
+#: Longest stretch of haystack tokens without a sentence boundary before the cuts fall back to
+#: word boundaries (prose sentences are 20-40 tokens; a 1024-token "sentence" is not prose).
+MAX_SENTENCE_TOKENS = 1024
 
 
 @dataclass
@@ -359,6 +370,16 @@ class Haystack:
         else:
             inner = np.zeros(0, dtype=np.int64)
         boundaries = np.unique(np.concatenate([[0], inner, [n]])).astype(np.int64)
+        if n > 1 and np.diff(boundaries).max() > MAX_SENTENCE_TOKENS:
+            # A text without sentence ends (code, a word list, one long line) would give
+            # prompts with little or no haystack: cut between words instead, and say so.
+            words = np.flatnonzero([s == 0 or text[s - 1].isspace() for s in starts[:-1]])
+            boundaries = np.unique(np.concatenate([[0], words, [n]])).astype(np.int64)
+            if np.diff(boundaries).max() > MAX_SENTENCE_TOKENS:
+                boundaries = np.arange(n + 1, dtype=np.int64)
+            warnings.warn(f"haystack {source}: a stretch of more than {MAX_SENTENCE_TOKENS} "
+                          "tokens without a sentence end; prompts are cut between words "
+                          "instead", stacklevel=2)
         return cls(text=text, token_starts=starts, boundaries=boundaries, source=source)
 
     def boundary_at_or_below(self, token: int) -> int:
@@ -462,8 +483,11 @@ def _cell_key(length: int, depth: float) -> tuple[int, float]:
 
 
 def model_identity(description: dict[str, Any]) -> dict[str, Any]:
-    """The part of a model description that must match for results to be resumed."""
-    keys = ("kind", "path", "checkpoint", "iteration", "tokenizer")
+    """The part of a model description that must match for results to be resumed: where the
+    model is, what its files hold (`weights_sha256`, `tokenizer_sha256`) and the dtype it
+    runs in (another --dtype changes the answers)."""
+    keys = ("kind", "path", "checkpoint", "iteration", "tokenizer", "weights_sha256",
+            "tokenizer_sha256", "dtype")
     return {k: description.get(k) for k in keys}
 
 
@@ -476,10 +500,13 @@ def check_resumable(path: Path, results: dict[str, Any], identity: dict[str, Any
             raise ResultsMismatchError(
                 f"{path} was made with {name}={results['settings'].get(name)!r}, this run "
                 f"has {value!r}; use another --output-dir or --overwrite")
-    if model_identity(results["model"]) != model_identity(description):
+    held, now = model_identity(results["model"]), model_identity(description)
+    changed = [k for k in now if held.get(k) != now[k]]
+    if changed:
+        name = changed[0]
         raise ResultsMismatchError(
-            f"{path} holds results of model {model_identity(results['model'])}, not "
-            f"{model_identity(description)}; use another --output-dir or --overwrite")
+            f"{path} holds results of another model ({name} {held.get(name)!r}, this run "
+            f"has {now[name]!r}); use another --output-dir or --overwrite")
 
 
 def read_results(path: str | Path, fmt: str) -> dict[str, Any] | None:

@@ -69,6 +69,7 @@ from megatron_longctx.eval.ruler_tasks import (
     TaskResources,
     score_prediction,
 )
+from megatron_longctx.identity import content_sha256
 
 FORMAT = "megatron-longctx-ruler/1"
 RESULTS_NAME = "results.json"
@@ -166,6 +167,8 @@ class RulerSettings:
         for name in ("haystack_file", "squad_file", "hotpotqa_file"):
             if out[name]:
                 out[name] = str(Path(out[name]).resolve())
+            out[f"{name}_sha256"] = (content_sha256(out[name]) if out[name]
+                                     and Path(out[name]).exists() else None)
         return out
 
 

@@ -53,6 +53,7 @@ import random
 import re
 import string
 import uuid
+import warnings
 import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -505,6 +506,10 @@ def build_niah(spec: TaskSpec, rng: np.random.Generator, units: int,
     needles = [needles[i] for i in rng.permutation(len(needles))]
     if p["haystack"] == "essay":
         sents = _SENT_SPLIT.split(_essay_text(res, units).strip())
+        if len(sents) == 1:  # no sentence end: every needle would go before the essay
+            warnings.warn(f"essay haystack {res.essay_source}: no sentence ends; needles are "
+                          "placed between words instead", stacklevel=2)
+            sents = _essay_text(res, units).split()
         depths = sorted(int(d) for d in rng.choice(_DEPTHS, size=len(needles), replace=False))
         cuts = [0] + [int(len(sents) * d / 100) for d in depths] + [len(sents)]
         parts: list[str] = []

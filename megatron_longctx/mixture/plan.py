@@ -25,7 +25,7 @@ was the string: `f"{f:.10g}"` wrote 5e-05, which megatron's parser (digits and d
 reads as 5 and 05, so 91% of the documents were held out; `split_string` now writes plain
 decimals (0.00005).
 
-Format 3 (issue 21) records the held-out tail per domain and bucket (`held_out_documents`,
+Format 3 records the held-out tail per domain and bucket (`held_out_documents`,
 `held_out_tokens`; repeat factors are relative to the training part, `train_unique_tokens`)
 and each domain's provenance (stats sha256, .idx/.bin sizes, checked by the training
 dataset); every number must be finite. Format-2 files still load (those fields 0 / empty).
@@ -45,7 +45,7 @@ import numpy as np
 from megatron_longctx.atomic import write_json_atomic
 from megatron_longctx.config.mixture import STRATEGIES, MixtureConfig
 
-#: Format 2: no `realization` section (views are derived from the plan). Format 3 (issue 21)
+#: Format 2: no `realization` section (views are derived from the plan). Format 3
 #: adds held-out counts per domain and bucket (repeat factors are over the training part) and
 #: each domain's provenance (stats sha256, .idx/.bin sizes); format-2 files still load, with
 #: those fields 0 / empty (their repeat factors were computed over whole datasets).
@@ -60,6 +60,28 @@ _SHARE_MAX = 1.0 + 1e-9
 
 class PlanFileError(ValueError):
     """A plan file that cannot be read: the message names the file and the field."""
+
+
+#: How far the domains' target shares may sum from 1 (float rounding of computed shares).
+SHARE_SUM_TOLERANCE = 1e-6
+
+
+def load_json_unique(handle: Any, file: str) -> Any:
+    """`json.load` that refuses a key given twice in one object (json keeps the last one
+    silently), naming the key and `file`.
+
+    Raises:
+        PlanFileError: (a ValueError) for a duplicate key; json's own errors otherwise.
+    """
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                raise PlanFileError(f"{file}: duplicate key {key!r} (JSON keeps only the last)")
+            out[key] = value
+        return out
+
+    return json.load(handle, object_pairs_hook=pairs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,6 +410,11 @@ class MixturePlan:
                         for i in range(len(top.items("domains"))))
         if not domains:
             raise top.fail("domains", "must list at least one domain")
+        total = sum(d.target_share for d in domains)
+        if abs(total - 1.0) > SHARE_SUM_TOLERANCE:
+            # Megatron's BlendedDataset would renormalise the weights without a word.
+            raise top.fail("domains", f"target_share values sum to {total:.6g}, not 1 (an "
+                                      "edited plan? re-run tools/blend_mixture.py)")
         warnings = top.items("warnings")
         return cls(
             strategy=top.text("strategy", STRATEGIES), parameters=_parameters(top),
@@ -427,7 +454,7 @@ def load_plan(path: str | os.PathLike) -> MixturePlan:
     path = str(path)
     try:
         with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
+            data = load_json_unique(handle, path)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise PlanFileError(f"{path}: not JSON ({err}) (--mixture-plan)") from err
     return replace(MixturePlan.from_json(data, path), source=path)

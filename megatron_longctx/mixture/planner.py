@@ -18,7 +18,7 @@ X_db / unique_db (epochs; < 1 means subsampled) and a sampling weight X_db / B:
   tokens, so no sample carries a dependency longer than that.
 - `domain-upsample`: w_d multiplied by `--upweight` factors and renormalised, natural lengths.
 
-Held-out documents (`--valid-fraction f`, issue 21): the last `held_out_count(n, f)` documents
+Held-out documents (`--valid-fraction f`): the last `held_out_count(n, f)` documents
 of each dataset never reach training, so every number is computed over the training part: the
 stats give each bucket's whole-dataset counts, the held-out tail's exact counts come from the
 .idx (12 bytes per document, memory-mapped), and unique tokens, natural long shares, domain
@@ -41,7 +41,6 @@ Books and ArXiv up by several points each, which the paper shows hurts.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from typing import Any
@@ -57,12 +56,15 @@ from megatron_longctx.data.stats import (
 )
 from megatron_longctx.mixture.plan import (
     BUCKETS,
+    SHARE_SUM_TOLERANCE,
     BucketPlan,
     DomainPlan,
     MixturePlan,
+    PlanFileError,
     PlanTokenizer,
     PlanTotals,
     held_out_count,
+    load_json_unique,
 )
 
 
@@ -124,10 +126,13 @@ def load_domain_stats(prefixes: list[str]) -> list[dict[str, Any]]:
 
 
 def _weights_file(path: str) -> dict[str, float]:
-    """{domain: weight} from a JSON file; every weight a finite number >= 0."""
+    """{domain: weight} from a JSON file; every weight a finite number >= 0, each domain
+    once (a duplicate key is refused: JSON would keep the last one silently)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            given = json.load(fh)
+            given = load_json_unique(fh, path)
+    except PlanFileError as err:
+        raise PlanError(f"--domain-weights {err}") from err
     except (OSError, ValueError) as err:
         raise PlanError(f"--domain-weights {path!r}: {err}") from err
     if not isinstance(given, dict):
@@ -145,7 +150,9 @@ def resolve_weights(cfg: MixtureConfig, entries: list[dict[str, Any]],
     """Target domain shares (summing to 1) over the domains present.
 
     Domains with a dataset but no weight in the weights (file or the SlimPajama table) get 0%,
-    named in `warnings`.
+    named in `warnings`. A weights file whose values do not sum to 1 is read as relative
+    weights and normalised, named in `warnings` with its sum (a plan file's shares, by
+    contrast, must sum to 1: mixture/plan.py refuses them).
     """
     domains = [e["domain"] for e in entries]
     if cfg.domain_weights == "natural":
@@ -153,6 +160,11 @@ def resolve_weights(cfg: MixtureConfig, entries: list[dict[str, Any]],
     else:
         given = (SLIMPAJAMA_SHARES if cfg.domain_weights == "slimpajama"
                  else _weights_file(cfg.domain_weights))
+        given_sum = sum(given.values())
+        if cfg.domain_weights != "slimpajama" and warnings is not None and \
+                abs(given_sum - 1.0) > SHARE_SUM_TOLERANCE:
+            warnings.append(f"--domain-weights {cfg.domain_weights}: weights sum to "
+                            f"{given_sum:g}, not 1: normalised (each divided by {given_sum:g})")
         raw = {}
         for name, weight in given.items():
             match = match_domain(name, domains)

@@ -1,4 +1,4 @@
-"""Chunked, vocab-parallel cross-entropy fused with the output projection (issue 16).
+"""Chunked, vocab-parallel cross-entropy fused with the output projection.
 
 megatron-core 0.16.1's loss path (`GPTModel._postprocess`) runs the output layer over the
 whole micro-batch and then `vocab_parallel_cross_entropy` on fp32 logits: it keeps

@@ -425,31 +425,11 @@ def _in_flight(layout: Layout, stage: int) -> float:
     return float(base)
 
 
-def estimate_memory(model: ModelConfig, layout: Layout, *, stage: int | None = None,
-                    margin_fraction: float | None = None,
-                    margin_fixed: int | None = None) -> MemoryEstimate:
-    """Peak memory of one rank; `stage` None = the most loaded PP stage.
-
-    Args:
-        model: the model shape (`seq_length` is the training length; vocabulary as the
-            trainer pads it).
-        layout: parallel sizes, batching, recompute, precision, kernels.
-        stage: PP stage to estimate; None returns the stage with the largest total.
-        margin_fraction / margin_fixed: allocator margin; None = the GPU defaults
-            (DEFAULT_MARGIN_FRACTION, DEFAULT_MARGIN_FIXED) when `layout.fused_kernels`
-            (a CUDA run), 0 otherwise.
-    """
-    if stage is None:
-        candidates = [estimate_memory(model, layout, stage=s, margin_fraction=margin_fraction,
-                                      margin_fixed=margin_fixed) for s in range(layout.pp)]
-        return max(candidates, key=lambda m: m.total_bytes)
-    cuda = layout.fused_kernels
-    if margin_fraction is None:
-        margin_fraction = DEFAULT_MARGIN_FRACTION if cuda else 0.0
-    if margin_fixed is None:
-        margin_fixed = DEFAULT_MARGIN_FIXED if cuda else 0
-    state = model_state(model, layout, stage)
-    tokens = model.seq_length // layout.cp * layout.micro_batch_size
+def _layer_activations(model: ModelConfig, layout: Layout, stage: int,
+                       tokens: int) -> tuple[dict[str, float], dict[str, str]]:
+    """The transformer layers' kept activations on `stage` (bytes, with notes): all of them,
+    or with full recompute (uniform or block) only the recompute units' inputs plus one
+    rebuilt unit, times the micro-batches in flight."""
     chunks = layout.pp * layout.vpp
     layers = model.num_layers // layout.pp  # layers on this stage (all its chunks)
     per_layer = sum(layer_activation_terms(model, layout).values()) * tokens
@@ -486,6 +466,54 @@ def estimate_memory(model: ModelConfig, layout: Layout, *, stage: int | None = N
         notes["layer activations"] = (f"{layers} layers x {per_layer / GIB:.3f} GiB per layer "
                                       f"({tokens} tokens per rank) x {flight:g} micro-batches "
                                       "in flight")
+    return acts, notes
+
+
+def _add_cp_buffers(model: ModelConfig, layout: Layout, tokens: int, acts: dict[str, float],
+                    notes: dict[str, str]) -> None:
+    """TE's context-parallel communication buffers of one layer (none on the local spec:
+    its gathered K/V are in the layer activations)."""
+    if layout.cp > 1 and layout.impl == "transformer_engine":
+        kv = model.query_groups * model.head_dim
+        e = DTYPE_BYTES[layout.dtype]
+        if layout.cp_comm_type in ("p2p", "a2a+p2p"):
+            acts["CP buffers"] = 2 * 2 * tokens * kv / layout.tp * e
+            notes["CP buffers"] = "TE p2p ring: two K/V receive buffers"
+        elif layout.cp_comm_type == "all_gather":
+            acts["CP buffers"] = 2 * tokens * layout.cp * kv / layout.tp * e
+            notes["CP buffers"] = "TE all_gather: the gathered K/V of one layer"
+        else:
+            acts["CP buffers"] = 3 * tokens * (model.num_attention_heads * model.head_dim) \
+                / layout.tp * e
+            notes["CP buffers"] = "TE a2a: Q/K/V re-sharded by heads"
+
+
+def estimate_memory(model: ModelConfig, layout: Layout, *, stage: int | None = None,
+                    margin_fraction: float | None = None,
+                    margin_fixed: int | None = None) -> MemoryEstimate:
+    """Peak memory of one rank; `stage` None = the most loaded PP stage.
+
+    Args:
+        model: the model shape (`seq_length` is the training length; vocabulary as the
+            trainer pads it).
+        layout: parallel sizes, batching, recompute, precision, kernels.
+        stage: PP stage to estimate; None returns the stage with the largest total.
+        margin_fraction / margin_fixed: allocator margin; None = the GPU defaults
+            (DEFAULT_MARGIN_FRACTION, DEFAULT_MARGIN_FIXED) when `layout.fused_kernels`
+            (a CUDA run), 0 otherwise.
+    """
+    if stage is None:
+        candidates = [estimate_memory(model, layout, stage=s, margin_fraction=margin_fraction,
+                                      margin_fixed=margin_fixed) for s in range(layout.pp)]
+        return max(candidates, key=lambda m: m.total_bytes)
+    cuda = layout.fused_kernels
+    if margin_fraction is None:
+        margin_fraction = DEFAULT_MARGIN_FRACTION if cuda else 0.0
+    if margin_fixed is None:
+        margin_fixed = DEFAULT_MARGIN_FIXED if cuda else 0
+    state = model_state(model, layout, stage)
+    tokens = model.seq_length // layout.cp * layout.micro_batch_size
+    acts, notes = _layer_activations(model, layout, stage, tokens)
     # The peak is reached either while the loss runs (last stage: everything kept plus the
     # loss's working set) or during the first layer backward (kept minus nothing plus that
     # layer's gradients); the larger phase is reported.
@@ -503,19 +531,7 @@ def estimate_memory(model: ModelConfig, layout: Layout, *, stage: int | None = N
     notes["loss chunk"] = "one chunk of fp32 logits (model/loss.py)"
     notes["output-weight grad (fp32)"] = "the chunked loss's fp32 [V/TP, h] weight gradient"
     notes["grad_hidden"] = "the chunked loss's gradient of the last hidden states"
-    if layout.cp > 1 and layout.impl == "transformer_engine":
-        kv = model.query_groups * model.head_dim
-        e = DTYPE_BYTES[layout.dtype]
-        if layout.cp_comm_type in ("p2p", "a2a+p2p"):
-            acts["CP buffers"] = 2 * 2 * tokens * kv / layout.tp * e
-            notes["CP buffers"] = "TE p2p ring: two K/V receive buffers"
-        elif layout.cp_comm_type == "all_gather":
-            acts["CP buffers"] = 2 * tokens * layout.cp * kv / layout.tp * e
-            notes["CP buffers"] = "TE all_gather: the gathered K/V of one layer"
-        else:
-            acts["CP buffers"] = 3 * tokens * (model.num_attention_heads * model.head_dim) \
-                / layout.tp * e
-            notes["CP buffers"] = "TE a2a: Q/K/V re-sharded by heads"
+    _add_cp_buffers(model, layout, tokens, acts, notes)
     e = DTYPE_BYTES[layout.dtype]
     shards = layout.dp * layout.cp
     notes["weights"] = (f"{state.parameters / 1e9:.3f}B parameters on this rank x {e} B"

@@ -38,9 +38,6 @@ from megatron_longctx.config.training import (
 from megatron_longctx.parallel.init import set_cuda_connections
 from megatron_longctx.training import signals
 
-#: --dry-run's exit code when the layout is estimated over --gpu-memory-gb.
-EXIT_OVER_MEMORY = 4
-
 
 def _resolved_config(argv: list[str] | None, world_size: int) -> tuple[PretrainConfig, object]:
     """(resolved and validated config, its tokenizer); ValueError names the flag."""
@@ -58,47 +55,16 @@ def _resolved_config(argv: list[str] | None, world_size: int) -> tuple[PretrainC
     have_te = build.te_available()
     cfg.validate(world_size, te_available=have_te)  # the flags alone, before reading files
     from megatron_longctx.training.checkpointing import check_checkpoint_to_load
+    from megatron_longctx.training.compat import reconcile_inputs
     from megatron_longctx.training.data import check_data_files, resolve_tokenizer
 
     check_data_files(cfg)
     check_checkpoint_to_load(cfg.checkpoint.load)
     tokenizer = resolve_tokenizer(cfg)
+    cfg = reconcile_inputs(cfg, args, tokenizer)
     resolved = resolve_runtime(cfg, te_available=have_te, tokenizer_vocab=tokenizer.vocab_size)
     resolved.validate(world_size, te_available=have_te)
     return resolved, tokenizer
-
-
-def _dry_run(argv: list[str] | None, world_size: int) -> int | None:
-    """`--dry-run`: the planner's estimate for these flags, before any process group or model
-    (megatron_longctx/plan); None when the flag is absent. Exit 0 when the estimate fits
-    --gpu-memory-gb, EXIT_OVER_MEMORY (4) when it does not (examples/train_128k.sh refuses
-    the layout on 4 only); the flags are validated, no dataset or tokenizer is read."""
-    if "--dry-run" not in (sys.argv[1:] if argv is None else argv):
-        return None
-    from megatron_longctx.config.model import validate_all
-    from megatron_longctx.plan.inputs import layout_from_config, trainer_model
-    from megatron_longctx.plan.report import dry_run_report
-
-    parser = build_pretrain_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as err:
-        parser.error(str(err))
-    world = cfg.plan.plan_world_size or world_size
-    # A GPU run: Transformer Engine (or auto) asked for, or a GPU on this machine.
-    cuda = cfg.precision.transformer_impl != "local" or os.path.exists("/dev/nvidiactl")
-    layout = layout_from_config(cfg, world, cuda=cuda)
-    try:  # the flags only: data and tokenizer files are the trainer's to check
-        validate_all(cfg.model, cfg.parallel, cfg.precision, world_size=world,
-                     te_available=layout.impl == "transformer_engine")
-        cfg.training.validate()
-        cfg.plan.validate()
-    except ValueError as err:
-        return _error(err)
-    text, fits = dry_run_report(trainer_model(cfg), layout, cfg.plan)
-    print(text, flush=True)
-    return 0 if fits else EXIT_OVER_MEMORY
 
 
 def _error(message: object) -> int:
@@ -113,9 +79,6 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_longctx.training.checkpointing import CheckpointMismatchError
 
     env = read_dist_env()
-    planned = _dry_run(argv, env.world_size)
-    if planned is not None:
-        return planned
     try:
         cfg, tokenizer = _resolved_config(argv, env.world_size)
     except (ValueError, FileNotFoundError) as err:

@@ -1,4 +1,4 @@
-"""The chunked cross-entropy (issue 16) against megatron's stock loss path, and the trainer's
+"""The chunked cross-entropy against megatron's stock loss path, and the trainer's
 loss independent of the layout once padded vocabulary rows are excluded.
 
 * Model level (tiny preset, unpadded 512 vocabulary): the same GPTModel weights through both
@@ -7,7 +7,7 @@ loss independent of the layout once padded vocabulary rows are excluded.
 * Trainer level: an HF LLaMA with a 600-token vocabulary (not a multiple of 128 x TP: TP1
   pads to 640 rows, TP2 to 768) converted once; TP1, TP2, TP2+SP, PP2, CP2, DP2 and TP2xCP2
   give the same losses within 1e-5 (fp32). The stock path at TP1 vs TP2 does not (the
-  issue's defect: zero padded rows count as logit 0 in its softmax).
+  defect: zero padded rows count as logit 0 in its softmax).
 """
 
 from __future__ import annotations

@@ -95,7 +95,7 @@ def test_empty_held_out_split_is_a_clear_error(tmp_path):
 
 
 def test_eod_mask_loss_reaches_the_plan_dataset(prefixes, tmp_path, single_rank_group):
-    """Issue 15: `--eod-mask-loss` was ignored with `--mixture-plan` (hard-coded off)."""
+    """`--eod-mask-loss` was ignored with `--mixture-plan` (hard-coded off)."""
     import numpy as np
 
     from megatron_longctx.training.data import build_datasets

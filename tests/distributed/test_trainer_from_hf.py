@@ -1,5 +1,5 @@
-"""A training run starts from an HF LLaMA converted by tools/convert_checkpoint.py (issue 6),
-in fp32 and in bf16, and keeps the converted weights (issue 14)."""
+"""A training run starts from an HF LLaMA converted by tools/convert_checkpoint.py,
+in fp32 and in bf16, and keeps the converted weights."""
 
 from __future__ import annotations
 

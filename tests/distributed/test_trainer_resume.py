@@ -101,7 +101,7 @@ def test_resharded_resume_bf16(save_layout, load_layout, init_ckpt, straight_bf1
 def test_bf16_weights_only_load_keeps_checkpoint_weights(mode, layout, world, init_ckpt,
                                                          tmp_path):
     """--no-load-optim / --finetune from a full bf16 checkpoint: the fresh optimizer's fp32
-    main parameters are refreshed from the loaded weights (issue 14), so the next steps move
+    main parameters are refreshed from the loaded weights, so the next steps move
     the weights only by their updates."""
     first = str(tmp_path / "first")
     train(make_config(load=init_ckpt, save=first, iters=2, dtype="bf16", **layout), world)

@@ -150,7 +150,7 @@ def assert_moved_only_by_updates(loaded: dict[str, Any], trained: dict[str, Any]
     Adam's per-element update is lr * m_hat / (sqrt(v_hat) + eps): exactly <= lr at step 1 and
     a small multiple of it in the first few steps (bound used: 3 lr per step; weight decay adds
     lr * wd * |w|, negligible here). A run that kept a stale copy of other weights (the bf16
-    optimizer's fp32 main parameters from the random init, issue 14) moves them by ~0.1."""
+    optimizer's fp32 main parameters from the random init) moves them by ~0.1."""
     import torch
 
     assert loaded.keys() == trained.keys()

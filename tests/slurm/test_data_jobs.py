@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_longctx.demo.corpus import CorpusConfig, write_corpus
+from megatron_longctx.data.synthetic import CorpusConfig, write_corpus
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"

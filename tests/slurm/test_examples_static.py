@@ -111,7 +111,7 @@ def _calls(tmp_path: Path) -> str:
 
 
 def test_usr1_during_setup_requeues_without_starting_the_trainer(tmp_path):
-    """Issue 21 case 8: USR1 while the script is still setting up (here: during its squeue
+    """USR1 while the script is still setting up (here: during its squeue
     call) used to kill the batch shell (exit 138, a failed job). It is recorded from the first
     command and the job is requeued; srun never starts."""
     bin_dir = _shims(tmp_path, squeue=SIGNAL_SCRIPT.format(sig="USR1"))
@@ -151,7 +151,7 @@ def test_socket_interface_settable_and_recorded(tmp_path):
 
 
 def test_loopback_hostname_picks_the_default_route_interface(tmp_path):
-    """Issue 21 case 8: where the host name resolves to 127.0.1.1 (Debian's default) gloo
+    """Where the host name resolves to 127.0.1.1 (Debian's default) gloo
     binds to loopback and a multi-node rendezvous fails; the script then names an interface."""
     bin_dir = _shims(tmp_path, getent='echo "127.0.1.1 node1"',
                      ip='echo "default via 10.0.0.1 dev ens5 proto dhcp src 10.0.0.7"')

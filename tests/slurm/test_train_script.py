@@ -234,7 +234,7 @@ exec {real} "$@"
 
 @pytest.mark.slurm
 def test_usr1_during_setup_requeues_through_slurm(slurm_cluster, tmp_path):
-    """Issue 21 case 8 on the real cluster: USR1 before the trainer starts (the batch shell is
+    """USR1 before the trainer starts (the batch shell is
     still setting up) used to kill the shell and fail the job; now it is requeued by Slurm and
     the second attempt trains to the end."""
     run_dir = tmp_path / "run"

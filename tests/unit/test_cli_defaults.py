@@ -1,4 +1,4 @@
-"""One source for defaults and help (issue 15): every config field a tool uses is reachable from
+"""One source for defaults and help: every config field a tool uses is reachable from
 its CLI, the CLI's defaults are the dataclass defaults, and the vocabulary flags do what they
 say (--make-vocab-size-divisible-by honoured; a checkpoint of another vocabulary is exit 2)."""
 
@@ -38,7 +38,7 @@ TOOLS = {
     "preprocess_data.py": (build_preprocess_parser, PreprocessConfig),
     "blend_mixture.py": (build_mixture_parser, MixtureConfig),
 }
-#: Every flag pretrain_longctx.py had before the flags were generated (issue 14's included).
+#: Every flag pretrain_longctx.py had before the flags were generated (the GPU switches included).
 PRETRAIN_FLAGS_BEFORE = " ".join("""
 --model-preset --num-layers --hidden-size --ffn-hidden-size --num-attention-heads
 --num-query-groups --max-position-embeddings --seq-length --rotary-base --padded-vocab-size

@@ -166,7 +166,7 @@ def test_held_out_split_with_zero_requested_samples_is_skipped(sp_prefixes, tmp_
 
 
 # --------------------------------------------------------------------------------------------
-# issue 15: same samples as before the refactor; the held-out split; --eod-mask-loss
+# same samples as before the refactor; the held-out split; --eod-mask-loss
 # --------------------------------------------------------------------------------------------
 def _digest(train, valid) -> tuple[str, str]:
     """sha256 of every index array of the train blend, every 97th sample, all valid samples."""
@@ -190,8 +190,8 @@ EMPTY = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
 
 
 @pytest.mark.parametrize("strategy,kw,digest", [
-    # Generated with the code before issue 15 (commit ba75c04); per-source re-pinned by issue
-    # 21 (repeat factors over the training part: at valid fraction 0.05 each bucket's repeat
+    # Generated with the code of commit ba75c04; per-source re-pinned when repeats moved to
+    # the training part (at valid fraction 0.05 each bucket's repeat
     # rises by ~1/0.95, so the upsampled document lists differ; sample count unchanged; `cut`
     # already repeated over its training-only views and is unchanged).
     ("per-source", {}, "d8a558cc30034d02ccc0e32bcfe883fbad13db6e3aea660e969d78a4e0eb8b9c"),
@@ -217,14 +217,14 @@ def test_validation_samples_pinned(tmp_path, single_rank_group):
                                           cache_dir=str(tmp_path / "cache"))
     assert len(train) == 783
     assert _digest(train, valid) == (
-        # issue 21: training samples re-pinned (repeats over the training part); the held-out
+        # training samples re-pinned (repeats over the training part); the held-out
         # samples are unchanged.
         "c8a511aa785d08d00e867f0b8973f914a8fce705eb15c617f6f46097adcd3b34",
         "c84ed738652635405b0b3d8b2dbadad0d2b21d5520e7903d2f239ca826c79b7a")
 
 
 def test_tiny_valid_fraction_trains_on_all_but_round_f_times_n(tmp_path, single_rank_group):
-    """Issue 15: at --valid-fraction 5e-5 megatron read the split `5e-05` as 5 and 05 and the
+    """At --valid-fraction 5e-5 megatron read the split `5e-05` as 5 and 05 and the
     trainer kept only 9% of the documents; now the last round(5e-5 * n) documents are held out."""
     src = write_dataset(str(tmp_path / "t_text_document"), np.full(40_000, 3), "T")
     plan = _plan([src], tmp_path / "p", strategy="original", domain_weights="natural",
@@ -238,7 +238,7 @@ def test_tiny_valid_fraction_trains_on_all_but_round_f_times_n(tmp_path, single_
 
 
 def test_eod_mask_loss_applies_to_plan_datasets(sp_prefixes, tmp_path, single_rank_group):
-    """Issue 15: the plan dataset hard-coded eod_mask_loss=False."""
+    """The plan dataset hard-coded eod_mask_loss=False."""
     plan = _plan(sp_prefixes, tmp_path / "p", strategy="per-source")
     for masked in (False, True):
         train, _, _ = build_plan_datasets(plan, TOKENIZER, (plan.train_samples, 0, 0),
@@ -253,7 +253,7 @@ def test_eod_mask_loss_applies_to_plan_datasets(sp_prefixes, tmp_path, single_ra
 
 
 def test_audit_process_group_store_is_not_a_mktemp_name(tmp_path):
-    """Issue 15: the audit's gloo store name came from the racy `tempfile.mktemp`."""
+    """The audit's gloo store name came from the racy `tempfile.mktemp`."""
     import subprocess
     import sys
     from pathlib import Path

@@ -19,7 +19,7 @@ from megatron_longctx.config.flags import (
     config_from_namespace,
     flag_of,
 )
-from megatron_longctx.demo.corpus import CorpusConfig
+from megatron_longctx.data.synthetic import CorpusConfig
 from megatron_longctx.demo.pipeline import (
     DemoPaths,
     DemoSettings,

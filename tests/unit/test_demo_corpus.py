@@ -1,4 +1,4 @@
-"""Tests of the synthetic SlimPajama-style corpus generator (megatron_longctx.demo.corpus)."""
+"""Tests of the synthetic SlimPajama-style corpus generator (megatron_longctx.data.synthetic)."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import zstandard
 
-from megatron_longctx.demo import corpus as synthetic
-from megatron_longctx.demo.corpus import (
+from megatron_longctx.data import synthetic
+from megatron_longctx.data.synthetic import (
     DOMAINS,
     FACT_KEYS,
     FACT_TEMPLATE,

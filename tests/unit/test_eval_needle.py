@@ -176,7 +176,7 @@ def test_lengths_and_insertion_are_exact_in_tokens(tok) -> None:
 
 
 def test_needle_types_and_synthetic_haystack(tok) -> None:
-    from megatron_longctx.demo.corpus import FACT_KEYS, FACT_VALUES, QUESTION_PROMPT_TEMPLATE
+    from megatron_longctx.data.synthetic import FACT_KEYS, FACT_VALUES, QUESTION_PROMPT_TEMPLATE
 
     texts = synthetic_haystack_texts(5000, seed=3)
     assert sum(len(t.split()) for t in texts) >= 4000

@@ -1,4 +1,4 @@
-"""Fault injection for the checkpoint, evaluation and launch half of issue 21: each test keeps
+"""Fault injection for the checkpoint, evaluation and launch stages: each test keeps
 one silent wrong result or traceback fixed.
 
 * Case 1: evaluation loads HF directories strictly (missing/unexpected tensors, foreign

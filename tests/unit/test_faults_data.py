@@ -1,4 +1,4 @@
-"""Fault injection for stages 1-2 (issue 21): kills at chosen file operations, truncation,
+"""Fault injection for stages 1-2: kills at chosen file operations, truncation,
 in-place edits, bad weights, held-out accounting, and the tools over a table of corrupt inputs.
 
 Each test names the issue-21 case it keeps fixed. A kill is simulated in-process by making
@@ -83,7 +83,7 @@ class _KillAtReplace:
 # --------------------------------------------------------------------------------------------
 def test_kill_at_every_rename_of_a_rerun_never_lets_the_planner_read_mixed_data(
         tmp_path, hf_tokenizer_dir, monkeypatch):
-    """Issue 21 case 2: a rerun into an existing prefix killed in its final rename loop left
+    """A rerun into an existing prefix killed in its final rename loop left
     new stats beside old .bin/.idx (stats 3,370 documents, .idx 417) and blend_mixture
     planned on them with exit 0."""
     three = ("RedPajamaC4", "RedPajamaGithub", "RedPajamaBook")  # 3 datasets: 10 renames
@@ -126,7 +126,7 @@ def test_kill_at_every_rename_of_a_rerun_never_lets_the_planner_read_mixed_data(
 
 
 def test_rerun_with_fewer_domains_leaves_no_plannable_stale_domain(tmp_path, hf_tokenizer_dir):
-    """Issue 21 case 2: domains of the old input stayed beside the new run's and were planned."""
+    """Domains of the old input stayed beside the new run's and were planned."""
     records = make_records(200, seed=4)
     old_in = write_jsonl(tmp_path / "old.jsonl", records)
     kept = [r for r in records if r["meta"]["redpajama_set_name"] != "RedPajamaGithub"]
@@ -142,7 +142,7 @@ def test_rerun_with_fewer_domains_leaves_no_plannable_stale_domain(tmp_path, hf_
 
 
 def test_stats_of_another_run_beside_the_data_are_refused_naming_both(tmp_path):
-    """Issue 21 case 2 (the planner's check on its own): stats that describe other data."""
+    """The planner's check on its own: stats that describe other data."""
     a = write_dataset(str(tmp_path / "a_text_document"), np.full(30, 50), "A")
     b = write_dataset(str(tmp_path / "b_text_document"), np.full(40, 50), "B")
     shutil.copy(b + ".stats.json", a + ".stats.json")
@@ -155,7 +155,7 @@ def test_stats_of_another_run_beside_the_data_are_refused_naming_both(tmp_path):
 # case 3: an input edited in place is rebuilt
 # --------------------------------------------------------------------------------------------
 def test_input_edited_in_place_with_same_size_and_mtime_is_rebuilt(tmp_path, hf_tokenizer_dir):
-    """Issue 21 case 3: the rerun check compared path and size only."""
+    """The rerun check compared path and size only."""
     src = write_jsonl(tmp_path / "in.jsonl", make_records(80, seed=6))
     cfg = _cfg([src], tmp_path / "o" / "d", hf_tokenizer_dir)
     run_preprocess(cfg)
@@ -191,7 +191,7 @@ def many_docs(tmp_path_factory) -> list[str]:
 
 @pytest.mark.parametrize("fraction", [0.3, 0.9])
 def test_repeat_factors_count_training_documents_only(many_docs, tmp_path, fraction):
-    """Issue 21 case 4: repeats divided by whole-dataset tokens (held-out ones included)."""
+    """Repeats divided by whole-dataset tokens (held-out ones included)."""
     plan = plan_mixture(_plan_cfg(many_docs, tmp_path, strategy="per-source",
                                   long_fraction=0.7, long_threshold=1024, train_tokens=6e6,
                                   valid_fraction=fraction))
@@ -210,7 +210,7 @@ def test_repeat_factors_count_training_documents_only(many_docs, tmp_path, fract
 @pytest.mark.parametrize("fraction", [0.01, 0.3, 0.9, 0.99])
 def test_audit_holds_within_one_percent_for_any_valid_fraction(many_docs, tmp_path, fraction,
                                                                 single_rank_group):
-    """Issue 21 case 4: the audit was off by 1.4% at 0.3 and 7% at 0.9 (here, before the fix:
+    """The audit was off by 1.4% at 0.3 and 7% at 0.9 (here, before the fix:
     0.15% at 0.01, 0.29% at 0.3, 3.0% at 0.9, 4.6% at 0.99)."""
     from megatron_longctx.mixture.audit import audit_datasets, format_audit
     from megatron_longctx.mixture.dataset import DatasetTokenizer, build_plan_datasets
@@ -226,7 +226,7 @@ def test_audit_holds_within_one_percent_for_any_valid_fraction(many_docs, tmp_pa
 
 
 def test_small_domain_without_held_out_documents_is_named(tmp_path):
-    """Issue 21 case 4: at 0.01 small domains got no held-out documents, silently."""
+    """At 0.01 small domains got no held-out documents, silently."""
     big = write_dataset(str(tmp_path / "big_text_document"), np.full(400, 30), "Big")
     small = write_dataset(str(tmp_path / "small_text_document"), np.full(20, 30), "Small")
     plan = plan_mixture(_plan_cfg([big, small], tmp_path, valid_fraction=0.01))
@@ -236,7 +236,7 @@ def test_small_domain_without_held_out_documents_is_named(tmp_path):
 
 def test_bucket_emptied_by_the_held_out_tail_gets_no_target_and_no_dropped_blend_entry(
         tmp_path):
-    """Issue 21 case 4: at 0.9 the stock-Megatron blend silently dropped emptied buckets and
+    """At 0.9 the stock-Megatron blend silently dropped emptied buckets and
     renormalised the rest (Github 5% -> 1.6%): the plan gave a target to a bucket whose
     documents were all held out."""
     lengths = np.concatenate([np.full(90, 100), np.full(10, 3000)])  # long documents last
@@ -263,7 +263,7 @@ def test_bucket_emptied_by_the_held_out_tail_gets_no_target_and_no_dropped_blend
 @pytest.mark.parametrize("text", ['{"A": Infinity, "B": 1}', '{"A": NaN, "B": 1}',
                                   '{"A": -1, "B": 1}', '{"A": "1", "B": 1}', '[1, 2]'])
 def test_non_finite_or_invalid_weights_are_errors_naming_the_file(tmp_path, text):
-    """Issue 21 case 5: `Infinity` gave a NaN plan and blend file with exit 0."""
+    """`Infinity` gave a NaN plan and blend file with exit 0."""
     a = write_dataset(str(tmp_path / "a_text_document"), np.full(30, 50), "A")
     b = write_dataset(str(tmp_path / "b_text_document"), np.full(30, 50), "B")
     weights = tmp_path / "w.json"
@@ -273,7 +273,7 @@ def test_non_finite_or_invalid_weights_are_errors_naming_the_file(tmp_path, text
 
 
 def test_weights_file_omitting_domains_names_them_in_a_warning(tmp_path):
-    """Issue 21 case 5: omitted domains got 0% without a word."""
+    """Omitted domains got 0% without a word."""
     prefixes = [write_dataset(str(tmp_path / f"{d}_text_document"), np.full(30, 50), d)
                 for d in ("A", "B", "C")]
     weights = tmp_path / "w.json"
@@ -284,7 +284,7 @@ def test_weights_file_omitting_domains_names_them_in_a_warning(tmp_path):
 
 
 def test_a_non_finite_number_in_a_plan_file_is_refused(tmp_path):
-    """Issue 21 case 5: `--audit` on a NaN/inf plan failed with a bare AssertionError."""
+    """`--audit` on a NaN/inf plan failed with a bare AssertionError."""
     a = write_dataset(str(tmp_path / "a_text_document"), np.full(30, 50), "A")
     path = write_plan_outputs(plan_mixture(_plan_cfg([a], tmp_path)), str(tmp_path / "o"))["plan"]
     data = json.loads(Path(path).read_text())
@@ -298,7 +298,7 @@ def test_a_non_finite_number_in_a_plan_file_is_refused(tmp_path):
 # case 7 (data): dotfiles and symlinks, all records skipped, tokenizer mismatch, truncation line
 # --------------------------------------------------------------------------------------------
 def test_directory_inputs_skip_hidden_files_and_symlinked_duplicates(tmp_path):
-    """Issue 21 case 7: dotfiles were read, and symlinks to files already read duplicated them."""
+    """Dotfiles were read, and symlinks to files already read duplicated them."""
     root = tmp_path / "in"
     (root / ".cache").mkdir(parents=True)
     (root / "sub").mkdir()
@@ -316,7 +316,7 @@ def test_directory_inputs_skip_hidden_files_and_symlinked_duplicates(tmp_path):
 
 
 def test_a_run_that_skips_every_record_fails_and_writes_nothing(tmp_path, hf_tokenizer_dir):
-    """Issue 21 case 7: a run that skipped every record exited 0 with empty datasets."""
+    """A run that skipped every record exited 0 with empty datasets."""
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"content": f"text {i}"}) + "\n" for i in range(5)))
     out = tmp_path / "o"
@@ -327,7 +327,7 @@ def test_a_run_that_skips_every_record_fails_and_writes_nothing(tmp_path, hf_tok
 
 
 def test_tokenizer_mismatch_names_both_stats_files(tmp_path):
-    """Issue 21 case 7: "datasets were tokenized with different tokenizers" named no file."""
+    """The error "datasets were tokenized with different tokenizers" named no file."""
     a = write_dataset(str(tmp_path / "a_text_document"), np.full(30, 50), "A")
     b = write_dataset(str(tmp_path / "b_text_document"), np.full(30, 50), "B")
     stats = json.loads(Path(b + ".stats.json").read_text())
@@ -340,7 +340,7 @@ def test_tokenizer_mismatch_names_both_stats_files(tmp_path):
 
 @pytest.mark.parametrize("compression", ["zst", "gz"])
 def test_truncation_is_reported_at_the_cut_line(tmp_path, compression):
-    """Issue 21 case 7: truncation was reported at the last complete line (one line early)."""
+    """Truncation was reported at the last complete line (one line early)."""
     import gzip
 
     import zstandard
@@ -523,7 +523,7 @@ def test_tools_over_corrupt_inputs_exit_2_with_one_line(tool_inputs, tmp_path, h
 
 
 def test_the_run_marker_must_list_the_dataset_with_its_index(tool_inputs, tmp_path):
-    """Issue 21 case 2: stats are tied to the completed run that wrote them (a merge's marker
+    """Stats are tied to the completed run that wrote them (a merge's marker
     counts, a missing marker or one listing another .idx does not)."""
     root = tmp_path / "copy"
     shutil.copytree(tool_inputs, root, symlinks=True)

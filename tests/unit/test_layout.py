@@ -6,13 +6,12 @@ layers only: not sideways (two packages of one layer stay independent) and never
     0  config                      typed dataclasses, presets, flag tables (no I/O)
     1  data, model, parallel       stage 1; layer specs / attention; process groups
     2  mixture, checkpoint         stage 2 (reads stage 1); the checkpoint format
-    3  training, convert,          the trainer; HF conversion; the synthetic corpus (also the
-       demo.corpus                 eval tools' synthetic haystack source)
+    3  training, convert           the trainer; HF conversion
     4  eval                        needle / RULER / loss by position
-    5  demo                        the demo pipeline: runs every stage on demo.corpus
+    5  demo                        the demo pipeline: runs every stage on data.synthetic
 
-demo is the one package split across layers: its corpus sits below eval (the needle and RULER
-tools draw synthetic haystacks from it) and its pipeline on top of everything.
+The demo builds on the product and nothing in the product imports it: the synthetic corpus
+(the needle and RULER tools' synthetic haystack and fact needles) lives in data.synthetic.
 
 Also: no import cycle between modules, and no private (`_name`) import across modules.
 The checks parse the source (no imports executed), so they run in well under a second.
@@ -29,14 +28,14 @@ LAYERS = {
     "config": 0,
     "data": 1, "model": 1, "parallel": 1,
     "mixture": 2, "checkpoint": 2,
-    "training": 3, "convert": 3, "demo.corpus": 3,
-    "eval": 4,
+    "training": 3, "convert": 3,
+    "eval": 4, "plan": 4,
     "demo": 5,
 }
 #: Top-level modules, usable from any layer: the compiled csrc extension (imported by
 #: data.native), the one atomic-write helper, and the tools' shared process set-up (imported
 #: only by tools/ and benchmarks/).
-TOP_LEVEL = {"_csrc", "atomic", "tool_env"}
+TOP_LEVEL = {"_csrc", "atomic", "identity", "tool_env"}
 
 
 def _module_name(path: Path) -> str:
@@ -81,10 +80,8 @@ def _imports(*, runtime_only: bool = False) -> dict[str, list[tuple[str, str]]]:
 
 
 def _package(module: str) -> str:
-    """The LAYERS key of a module: its package, or `demo.corpus` for that module."""
+    """The LAYERS key of a module: its package."""
     parts = module.split(".")
-    if parts[1:3] == ["demo", "corpus"]:
-        return "demo.corpus"
     return parts[1] if len(parts) > 1 else ""
 
 
@@ -102,11 +99,38 @@ def test_imports_only_go_down_the_layers():
         source = _package(module)
         for target, _ in targets:
             dest = _package(target)
-            if dest == source or dest in TOP_LEVEL or source in TOP_LEVEL or \
-                    {source, dest} == {"demo", "demo.corpus"}:
+            if dest == source or dest in TOP_LEVEL or source in TOP_LEVEL:
                 continue
             if source not in LAYERS or dest not in LAYERS or LAYERS[dest] >= LAYERS[source]:
                 wrong.append(f"{module} imports {target}")
+    assert not wrong, "\n".join(wrong)
+
+
+#: The demo's own entrypoints: the only files outside megatron_longctx/demo that may import it.
+DEMO_ENTRYPOINTS = {"tools/demo.py", "tools/ablate_mixture.py"}
+
+
+def test_product_never_imports_the_demo():
+    """The demo builds on the product, not the other way round: no package module outside
+    demo/ (lazy imports inside functions included), no other tool, benchmark or the
+    trainer's entrypoint imports megatron_longctx.demo."""
+    wrong = [f"{module} imports {target}" for module, targets in _imports().items()
+             if _package(module) != "demo"
+             for target, _ in targets if _package(target) == "demo"]
+    root = PACKAGE.parent
+    scripts = [*root.glob("tools/*.py"), *root.glob("benchmarks/*.py"), *root.glob("*.py")]
+    for path in sorted(scripts):
+        rel = path.relative_to(root).as_posix()
+        if rel in DEMO_ENTRYPOINTS:
+            continue
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = ([node.module or ""] if isinstance(node, ast.ImportFrom)
+                     else [a.name for a in node.names] if isinstance(node, ast.Import) else [])
+            names += [f"{node.module}.{a.name}" for a in getattr(node, "names", [])
+                      if isinstance(node, ast.ImportFrom) and node.module]
+            if any(n.startswith("megatron_longctx.demo") for n in names):
+                wrong.append(f"{rel} imports megatron_longctx.demo")
+                break
     assert not wrong, "\n".join(wrong)
 
 

@@ -89,7 +89,7 @@ def test_padded_rows_are_excluded_exactly() -> None:
 
 
 def test_zero_output_rows_of_a_converted_model_do_not_count() -> None:
-    """The issue's case: a converted checkpoint's padded rows are zero (logit 0)."""
+    """A converted checkpoint's padded rows are zero (logit 0)."""
     hidden, weight, labels = _inputs(vocab=V, rows=128)
     with torch.no_grad():
         weight[V:] = 0

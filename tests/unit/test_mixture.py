@@ -239,14 +239,14 @@ def test_make_lengths_shapes():
 
 
 # --------------------------------------------------------------------------------------------
-# issue 15: the typed plan contract, the held-out split, behaviour pinned across the refactor
+# the typed plan contract, the held-out split, behaviour pinned across the refactor
 # --------------------------------------------------------------------------------------------
 #: Generated on the `sp_prefixes` fixture: per-source, long fraction 0.7, valid fraction 0.1,
-#: 2e6 tokens at 8192. Issue 15 kept format 1's numbers (commit ba75c04); issue 21 computes them
-#: over the training part (held-out tail excluded), so the repeat factors rose (CommonCrawl
-#: short 0.3488 -> 0.3938, Book long 0.353 -> 0.887: its held-out document is 60% of its
-#: tokens), ArXiv's natural long share moved 0.98255 -> 0.98108 and with it two blend weights;
-#: shares, views and held-out sets are unchanged.
+#: 2e6 tokens at 8192. The typed plan kept format 1's numbers (commit ba75c04); format 3
+#: computes them over the training part (held-out tail excluded), so the repeat factors rose
+#: (CommonCrawl short 0.3488 -> 0.3938, Book long 0.353 -> 0.887: its held-out document is 60%
+#: of its tokens), ArXiv's natural long share moved 0.98255 -> 0.98108 and with it two blend
+#: weights; shares, views and held-out sets are unchanged.
 PINNED_DOMAINS = [  # (domain, documents, target share, long share after, [repeat short, long])
     ("RedPajamaCommonCrawl", 869, 0.5337533753375338, 0.7,
      [0.393777343163282, 1.1463757656737568]),
@@ -320,7 +320,7 @@ def test_held_out_count_and_split_string():
 
 
 def test_tiny_valid_fraction_holds_out_round_f_times_n(tmp_path):
-    """Issue 15: --valid-fraction 5e-5 wrote split `5e-05`, parsed as 5 and 05: 91% held out."""
+    """--valid-fraction 5e-5 wrote split `5e-05`, parsed as 5 and 05: 91% held out."""
     src = write_dataset(str(tmp_path / "t_text_document"), np.full(40_000, 3), "T")
     plan = _plan([src], tmp_path, strategy="original", domain_weights="natural",
                  valid_fraction=5e-5, train_tokens=1e4, seq_length=64)
@@ -378,7 +378,7 @@ def test_plan_save_is_atomic(sp_prefixes, tmp_path, monkeypatch):
 
 
 def test_audit_with_a_budget_too_small_is_one_clear_line(tmp_path):
-    """docs/log.md follow-up: a 2K-token plan on a small corpus raised a traceback about
+    """A 2K-token plan on a small corpus raised a traceback about
     'train split has no documents' (every bucket's repeat x documents rounds to 0)."""
     prefixes = make_slimpajama_like(tmp_path / "sp", total_tokens=300_000, seed=1)
     out = tmp_path / "mix"

@@ -170,7 +170,7 @@ def test_model_config_rejects_nonpositive() -> None:
                     num_attention_heads=4).validate()
 
 
-# --- issue 14: GPU-only combinations that used to run silently wrong -------------------------
+# --- GPU-only combinations that used to run silently wrong -------------------------
 @pytest.mark.parametrize("parallel,message", [
     (ParallelConfig(context_parallel_size=4, cp_comm_type="a2a+p2p"),
      r"--cp-comm-type a2a\+p2p needs --hierarchical-context-parallel-sizes"),

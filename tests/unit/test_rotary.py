@@ -255,7 +255,7 @@ def test_rope_periods_tool(tmp_path: Path, capsys) -> None:
                                                   repo / "tools" / "rope_periods.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    # LLaMA-2 7B at 4K: 18 of 64 pairs have wavelengths beyond 4096 (docs/log.md).
+    # LLaMA-2 7B at 4K: 18 of 64 pairs have wavelengths beyond 4096 (docs/demo.md).
     assert module.main(["--head-dim", "128", "--rotary-base", "10000", "--target-length",
                         "4096"]) == 0
     assert "46 of 64 rotary pairs complete a period within 4096" in capsys.readouterr().out

@@ -204,7 +204,7 @@ def test_vpp_at_pp2_disables_batched_p2p():
         "batch_p2p_comm"] is True
 
 
-# --- issue 14: GPU defaults, GPU-only combinations, CUDA_DEVICE_MAX_CONNECTIONS ---------------
+# --- GPU defaults, GPU-only combinations, CUDA_DEVICE_MAX_CONNECTIONS ---------------
 def test_gpu_performance_flags_parse():
     cfg = cfg_of("--context-parallel-size", "4", "--cp-comm-type", "a2a+p2p",
                  "--hierarchical-context-parallel-sizes", "2", "2", "--no-rope-fusion",

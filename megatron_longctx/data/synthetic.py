@@ -165,7 +165,7 @@ FACT_KEYS: tuple[str, ...] = _words(
 #: A value that is one distinctive token can be retrieved by a single attention head that
 #: finds it wherever it is and copies it; 4-digit values were one or two tokens shared with
 #: the prose's numbers, and the demo's tiny model never learned to copy them
-#: (docs/demo-experiments, session 3).
+#: (docs/demo.md, "What the retrieval experiments showed").
 FACT_VALUES: tuple[str, ...] = _words(
     """
     amber azure beige bronze cobalt copper coral crimson cyan ebony emerald fuchsia garnet
@@ -187,7 +187,7 @@ _FACT_HEAD = 0.1
 # Near questions: one per _WORDS_PER_QUESTION words of the near zone, which follows the
 # statement: the rest of a short document, at most _NEAR_SHARE of a long one and at most
 # _NEAR_MAX_WORDS words. This dense signal is what lets a 64-token stage 1 learn retrieval in
-# ~2M tokens: with one question per 48 words it had not begun at 3.3M (docs/demo-experiments).
+# ~2M tokens: with one question per 48 words it had not begun at 3.3M (docs/demo.md).
 _WORDS_PER_QUESTION = 24
 _NEAR_SHARE = 0.4
 _NEAR_MAX_WORDS = 240
