@@ -133,10 +133,11 @@ def reduce_losses(reports: list[dict], num_domains: int,
 
 
 def document_square_sum(microbatches: list[dict]) -> torch.Tensor | None:
-    """This rank's share of sum over documents of (padded length)^2 in its THD micro-batches
-    (from the host-side `thd_stats` of training/data.py; divided by CP: every CP rank holds the same cu_seqlens, and the sum runs over DP x CP);
-    None without document masking. Attention work of a causal document of n tokens is
-    proportional to n^2 / 2 (metrics.flops_per_iteration)."""
+    """This rank's share of the sum over documents of (padded length)^2 in its THD
+    micro-batches, from the host-side `thd_stats` of training/data.py (no device sync). Divided
+    by CP: every CP rank holds the same cu_seqlens and the sum runs over DP x CP. None without
+    document masking. The attention work of a causal document of n tokens is proportional to
+    n^2 (metrics.document_masked_flops)."""
     from megatron.core import parallel_state as ps
 
     stats = [b["thd_stats"] for b in microbatches if b.get("thd_stats") is not None]
