@@ -85,3 +85,21 @@ def test_thd_seq_params_are_megatron_thd() -> None:
     assert params.cu_seqlens_q.dtype == torch.int32
     assert params.cu_seqlens_q_padded is params.cu_seqlens_q
     assert params.max_seqlen_q == params.max_seqlen_kv == 8
+
+
+def test_rotary_table_covers_the_row_or_the_longest_document() -> None:
+    """Global positions: a table over the whole packed row, which megatron's THD RoPE reads at
+    each document's offset; reset positions: the longest document's, read from 0 in each."""
+    from megatron_longctx.config.presets import get_preset
+    from megatron_longctx.model.rotary import LongContextRotaryEmbedding
+
+    class _Group:
+        def size(self) -> int:
+            return 1
+
+    rope = LongContextRotaryEmbedding(get_preset("tiny").rope_spec(), 16, cp_group=_Group())
+    cu = torch.tensor([0, 4, 12, 32])
+    for reset, want in ((False, 32), (True, 20)):
+        params = thd_seq_params(cu, 32, reset)
+        assert rope.get_rotary_seq_len(None, None, torch.zeros(32, 1, 8), None, params) == want
+        assert rope(want, packed_seq=True).shape == (want, 1, 1, 16)
