@@ -52,7 +52,8 @@ def test_cpu_smoke_runs_every_part_that_can_run_on_cpu(smoke):
         {k: (v.get("status"), v.get("reason"), v.get("log_tail", "")[-1500:])
          for k, v in parts.items()}, indent=1)
     assert results["mode"] == "cpu-smoke" and results["finished"]
-    assert list(parts) == ["versions", "correctness", "throughput", "needle", "loss", "te"]
+    assert list(parts) == ["versions", "correctness", "throughput", "needle", "loss", "te",
+                          "thd-documents"]
     for name in ("versions", "correctness", "throughput", "needle"):
         assert parts[name]["status"] == "ok", (name, parts[name])
     # the summary is the last thing printed
