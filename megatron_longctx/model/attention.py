@@ -31,6 +31,16 @@ Paths, cheapest first:
    s x s mask); the cost is one Python-level call per intersection: at 128K with C4-like
    315-token documents, ~416 calls per sample per layer.
 
+4. THD micro-batches (`packed_seq_params.qkv_format == "thd"`, what the trainer feeds with
+   --reset-attention-mask; layout in parallel/thd.py): the CPU twin of Transformer Engine's
+   THD attention. Query/key/value arrive as [t, heads, d] holding, of every document, chunks r
+   and 2cp-1-r; K/V are all-gathered over CP and put back in row order (the inverse of the
+   split), and each local chunk attends to its document's keys up to itself
+   (`prefix_causal_attention`: flash + LSE merge on CPU, lower-right CausalBias on CUDA). The
+   documents come from cu_seqlens_q_padded, exactly as TE reads them, so the batch proven
+   here on CPU is the one TE gets. Path 3 (DocumentSeqParams on [s, b]) stays for callers
+   that keep the batch dimension.
+
 Measured on this 2-core CPU (fp32, 8 heads x 64, b=1, 2 threads, other jobs running, so
 +-30%), forward / backward / peak memory above inputs; "CP2" runs both CP ranks' local work
 one after the other in one process (the same total FLOPs as one causal pass):

@@ -200,7 +200,7 @@ class LongContextRotaryEmbedding(RotaryEmbedding):
             # table of the longest document read from 0 in each.
             self._row_length = packed_seq_params.row_length or None
             if not packed_seq_params.reset_position_ids:
-                return int(packed_seq_params.cu_seqlens_q_padded[-1])
+                return packed_seq_params.total_tokens
         if (inference_context is not None and self.spec.length_dependent
                 and inference_context.is_static_batching()):
             fed = (transformer.input_tensor if transformer is not None

@@ -133,10 +133,12 @@ class ThdSeqParams(PackedSeqParams):
             frequencies from it, not from the document lengths.
         reset_position_ids: RoPE positions restart at 0 per document (`--reset-position-ids`);
             otherwise each token keeps its position in the packed row.
+        total_tokens: cu_seqlens[-1] as a host int (no device read per forward).
     """
 
     row_length: int = 0
     reset_position_ids: bool = False
+    total_tokens: int = 0
 
 
 def thd_seq_params(cu_seqlens: Tensor, row_length: int, reset_position_ids: bool,
@@ -148,4 +150,5 @@ def thd_seq_params(cu_seqlens: Tensor, row_length: int, reset_position_ids: bool
     return ThdSeqParams(
         qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, cu_seqlens_q_padded=cu,
         cu_seqlens_kv_padded=cu, max_seqlen_q=longest, max_seqlen_kv=longest,
-        row_length=row_length, reset_position_ids=reset_position_ids)
+        row_length=row_length, reset_position_ids=reset_position_ids,
+        total_tokens=int(cu_seqlens[-1]))
