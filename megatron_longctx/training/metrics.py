@@ -26,6 +26,9 @@ tag                              value
                                  per document (`document_masked_flops`: sum of squared document
                                  lengths, what the masked kernels compute) instead of s^2
 ``mfu/document-masked``          MFU from that count
+``thd-pad-fraction``             with --reset-attention-mask: pad slots / row slots so far (THD
+                                 packing pads each document to 2 x CP)
+``thd-dropped-fraction``         real tokens cut from the rows' ends / row slots so far
 ``mem-max-allocated-gb``         torch.cuda.max_memory_allocated, GiB
 ``mem-max-reserved-gb``          torch.cuda.max_memory_reserved, GiB
 ``mem-max-rss-gb``               host peak resident set size, GiB (the CPU runs' memory)
