@@ -103,7 +103,7 @@ PARTS: tuple[Part, ...] = (
     Part("needle", 110, 120, "converted random HF model, needle tool at 32K"),
     Part("loss", 45, 60, "stock vs chunked loss memory (issue 16)"),
     Part("te", 90, 60, "Transformer Engine bf16 / FP8 / FP8 attention"),
-    Part("thd-documents", 90, 90, "document masking: TE THD vs the CPU twin, 32K step time"),
+    Part("thd-documents", 25, 90, "document masking: TE THD vs the CPU twin, 32K step time"),
 )
 PART_NAMES = tuple(p.name for p in PARTS)
 PARTS_BY_NAME = {p.name: p for p in PARTS}
