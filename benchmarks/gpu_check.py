@@ -31,10 +31,13 @@ te           TE spec bf16, FP8 hybrid delayed, FP8 + FP8 attention at 8K:   60 s
 plan-memory  the layout planner's estimate (megatron_longctx/plan) vs      60 s    ~45 s
              torch.cuda.max_memory_allocated: 2 layers of LLaMA-2 7B,
              bf16, 16K and 32K tokens, local spec and TE when present
+thd-documents  document masking: TE THD attention (CP1) vs the CPU twin on   50 s    ~35 s
+             one packed batch (out, q/k/v grads); 1 layer at 32K causal
+             vs --reset-attention-mask step time
 ===========  =============================================================  ======  ========
 
 Estimates are for one H100 SXM.
-Budgets sum to 415 s (6 min 55 s), under the 470 s global deadline. Device time (15 minutes in
+Budgets sum to 465 s (7 min 45 s), under the 470 s global deadline. Device time (15 minutes in
 all): machine start (~2 min) + install and csrc build (~30 s) + this run (<= 470 s) + a rerun of
 the longest part (80 s + a process start) + transfers leave ~2 minutes spare
 (docs/gpu-validation.md has the plan). Estimates come from FLOPs at 40% of the H100's 989

@@ -1144,3 +1144,122 @@ def part_plan_memory(ctx: Ctx) -> None:
                 ctx.rec.check(f"plan {label} within 10%",
                               {"passed": abs(est_gb - peak_gb) <= 0.1 * peak_gb,
                                "measured_gb": peak_gb, "estimated_gb": est_gb})
+
+#: thd-documents: packed documents, the attention comparison's row and the timed runs.
+THD_DOC_STARTS = (0, 1, 5, 9, 200, 1031, 1500)  # lengths 1, 4, 4, 191, 831, 469, 548 of 2048
+THD_ATTN_RTOL = 2e-2  # bf16 (TE) vs fp32 (twin on CPU): relative max error of out and grads
+THD_SEQ = {"gpu": 32768, "smoke": 256}
+
+
+def _thd_attention_compare(te_ok: bool) -> dict[str, Any]:
+    """One THD batch through megatron's TEDotProductAttention (TE, CP1, bf16, on the device)
+    and through our SDPA twin (fp32 on the CPU, and bf16 on the device): output and the
+    gradients of q, k, v for the loss sum(out * g); errors relative to the twin's fp32."""
+    import torch
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_longctx.config.model import ParallelConfig, PrecisionConfig
+    from megatron_longctx.config.presets import get_preset
+    from megatron_longctx.model.attention import SDPACoreAttention
+    from megatron_longctx.model.build import build_transformer_config
+    from megatron_longctx.parallel.thd import pack_row, thd_seq_params
+
+    seq, heads, groups, dim = 2048, 32, 8, 128
+    model = dataclasses.replace(get_preset("llama3-8b"), seq_length=seq)
+    row = pack_row(list(THD_DOC_STARTS), seq, 1)
+    cu = torch.from_numpy(row.cu_seqlens.astype("int64"))
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(seq, heads, dim, generator=gen)
+    k = torch.randn(seq, groups, dim, generator=gen)
+    v = torch.randn(seq, groups, dim, generator=gen)
+    g = torch.randn(seq, heads * dim, generator=gen)
+
+    def run(core: Any, device: str, dtype: Any) -> list[Any]:
+        params = thd_seq_params(cu, seq, False, device=torch.device(device))
+        leaves = [t.detach().to(device, dtype).clone().requires_grad_() for t in (q, k, v)]
+        out = core(*leaves, None, attn_mask_type=AttnMaskType.causal,
+                   packed_seq_params=params)
+        out = out.reshape(seq, heads * dim)
+        (out.float() * g.to(device)).sum().backward()
+        return [t.detach().float().cpu() for t in (out, *(x.grad for x in leaves))]
+
+    def rel(a: Any, b: Any) -> float:
+        return float((a - b).abs().max() / b.abs().max().clamp(min=1e-12))
+
+    cfg32 = build_transformer_config(model, ParallelConfig(), PrecisionConfig())
+    ref = run(SDPACoreAttention(config=cfg32, layer_number=1,
+                                attn_mask_type=AttnMaskType.causal), "cpu", torch.float32)
+    cfg16 = build_transformer_config(model, ParallelConfig(), PrecisionConfig(params_dtype="bf16"))
+    twin = run(SDPACoreAttention(config=cfg16, layer_number=1,
+                                 attn_mask_type=AttnMaskType.causal), "cuda", torch.bfloat16)
+    names = ("out", "dq", "dk", "dv")
+    result: dict[str, Any] = {"twin_bf16_vs_fp32": {n: rel(a, b)
+                                                   for n, a, b in zip(names, twin, ref)}}
+    if te_ok:
+        from megatron.core.extensions.transformer_engine import TEDotProductAttention
+
+        cfg_te = build_transformer_config(model, ParallelConfig(), PrecisionConfig(
+            params_dtype="bf16", transformer_impl="transformer_engine"))
+        te = TEDotProductAttention(config=cfg_te, layer_number=1,
+                                   attn_mask_type=AttnMaskType.causal, attention_type="self")
+        got = run(te, "cuda", torch.bfloat16)
+        result["te_bf16_vs_fp32"] = {n: rel(a, b) for n, a, b in zip(names, got, ref)}
+    return result
+
+
+@register_part("thd-documents", gpu_budget_s=50, smoke_budget_s=90,
+               what="document masking: TE THD vs the CPU twin, 32K step time")
+def part_thd_documents(ctx: Ctx) -> None:
+    """Document masking on THD micro-batches: (1) Transformer Engine's THD attention (CP1, p2p
+    path, bf16) against the CPU twin (our SDPA core attention, fp32) on one packed batch of 7
+    documents (lengths 1 to 831), output and q/k/v gradients within 2e-2 relative; the twin
+    in bf16 on the device is reported beside it. (2) Step time of one layer of the throughput
+    shape at 32K tokens, causal over the row vs `--reset-attention-mask` (mock data's
+    documents), TE spec when TE imports, else the local spec (labelled); a run that does not
+    fit the time left is recorded as skipped with its estimate."""
+    require_megatron()
+    import torch
+
+    if not ctx.smoke:
+        require_cuda(ctx)
+    from megatron_longctx.model.build import te_available
+
+    te_ok = torch.cuda.is_available() and te_available()
+    if torch.cuda.is_available():
+        ctx.rec.expect("te_thd_vs_cpu_twin",
+                       f"TE THD attention vs the CPU twin, out and q/k/v grads within "
+                       f"{THD_ATTN_RTOL}")
+        from megatron_longctx.checkpoint.model_io import single_process_group
+
+        try:
+            with single_process_group():
+                cmp = _thd_attention_compare(te_ok)
+        except Exception as err:
+            ctx.rec.error("attention", err)
+            cmp = {}
+        ctx.rec.result(attention=cmp)
+        if "te_bf16_vs_fp32" in cmp:
+            worst = max(cmp["te_bf16_vs_fp32"].values())
+            ctx.rec.check("te_thd_vs_cpu_twin", {"passed": worst <= THD_ATTN_RTOL,
+                                                 "max_rel_diff": worst,
+                                                 "tolerance": THD_ATTN_RTOL})
+        elif not te_ok:
+            ctx.rec.skip_check("te_thd_vs_cpu_twin", "transformer_engine.pytorch not importable")
+        else:
+            ctx.rec.missing("te_thd_vs_cpu_twin", "attention comparison failed (see errors)")
+    s = ctx.shapes
+    seq = THD_SEQ["smoke" if ctx.smoke else "gpu"]
+    spec = (["--transformer-impl", "transformer_engine"] if te_ok
+            else ["--transformer-impl", "local"])
+    # Sized for a 50 s budget: 1 layer of the throughput shape, 1 warm-up + 2 timed steps.
+    base = trainer_argv(preset=s.tp_preset, layers=1 if not ctx.smoke else s.tp_layers,
+                        seq=seq, vocab=s.tp_vocab, gbs=1, iters=3, lr=1e-5,
+                        extra=[*spec, *([] if ctx.smoke else ["--bf16"])])
+    items = [("causal", base, 1, 1.0),
+             ("document-masked", [*base, "--reset-attention-mask"], 1, 1.0)]
+    runs: dict[str, Any] = {}
+    _run_series(ctx, items, runs, oom_retry=None)
+    ctx.rec.result(spec="transformer_engine" if te_ok else "local", seq=seq, runs=runs)
+    causal, masked = runs.get("causal", {}), runs.get("document-masked", {})
+    if causal.get("median_step_s") and masked.get("median_step_s"):
+        ctx.rec.result(masked_over_causal_time=masked["median_step_s"] / causal["median_step_s"])

@@ -73,6 +73,13 @@ class DataConfig:
             NullTokenizer takes `--vocab-size` (eod = vocab_size - 1, as megatron's NullTokenizer).
         reset_attention_mask: intra-document attention (`--reset-attention-mask`); documents in a
             packed sample do not attend to each other. Fu et al. do not mask (off by default).
+        reset_position_ids: RoPE positions restart at 0 in every document
+            (`--reset-position-ids`, needs --reset-attention-mask); off by default, as in Fu et
+            al. and ProLong, which keep each token's position in the packed row.
+        document_pad_multiple: with --reset-attention-mask, pad every document to a
+            multiple of this (`--document-pad-multiple`; default 2 x CP, what Transformer
+            Engine's THD split needs). A multiple of 2 x CP; the same value at every CP size
+            gives identical batches, e.g. to compare or change CP sizes within a run.
         eod_mask_loss: no loss on EOD tokens (`--eod-mask-loss`).
         data_cache_path: where megatron caches sample indices (`--data-cache-path`).
     """
@@ -97,6 +104,12 @@ class DataConfig:
         "--vocab-size", "NullTokenizer's vocabulary (eod = vocab - 1)"))
     reset_attention_mask: bool = option(False, Flag(
         "--reset-attention-mask", "intra-document attention in packed samples"))
+    reset_position_ids: bool = option(False, Flag(
+        "--reset-position-ids", "RoPE positions restart per document (with "
+        "--reset-attention-mask)"))
+    document_pad_multiple: int | None = option(None, Flag(
+        "--document-pad-multiple", "with --reset-attention-mask: pad each document to a "
+        "multiple of this (default 2 x CP)"))
     eod_mask_loss: bool = option(False, Flag("--eod-mask-loss", "no loss on EOD tokens"))
     data_cache_path: str | None = option(None, Flag(
         "--data-cache-path", "where sample indices are cached"))
@@ -221,6 +234,14 @@ class TrainingConfig:
         exit_duration_in_mins: save and exit (EXIT_REQUEUE) after this wall time.
         exit_signal_handler: save and exit (EXIT_REQUEUE) on SIGTERM/SIGUSR1.
         exit_interval: stop after the iteration divisible by this (`--exit-interval`).
+        calculate_per_token_loss: `--calculate-per-token-loss` (the default here): the loss
+            and its gradient are the sum over every unmasked token of the global batch divided
+            by their count, whatever the micro-batching and DP/CP layout. With document
+            masking, --eod-mask-loss and THD pads, micro-batches hold different numbers of
+            loss tokens, so Megatron-LM's default (each micro-batch's mean, averaged over
+            micro-batches and DP ranks; `--no-calculate-per-token-loss`) changes with gradient
+            accumulation and the DP size. The logged loss is the per-token ratio either way,
+            as in Megatron-LM.
     """
 
     micro_batch_size: int = option(1, Flag(
@@ -250,6 +271,13 @@ class TrainingConfig:
         "--exit-signal-handler", f"save and exit {EXIT_REQUEUE} on SIGTERM/SIGUSR1"))
     exit_interval: int | None = option(None, Flag(
         "--exit-interval", "stop after the iteration divisible by this"))
+    calculate_per_token_loss: bool | None = option(None, Flag(
+        "--calculate-per-token-loss", "loss = sum over the global batch's loss tokens / their "
+        "count (default: on)", negative="--no-calculate-per-token-loss"))
+
+    def per_token_loss(self) -> bool:
+        """--calculate-per-token-loss resolved (None = on)."""
+        return self.calculate_per_token_loss is not False
 
     def validate(self) -> None:
         if self.micro_batch_size < 1:
@@ -342,6 +370,49 @@ class LoggingConfig:
             raise ValueError("--peak-tflops must be positive")
 
 
+#: First Transformer Engine release whose context-parallel attention takes THD (packed
+#: documents) for each --cp-comm-type; a2a+p2p takes THD in no release.
+THD_CP_MIN_TE = {"p2p": "2.7", "a2a": "2.10", "all_gather": "2.18"}
+
+
+def _version_tuple(version: str) -> tuple[int, ...]:
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def check_document_masking_support(impl: str, cp: int, cp_comm_type: str,
+                                   fp8_dot_product_attention: bool,
+                                   te_version: str | None) -> None:
+    """The support matrix of --reset-attention-mask (THD micro-batches).
+
+    Local spec: every layout (the SDPA twin). Transformer Engine: FP8 attention has no THD
+    backend (Hopper, TE <= 2.18; FP8 linear layers are fine); with CP > 1 the THD path exists
+    for p2p from TE 2.7, a2a from 2.10, all_gather from 2.18, a2a+p2p in no release.
+
+    Raises:
+        ValueError: one line naming the flag.
+    """
+    if impl != "transformer_engine":
+        return
+    if fp8_dot_product_attention:
+        raise ValueError("--fp8-dot-product-attention cannot be used with "
+                         "--reset-attention-mask: Transformer Engine has no FP8 attention "
+                         "backend for packed (THD) documents (FP8 linear layers are fine)")
+    if cp <= 1:
+        return
+    if cp_comm_type not in THD_CP_MIN_TE:
+        raise ValueError(f"--cp-comm-type {cp_comm_type} cannot be used with "
+                         "--reset-attention-mask: no Transformer Engine release supports "
+                         "packed (THD) documents with it; use p2p, a2a or all_gather")
+    need = THD_CP_MIN_TE[cp_comm_type]
+    if te_version is not None and _version_tuple(te_version) < _version_tuple(need):
+        raise ValueError(f"--cp-comm-type {cp_comm_type} with --reset-attention-mask needs "
+                         f"transformer-engine >= {need} (installed: {te_version})")
+
+
 @dataclass
 class PretrainConfig:
     """Everything `pretrain_longctx.py` needs, validated together by `validate()`."""
@@ -376,8 +447,12 @@ class PretrainConfig:
         return self.global_batch_size(world_size) // (
             self.training.micro_batch_size * self.data_parallel_size(world_size))
 
-    def validate(self, world_size: int, te_available: bool = False) -> None:
-        """All checks, in the order a user would fix them; world-size checks last."""
+    def validate(self, world_size: int, te_available: bool = False,
+                 te_version: str | None = None) -> None:
+        """All checks, in the order a user would fix them; world-size checks last.
+
+        `te_version`: the installed transformer-engine version (document masking support
+        depends on it), None when unknown."""
         validate_all(self.model, self.parallel, self.precision, te_available=te_available,
                      world_size=world_size)
         for part in (self.data, self.optim, self.training, self.checkpoint, self.logging,
@@ -406,12 +481,26 @@ class PretrainConfig:
                 raise ValueError(f"--recompute-num-layers ({self.training.recompute_num_layers})"
                                  f" exceeds the layers per pipeline stage ({per_stage})")
         impl = self.precision.implementation(te_available)
-        if self.data.reset_attention_mask and impl == "transformer_engine":
-            # TE's attention forwards only the base PackedSeqParams fields (our document
-            # starts would be dropped: plain causal attention), and at CP > 1 it multiplies
-            # max_seqlen by the CP size again. THD packing for TE is not built yet.
-            raise ValueError("--reset-attention-mask needs --transformer-impl local (document "
-                             "masking is not wired into Transformer Engine's attention yet)")
+        if self.data.reset_position_ids and not self.data.reset_attention_mask:
+            raise ValueError("--reset-position-ids needs --reset-attention-mask (positions "
+                             "restart per document of the packed THD micro-batch)")
+        pad = self.data.document_pad_multiple
+        if pad is not None:
+            cp = self.parallel.context_parallel_size
+            if pad < 1 or (cp > 1 and pad % (2 * cp)) or self.model.seq_length % pad:
+                raise ValueError(
+                    f"--document-pad-multiple ({pad}) must be a positive multiple of 2 x "
+                    f"--context-parallel-size ({2 * cp if cp > 1 else 1}) dividing --seq-length "
+                    f"({self.model.seq_length})")
+        if self.data.reset_attention_mask:
+            check_document_masking_support(
+                impl, self.parallel.context_parallel_size, self.parallel.cp_comm_type,
+                self.precision.fp8_dot_product_attention, te_version)
+            if self.parallel.pipeline_model_parallel_size > 1 and mbs > 1:
+                raise ValueError(
+                    f"--reset-attention-mask with --pipeline-model-parallel-size > 1 needs "
+                    f"--micro-batch-size 1 (got {mbs}): a THD micro-batch is one packed row, "
+                    "and the pipeline's p2p shapes are [seq / CP, micro-batch, hidden]")
         if (self.attention_backend not in (None, "auto", "local")
                 and impl != "transformer_engine"):
             raise ValueError(f"--attention-backend {self.attention_backend} needs "

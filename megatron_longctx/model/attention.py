@@ -31,6 +31,16 @@ Paths, cheapest first:
    s x s mask); the cost is one Python-level call per intersection: at 128K with C4-like
    315-token documents, ~416 calls per sample per layer.
 
+4. THD micro-batches (`packed_seq_params.qkv_format == "thd"`, what the trainer feeds with
+   --reset-attention-mask; layout in parallel/thd.py): the CPU twin of Transformer Engine's
+   THD attention. Query/key/value arrive as [t, heads, d] holding, of every document, chunks r
+   and 2cp-1-r; K/V are all-gathered over CP and put back in row order (the inverse of the
+   split), and each local chunk attends to its document's keys up to itself
+   (`prefix_causal_attention`: flash + LSE merge on CPU, lower-right CausalBias on CUDA). The
+   documents come from cu_seqlens_q_padded, exactly as TE reads them, so the batch proven
+   here on CPU is the one TE gets. Path 3 (DocumentSeqParams on [s, b]) stays for callers
+   that keep the batch dimension.
+
 Measured on this 2-core CPU (fp32, 8 heads x 64, b=1, 2 threads, other jobs running, so
 +-30%), forward / backward / peak memory above inputs; "CP2" runs both CP ranks' local work
 one after the other in one process (the same total FLOPs as one causal pass):
@@ -374,8 +384,7 @@ class SDPACoreAttention(MegatronModule):
         if attention_bias is not None:
             raise NotImplementedError("SDPACoreAttention does not support attention_bias")
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            raise NotImplementedError("THD packed sequences need Transformer Engine attention; "
-                                      "use DocumentSeqParams for intra-document masking")
+            return self._thd(query, key, value, attention_mask, packed_seq_params)
         mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
         sq, b, heads, d = query.shape
         q = query.permute(1, 2, 0, 3)  # [b, H, sq, d]
@@ -435,6 +444,69 @@ class SDPACoreAttention(MegatronModule):
                 per_sample.append(torch.cat(pieces, dim=2))
             out = torch.cat(per_sample, dim=0)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * d)
+
+    def _thd(self, query: Tensor, key: Tensor, value: Tensor, attention_mask: Tensor | None,
+             params: PackedSeqParams) -> Tensor:
+        """Per-document causal attention on a THD micro-batch (path 4, the CPU twin of
+        Transformer Engine's THD attention): query [t, H, d], key/value [t, G, d] in the layout
+        of `parallel.thd` (this CP rank holds chunks r and 2cp-1-r of every document);
+        cu_seqlens_q_padded are global offsets. K/V are all-gathered over the CP group and put
+        back in row order; each local chunk of a document attends to its document's keys up to
+        itself (`prefix_causal_attention`). Returns [t, H * d]."""
+        from megatron_longctx.parallel.thd import thd_partition_indices
+
+        if attention_mask is not None:
+            raise NotImplementedError("THD attention takes no attention mask (documents are "
+                                      "given by cu_seqlens)")
+        if self.training and self.attention_dropout > 0:
+            raise NotImplementedError("attention dropout is not supported with document "
+                                      "masking (set --attention-dropout 0)")
+        if query.dim() == 4:  # [t, 1, H, d]: megatron squeezes the batch; accept either
+            query, key, value = query.squeeze(1), key.squeeze(1), value.squeeze(1)
+        if key.shape[0] != query.shape[0]:
+            raise NotImplementedError("KV-cache inference is not supported on THD batches")
+        t, heads, d = query.shape
+        cu_tensor = params.cu_seqlens_q_padded
+        if cu_tensor is None:
+            cu_tensor = params.cu_seqlens_q
+        cu = [int(x) for x in cu_tensor.tolist()]
+        cp = self._cp_size()
+        if cp > 1:
+            rank = dist.get_rank(self.cp_group)
+            gathered_k = _GatherAlongFirstDim.apply(key, self.cp_group)
+            gathered_v = _GatherAlongFirstDim.apply(value, self.cp_group)
+            slots = torch.cat([thd_partition_indices(cu, cp, r) for r in range(cp)])
+            order = torch.empty_like(slots)
+            order[slots] = torch.arange(slots.numel())
+            order = order.to(key.device)
+            key, value = gathered_k.index_select(0, order), gathered_v.index_select(0, order)
+        else:
+            rank = 0
+        if cu[-1] != key.shape[0]:
+            raise ValueError(f"cu_seqlens cover {cu[-1]} tokens, the packed row has "
+                             f"{key.shape[0]}")
+        q = query.permute(1, 0, 2).unsqueeze(0)  # [1, H, t, d]
+        k_all = key.permute(1, 0, 2).unsqueeze(0)  # [1, G, T, d]
+        v_all = value.permute(1, 0, 2).unsqueeze(0)
+        pieces, local = [], 0
+        for a, e in zip(cu[:-1], cu[1:]):
+            if e == a:
+                continue
+            chunk = (e - a) // (2 * cp)
+            owned = ([(a, e - a)] if cp == 1 else
+                     [(a + rank * chunk, chunk), (a + (2 * cp - 1 - rank) * chunk, chunk)])
+            for start, length in owned:
+                prefix = start - a
+                pieces.append(prefix_causal_attention(
+                    q[:, :, local:local + length],
+                    _expand_kv(k_all[:, :, a:start + length], heads),
+                    _expand_kv(v_all[:, :, a:start + length], heads),
+                    prefix, self.softmax_scale))
+                local += length
+        if local != t:
+            raise ValueError(f"cu_seqlens give this rank {local} tokens, it holds {t}")
+        out = torch.cat(pieces, dim=2)  # [1, H, t, d]
+        return out[0].permute(1, 0, 2).reshape(t, heads * d)
 
     def _cached_step(self, attention_mask: Tensor | None, mask_type: AttnMaskType) -> bool:
         """Whether a call with more keys than queries is a KV-cache step of a causal module:

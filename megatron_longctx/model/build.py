@@ -42,6 +42,18 @@ def te_available() -> bool:
     return True
 
 
+def te_version() -> str | None:
+    """The installed transformer-engine version from package metadata (no import), or None."""
+    from importlib import metadata
+
+    for name in ("transformer-engine", "transformer_engine"):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
 def default_device() -> torch.device:
     """The device a built model lives on: this process's current CUDA device when there is
     one (torchrun/srun give each rank its own; parallel.init sets it), else the CPU."""

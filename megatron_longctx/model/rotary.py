@@ -178,6 +178,7 @@ class LongContextRotaryEmbedding(RotaryEmbedding):
         self._tables: dict[tuple, Tensor] = {}
         self._pending: tuple[int, int] | None = None  # KV-cache chunk [start, end)
         self._history: Tensor | None = None  # angles fed so far in the current cache
+        self._row_length: int | None = None  # THD micro-batch: --seq-length for the table
 
     # -- megatron's interface ------------------------------------------------------------
     def get_rotary_seq_len(self, inference_context: Any, transformer: Any,
@@ -185,9 +186,21 @@ class LongContextRotaryEmbedding(RotaryEmbedding):
                            packed_seq_params: Any = None, **kwargs: Any) -> int:
         """megatron's length (static KV cache: the cache size); also records the chunk a
         length-dependent scheme is being fed in KV-cache decoding."""
+        from megatron_longctx.parallel.thd import ThdSeqParams
+
         length = super().get_rotary_seq_len(inference_context, transformer, transformer_input,
                                             transformer_config, packed_seq_params, **kwargs)
         self._pending = None
+        self._row_length = None
+        if isinstance(packed_seq_params, ThdSeqParams):
+            # Frequencies of length-dependent schemes come from the row (--seq-length), not
+            # from the longest document. Global positions: a table over the whole packed row,
+            # which megatron's THD RoPE reads at each document's offset (its "exact mapping"
+            # when the table covers cu_seqlens[-1]); reset positions: megatron's default, a
+            # table of the longest document read from 0 in each.
+            self._row_length = packed_seq_params.row_length or None
+            if not packed_seq_params.reset_position_ids:
+                return packed_seq_params.total_tokens
         if (inference_context is not None and self.spec.length_dependent
                 and inference_context.is_static_batching()):
             fed = (transformer.input_tensor if transformer is not None
@@ -205,10 +218,11 @@ class LongContextRotaryEmbedding(RotaryEmbedding):
         """Angles [s, 1, 1, dim] for positions offset..offset+s, this CP rank's chunks."""
         pending, self._pending = self._pending, None
         group = cp_group if cp_group is not None else self.cp_group
-        key = (max_seq_len, offset, packed_seq, id(group))
+        row_length, self._row_length = self._row_length, None
+        key = (max_seq_len, offset, packed_seq, id(group), row_length)
         if pending is None and key in self._tables:
             return self._tables[key]
-        angles = self._angles(max_seq_len, offset, pending)
+        angles = self._angles(max_seq_len, offset, pending, row_length)
         if self.rotary_interleaved:
             emb = torch.stack((angles, angles), dim=-1).view(angles.shape[0], -1)
         else:
@@ -216,7 +230,7 @@ class LongContextRotaryEmbedding(RotaryEmbedding):
         emb = emb[:, None, None, :]
         if group is not None and group.size() > 1 and not packed_seq:
             emb = get_pos_emb_on_this_cp_rank(emb, 0, group)
-        if pending is None and not self.spec.length_dependent:
+        if pending is None and (row_length is not None or not self.spec.length_dependent):
             if len(self._tables) >= _TABLE_CACHE:
                 self._tables.clear()
             self._tables[key] = emb
@@ -228,11 +242,14 @@ class LongContextRotaryEmbedding(RotaryEmbedding):
             return torch.device("cuda", torch.cuda.current_device())
         return torch.device("cpu")
 
-    def _angles(self, length: int, offset: int, pending: tuple[int, int] | None) -> Tensor:
+    def _angles(self, length: int, offset: int, pending: tuple[int, int] | None,
+                row_length: int | None = None) -> Tensor:
         device = self._device()
         positions = torch.arange(length, dtype=torch.float32, device=device) + offset
         if pending is None:
-            seq_len = length + offset if self.spec.length_dependent else None
+            seq_len = None
+            if self.spec.length_dependent:
+                seq_len = row_length if row_length is not None else length + offset
             inv = inverse_frequencies(self.spec, self.dim, seq_len).to(device)
             return torch.outer(positions, inv)
         # KV-cache chunk [start, end): rows before it keep the frequencies they were fed with.

@@ -5,9 +5,10 @@ Data flow per optimizer step (every rank reads its own micro-batches; nothing is
     dataset (BlendedDataset over LongCtxGPTDataset | GPTDataset | MockGPTDataset)
       -> BatchSampler.next_step(): `num_microbatches` micro-batches of this DP rank, in
          Megatron-LM's order (sample i of a global batch goes to DP rank (i // mbs) % DP)
-      -> prepare_microbatch(): document starts from `segment_ids` (before the split: they are
-         global positions), then the CP split (chunks r and 2*CP-1-r), then the
-         DocumentSeqParams for intra-document attention when --reset-attention-mask.
+      -> prepare_microbatch(): the CP split (chunks r and 2*CP-1-r of the row); with
+         --reset-attention-mask instead the THD micro-batch (document starts from
+         `segment_ids`, each document padded to 2*CP, chunks r and 2*CP-1-r of every
+         document, one packed row: parallel/thd.py), the layout Transformer Engine takes.
 
 Trade-off: TP ranks read the same samples instead of Megatron-LM's read-on-TP-rank-0 plus a
 broadcast. At 128K a micro-batch is 131072 x 8 bytes x ~4 tensors = 4 MB from the page cache,
@@ -269,26 +270,90 @@ def document_starts(segment_ids: torch.Tensor) -> list[list[int]]:
     return [[0, *(np.flatnonzero(np.diff(row)) + 1).tolist()] for row in seg]
 
 
+def build_thd_microbatch(batch: dict[str, torch.Tensor], *, cp_size: int, cp_rank: int,
+                         seq_length: int, eod: int, reset_position_ids: bool = False,
+                         pad_multiple: int | None = None) -> dict[str, Any]:
+    """This CP rank's THD micro-batch (`parallel.thd`): the rows' documents, each padded to a
+    multiple of 2*CP with loss-masked pads and every row cut back to `seq_length`, packed into
+    one row [1, b * seq_length / CP] with global cu_seqlens (= cu_seqlens_padded, int32).
+
+    Tokens keep their order; pads hold `eod` (label `eod`, loss mask 0). `position_ids` are
+    each slot's position in its row (or in its document with `reset_position_ids`); RoPE takes
+    its positions from the ThdSeqParams, the same way. Returns tokens / labels / loss_mask /
+    position_ids [1, t], `packed_seq_params` and `thd_stats`: pad and dropped token counts and
+    the sum of squared padded document lengths of the whole micro-batch (before the CP split,
+    so every CP rank reports the same). `pad_multiple` overrides 2*CP (a larger multiple of
+    it: one process can then run the very batch a CP run splits).
+    """
+    from megatron_longctx.model.attention import document_starts_from_eod
+    from megatron_longctx.parallel.thd import (
+        pack_row,
+        thd_pad_multiple,
+        thd_partition_indices,
+        thd_seq_params,
+    )
+
+    if "segment_ids" in batch:
+        starts = document_starts(batch["segment_ids"])
+    else:
+        starts = document_starts_from_eod(batch["tokens"], eod)
+    multiple = pad_multiple or thd_pad_multiple(cp_size)
+    if multiple % thd_pad_multiple(cp_size):
+        raise ValueError(f"pad multiple {multiple} is not a multiple of 2 x CP ({cp_size})")
+    rows = {k: [] for k in ("tokens", "labels", "loss_mask", "position_ids")}
+    cu_all, pads, dropped = [0], 0, 0
+    for i, row_starts in enumerate(starts):
+        row = pack_row(row_starts, seq_length, multiple)
+        pads, dropped = pads + row.pad_tokens, dropped + row.dropped_tokens
+        index = torch.from_numpy(row.index)
+        real = index >= 0
+        src = index.clamp(min=0)
+        for key, fill in (("tokens", eod), ("labels", eod), ("loss_mask", 0)):
+            value = batch[key][i].index_select(0, src)
+            rows[key].append(torch.where(real, value, torch.full_like(value, fill)))
+        positions = row.doc_positions if reset_position_ids else np.arange(seq_length)
+        rows["position_ids"].append(torch.from_numpy(np.asarray(positions, dtype=np.int64)))
+        cu_all.extend((row.cu_seqlens[1:].astype(np.int64) + i * seq_length).tolist())
+    cu = torch.tensor(cu_all, dtype=torch.int64)
+    local = thd_partition_indices(cu, cp_size, cp_rank)
+    out: dict[str, Any] = {k: torch.cat(v).index_select(0, local).unsqueeze(0)
+                           for k, v in rows.items()}
+    out["packed_seq_params"] = thd_seq_params(cu, seq_length, reset_position_ids)
+    lengths = (cu[1:] - cu[:-1]).double()
+    out["thd_stats"] = {"pad_tokens": pads, "dropped_tokens": dropped,
+                        "square_tokens": float((lengths * lengths).sum())}
+    return out
+
+
 def prepare_microbatch(batch: dict[str, torch.Tensor], *, cp_size: int, cp_rank: int,
                        seq_length: int, document_masking: bool, eod: int,
-                       device: torch.device | None = None) -> dict[str, Any]:
-    """Model inputs of this CP rank: tokens/labels/loss_mask/position_ids split, plus the
-    DocumentSeqParams (global document starts) when intra-document masking is on."""
-    from megatron_longctx.model.attention import document_seq_params, document_starts_from_eod
+                       device: torch.device | None = None,
+                       reset_position_ids: bool = False,
+                       pad_multiple: int | None = None) -> dict[str, Any]:
+    """Model inputs of this CP rank. Without document masking: the [b, s] tensors split in
+    Megatron's load-balanced layout (chunks r and 2*CP-1-r). With it: the THD micro-batch of
+    `build_thd_microbatch` (one packed row, what Transformer Engine and the SDPA twin take)."""
     from megatron_longctx.parallel.context_parallel import split_batch_for_cp
 
-    packed = None
     if document_masking:
-        if "segment_ids" in batch:
-            starts = document_starts(batch["segment_ids"])
-        else:
-            starts = document_starts_from_eod(batch["tokens"], eod)
-        packed = document_seq_params(starts, seq_length)
+        local = build_thd_microbatch(batch, cp_size=cp_size, cp_rank=cp_rank,
+                                     seq_length=seq_length, eod=eod,
+                                     reset_position_ids=reset_position_ids,
+                                     pad_multiple=pad_multiple)
+        params = local["packed_seq_params"]
+        if device is not None:
+            for key in ("tokens", "labels", "loss_mask", "position_ids"):
+                local[key] = local[key].to(device, non_blocking=True)
+            cu = params.cu_seqlens_q.to(device, non_blocking=True)
+            params.cu_seqlens_q = params.cu_seqlens_kv = cu
+            params.cu_seqlens_q_padded = params.cu_seqlens_kv_padded = cu
+        local["dataset_id"] = batch.get("dataset_id")
+        return local
     tensors = {k: batch[k] for k in ("tokens", "labels", "loss_mask", "position_ids")
                if k in batch}
     local = split_batch_for_cp(tensors, cp_size, cp_rank)
     if device is not None:
         local = {k: v.to(device, non_blocking=True) for k, v in local.items()}
-    local["packed_seq_params"] = packed
+    local["packed_seq_params"] = None
     local["dataset_id"] = batch.get("dataset_id")
     return local

@@ -53,7 +53,8 @@ def _resolved_config(argv: list[str] | None, world_size: int) -> tuple[PretrainC
     set_cuda_connections(cfg.parallel.tensor_model_parallel_size,
                          cfg.parallel.context_parallel_size)
     have_te = build.te_available()
-    cfg.validate(world_size, te_available=have_te)  # the flags alone, before reading files
+    version = build.te_version() if have_te else None
+    cfg.validate(world_size, te_available=have_te, te_version=version)  # flags alone
     from megatron_longctx.training.checkpointing import check_checkpoint_to_load
     from megatron_longctx.training.compat import reconcile_inputs
     from megatron_longctx.training.data import check_data_files, resolve_tokenizer
@@ -63,7 +64,7 @@ def _resolved_config(argv: list[str] | None, world_size: int) -> tuple[PretrainC
     tokenizer = resolve_tokenizer(cfg)
     cfg = reconcile_inputs(cfg, args, tokenizer)
     resolved = resolve_runtime(cfg, te_available=have_te, tokenizer_vocab=tokenizer.vocab_size)
-    resolved.validate(world_size, te_available=have_te)
+    resolved.validate(world_size, te_available=have_te, te_version=version)
     return resolved, tokenizer
 
 

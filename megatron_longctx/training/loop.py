@@ -101,7 +101,15 @@ def _prepare(batches: list[dict], cfg: PretrainConfig, eod: int) -> list[dict]:
     return [prepare_microbatch(b, cp_size=cp_size, cp_rank=cp_rank,
                                seq_length=cfg.model.seq_length,
                                document_masking=cfg.data.reset_attention_mask, eod=eod,
-                               device=device) for b in batches]
+                               device=device, reset_position_ids=cfg.data.reset_position_ids,
+                               pad_multiple=cfg.data.document_pad_multiple)
+            for b in batches]
+
+
+def _thd_cost(batches: list[dict]) -> tuple[int, int]:
+    """(pad, dropped) tokens of this rank's THD micro-batches (0, 0 without masking)."""
+    stats = [b["thd_stats"] for b in batches if b.get("thd_stats") is not None]
+    return (sum(s["pad_tokens"] for s in stats), sum(s["dropped_tokens"] for s in stats))
 
 
 @dataclass
@@ -123,17 +131,20 @@ class Session:
     flag: SignalFlag
     logging_rank: bool
     start_time: float
+    thd_pad_tokens: int = 0
+    thd_dropped_tokens: int = 0
+    thd_row_tokens: int = 0
 
 
 def _start(cfg: PretrainConfig, world: int, tokenizer: DatasetTokenizer | None) -> Session:
     """Resolve the config (a new object), build data, model, optimizer; load; samplers."""
-    from megatron_longctx.model.build import te_available
+    from megatron_longctx.model.build import te_available, te_version
 
     start_time = time.time()
     tokenizer = tokenizer or resolve_tokenizer(cfg)
     have_te = te_available()
     cfg = resolve_runtime(cfg, te_available=have_te, tokenizer_vocab=tokenizer.vocab_size)
-    cfg.validate(world, te_available=have_te)
+    cfg.validate(world, te_available=have_te, te_version=te_version() if have_te else None)
     gbs = cfg.global_batch_size(world)
     data = build_datasets(cfg, world, tokenizer)
     chunks = build_training_model(cfg)
@@ -222,6 +233,10 @@ def _train_one(run: Session, result: RunResult) -> bool:
     n_micro, gbs = cfg.num_microbatches(run.world), cfg.global_batch_size(run.world)
     step_start = time.time()
     batches = _prepare(run.train_sampler.next_step(n_micro), cfg, run.data.tokenizer.eod)
+    pads, dropped = _thd_cost(batches)
+    run.thd_pad_tokens += pads
+    run.thd_dropped_tokens += dropped
+    run.thd_row_tokens += len(batches) * cfg.training.micro_batch_size * cfg.model.seq_length
     try:
         step = train_step(run.chunks, run.optimizer, run.scheduler, batches,
                           seq_length=cfg.model.seq_length,
@@ -245,7 +260,23 @@ def _train_one(run: Session, result: RunResult) -> bool:
             state.iteration == cfg.training.train_iters:
         _log_step(run.writer, run.meter, state, step, run.scheduler, elapsed, gbs, cfg,
                   run.logging_rank)
+        if cfg.data.reset_attention_mask and run.thd_row_tokens:
+            _log_thd_cost(run, state.iteration)
     return True
+
+
+def _log_thd_cost(run: Session, iteration: int) -> None:
+    """Pad and dropped tokens of THD packing so far (this DP rank's rows; every rank reads
+    the same kind of data, so its shares are the run's)."""
+    share_pad = run.thd_pad_tokens / run.thd_row_tokens
+    share_drop = run.thd_dropped_tokens / run.thd_row_tokens
+    run.writer.add_scalars(iteration, {"thd-pad-fraction": share_pad,
+                                       "thd-dropped-fraction": share_drop})
+    if run.logging_rank:
+        print(f" document masking (THD): {run.thd_pad_tokens} pad and "
+              f"{run.thd_dropped_tokens} dropped tokens of {run.thd_row_tokens} "
+              f"({100 * share_pad:.2f}% pad, {100 * share_drop:.2f}% dropped) on this rank",
+              flush=True)
 
 
 def _after_step(run: Session, result: RunResult) -> bool:
@@ -312,6 +343,15 @@ def _log_step(writer: Any, meter: Any, state: TrainState, step: Any, scheduler: 
     throughput, memory = meter.update(elapsed), metrics.memory_stats()
     for key, tag in metrics.THROUGHPUT_TAGS.items():
         values[tag] = throughput.get(key)
+    if step.document_square_tokens is not None:
+        # Document masking: attention FLOPs follow the documents; the tags say so and the
+        # s^2 count is not logged (it would overstate the work ~n_docs times).
+        flops = metrics.document_masked_flops(cfg.model, gbs * cfg.model.seq_length,
+                                              step.document_square_tokens)
+        masked = meter.update(elapsed, flops)
+        del values[metrics.TAG_TFLOPS_PER_DEVICE], values[metrics.TAG_MFU]
+        values[metrics.TAG_TFLOPS_DOCUMENT_MASKED] = masked["tflops_per_device"]
+        values[metrics.TAG_MFU_DOCUMENT_MASKED] = masked["mfu"]
     for key, tag in metrics.MEMORY_TAGS.items():
         values[tag] = memory.get(key)
     for name, loss in step.domain_losses.items():

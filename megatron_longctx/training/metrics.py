@@ -23,6 +23,13 @@ tag                              value
 ``tflops-per-device``            achieved model TFLOP/s per device (`flops_per_token`)
 ``mfu``                          tflops-per-device / the device's dense bf16/fp16 peak, a fraction
                                  (0.28 = 28%); FP8 runs too (see `peak_tflops`)
+``tflops-per-device/document-masked``  with --reset-attention-mask: the same, attention counted
+                                 per document (`document_masked_flops`: sum of squared document
+                                 lengths, what the masked kernels compute) instead of s^2
+``mfu/document-masked``          MFU from that count
+``thd-pad-fraction``             with --reset-attention-mask: pad slots / row slots so far (THD
+                                 packing pads each document to 2 x CP)
+``thd-dropped-fraction``         real tokens cut from the rows' ends / row slots so far
 ``mem-max-allocated-gb``         torch.cuda.max_memory_allocated, GiB
 ``mem-max-reserved-gb``          torch.cuda.max_memory_reserved, GiB
 ``mem-max-rss-gb``               host peak resident set size, GiB (the CPU runs' memory)
@@ -55,6 +62,9 @@ TAG_TOKENS_PER_SECOND = "tokens-per-second"
 TAG_TOKENS_PER_SECOND_PER_DEVICE = "tokens-per-second-per-device"
 TAG_TFLOPS_PER_DEVICE = "tflops-per-device"
 TAG_MFU = "mfu"
+#: With document masking the attention FLOPs follow the documents, and the tags say so.
+TAG_TFLOPS_DOCUMENT_MASKED = "tflops-per-device/document-masked"
+TAG_MFU_DOCUMENT_MASKED = "mfu/document-masked"
 TAG_MEM_MAX_ALLOCATED = "mem-max-allocated-gb"
 TAG_MEM_MAX_RESERVED = "mem-max-reserved-gb"
 TAG_MEM_MAX_RSS = "mem-max-rss-gb"
@@ -166,6 +176,24 @@ def flops_per_token(
     )
 
 
+def document_masked_flops(model_cfg: ModelConfig, tokens: int, square_tokens: float) -> float:
+    """Training FLOPs of an iteration whose attention is masked per document.
+
+    6 * N_matmul per token as in `flops_per_token`; attention per causal document of n tokens
+    is 6 * L * d * n^2 (n tokens x 6*L*d*n each, the causal count), so the iteration's
+    attention is 6 * L * d * sum(n^2) over its documents. Example (LLaMA-2 7B, one 128K row):
+    one document gives 6*L*d*s per token, the full causal count; 400 documents of ~328 tokens
+    give 1/400 of that attention, so the MFU of a masked run counted by s^2 would be 3.5x too
+    high (72% of the FLOPs are attention at 128K).
+
+    Args:
+        tokens: tokens of the iteration (global batch x seq length).
+        square_tokens: sum over the iteration's documents of (padded length)^2.
+    """
+    d = model_cfg.num_attention_heads * model_cfg.head_dim
+    return 6.0 * matmul_params(model_cfg) * tokens + 6.0 * model_cfg.num_layers * d * square_tokens
+
+
 # --- device peak and throughput --------------------------------------------------------------
 # Dense (no sparsity) tensor-core peaks from NVIDIA's datasheets, TFLOP/s: (bf16/fp16, fp8).
 # Checked in order: the first substring found in the lower-cased device name wins.
@@ -251,8 +279,12 @@ class ThroughputMeter:
         self.flops_per_token = flops_per_token
         self.peak_tflops = peak_tflops
 
-    def update(self, iteration_time_s: float) -> dict[str, float | None]:
+    def update(self, iteration_time_s: float,
+               flops_per_iteration: float | None = None) -> dict[str, float | None]:
         """Rates for one iteration (or a mean iteration time over a logging interval).
+
+        `flops_per_iteration` replaces tokens x flops_per_token when the work depends on the
+        batch (document masking: `document_masked_flops`).
 
         Returns:
             ``tokens_per_s`` (global), ``tokens_per_s_per_device``, ``tflops_per_device`` and
@@ -263,7 +295,10 @@ class ThroughputMeter:
             raise ValueError(f"iteration time must be positive, got {iteration_time_s}")
         tokens_per_s = self.tokens_per_iteration / iteration_time_s
         per_device = tokens_per_s / self.world_size
-        tflops = per_device * self.flops_per_token / 1e12
+        if flops_per_iteration is None:
+            tflops = per_device * self.flops_per_token / 1e12
+        else:
+            tflops = flops_per_iteration / iteration_time_s / self.world_size / 1e12
         mfu = None if self.peak_tflops is None else tflops / self.peak_tflops
         return {
             "tokens_per_s": tokens_per_s,
@@ -396,6 +431,10 @@ def format_console_line(iteration: int, train_iters: int, values: Mapping[str, A
         fields.append(f"TFLOP/s/device: {float(v):.1f}")
     if (v := get(TAG_MFU)) is not None:
         fields.append(f"MFU: {float(v) * 100:.1f}%")
+    if (v := get(TAG_TFLOPS_DOCUMENT_MASKED)) is not None:
+        fields.append(f"TFLOP/s/device (document-masked attention): {float(v):.1f}")
+    if (v := get(TAG_MFU_DOCUMENT_MASKED)) is not None:
+        fields.append(f"MFU (document-masked attention): {float(v) * 100:.1f}%")
     if (v := get(TAG_MEM_MAX_ALLOCATED)) is not None:
         fields.append(f"mem max allocated (GiB): {float(v):.2f}")
     if (v := get(KEY_SKIPPED_ITERATIONS)) is not None:

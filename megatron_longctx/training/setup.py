@@ -81,7 +81,7 @@ def transformer_overrides(cfg: PretrainConfig) -> dict[str, Any]:
     par = cfg.parallel
     vpp = par.virtual_pipeline_model_parallel_size or 1
     overrides: dict[str, Any] = {
-        "calculate_per_token_loss": True,
+        "calculate_per_token_loss": cfg.training.per_token_loss(),
         # A silent wrong result otherwise: at PP=2 with virtual stages the previous and next
         # pipeline peer are the same rank and batch_isend_irecv pairs the tensors wrongly.
         "batch_p2p_comm": not (vpp > 1 and par.pipeline_model_parallel_size == 2),
@@ -89,6 +89,10 @@ def transformer_overrides(cfg: PretrainConfig) -> dict[str, Any]:
     }
     perf = performance_settings(cfg)
     overrides["apply_rope_fusion"] = perf["apply_rope_fusion"]
+    if cfg.data.reset_attention_mask and not cfg.data.reset_position_ids:
+        # TE's fused THD RoPE restarts positions in every document; global positions need
+        # megatron's unfused THD path, which reads the packed row's table at each offset.
+        overrides["apply_rope_fusion"] = False
     overrides["gradient_accumulation_fusion"] = perf["gradient_accumulation_fusion"]
     t = cfg.training
     if t.recompute_granularity:

@@ -1,12 +1,17 @@
 """One optimizer step (and one evaluation step) on megatron-core's pipeline schedules.
 
 Loss normalisation: every micro-batch's loss func returns (sum of per-token losses over
-unmasked tokens, number of unmasked tokens, logging sums). With `calculate_per_token_loss`
-megatron sums gradients over micro-batches and DP x CP ranks, then divides them once by the
-all-reduced token count (finalize_model_grads). The logged `lm loss` is the same ratio: sum of
-losses / sum of tokens over the whole global batch, so it equals a single process running the
-global batch, whatever TP/PP/CP/DP and accumulation, and a CP rank whose tokens are all masked
-contributes 0 / 0 instead of NaN.
+unmasked tokens, number of unmasked tokens, logging sums), all on the device: nothing is copied
+to the host until `reduce_losses` sums the step's reports, reduces them in one collective and
+reads them once (Megatron-LM likewise syncs only when it logs). With
+`--calculate-per-token-loss` (the default) megatron sums gradients over micro-batches and
+DP x CP ranks, then divides them once by the all-reduced token count (finalize_model_grads), so
+the gradient equals a single process running the global batch, whatever TP/PP/CP/DP and
+accumulation, and a CP rank whose tokens are all masked contributes 0 / 0 instead of NaN.
+`--no-calculate-per-token-loss` is Megatron-LM's default: each micro-batch's mean, averaged over
+micro-batches and DP ranks (which depends on the layout when micro-batches hold different
+numbers of loss tokens). The logged `lm loss` is the per-token ratio in both modes: sum of
+losses / sum of tokens over the global batch, as Megatron-LM logs it.
 
 Per-domain loss: with a blended dataset each sample carries `dataset_id`; the loss func adds
 per-domain (sum, count) pairs, reduced like the total.
@@ -38,6 +43,7 @@ class StepResult:
     loss: float
     tokens: int
     domain_losses: dict[str, float] = field(default_factory=dict)
+    document_square_tokens: float | None = None  # sum of squared document lengths, or None
     grad_norm: float | None = None
     skipped: bool = False
     nan: bool = False
@@ -45,19 +51,25 @@ class StepResult:
 
 def _loss_func(loss_mask: torch.Tensor, dataset_id: torch.Tensor | None, num_domains: int,
                output_tensor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(sum of unmasked token losses, their count, logging sums): everything stays on the
+    model's device (no host sync per micro-batch); `reduce_losses` moves the step's totals to
+    the host once."""
     losses = output_tensor.float()
     mask = loss_mask.to(losses.dtype)
     token_losses = losses * mask
     loss_sum = token_losses.sum()
     count = mask.sum()
-    domain = torch.zeros(num_domains, 2, dtype=torch.float64)
+    domain = torch.zeros(num_domains, 2, dtype=torch.float64, device=losses.device)
     if dataset_id is not None and num_domains > 1:
-        per_sample = token_losses.detach().sum(dim=1).double()
-        per_count = mask.sum(dim=1).double()
-        ids = dataset_id.to(torch.long).cpu()
-        domain[:, 0].index_add_(0, ids, per_sample.cpu())
-        domain[:, 1].index_add_(0, ids, per_count.cpu())
-    report = {"lm loss": torch.stack([loss_sum.detach().double().cpu(), count.double().cpu()]),
+        # A THD micro-batch is one packed row holding the b samples one after another, each
+        # seq / CP tokens on every rank: [1, b * s] -> [b, s].
+        rows = int(dataset_id.numel())
+        per_sample = token_losses.detach().reshape(rows, -1).sum(dim=1).double()
+        per_count = mask.reshape(rows, -1).sum(dim=1).double()
+        ids = dataset_id.to(device=losses.device, dtype=torch.long)
+        domain[:, 0].index_add_(0, ids, per_sample)
+        domain[:, 1].index_add_(0, ids, per_count)
+    report = {"lm loss": torch.stack([loss_sum.detach().double(), count.double()]),
               "domain": domain}
     return loss_sum, count.to(torch.int), report
 
@@ -86,15 +98,28 @@ def comm_device() -> torch.device:
     return torch.device("cpu")
 
 
-def reduce_losses(reports: list[dict], num_domains: int) -> tuple[float, int, torch.Tensor]:
-    """(loss, tokens, per-domain sums) of the global batch, identical on every rank."""
+def reduce_losses(reports: list[dict], num_domains: int,
+                  extra: torch.Tensor | None = None) -> tuple[float, int, torch.Tensor,
+                                                              torch.Tensor | None]:
+    """(loss, tokens, per-domain sums, extra sums) of the global batch, identical on every
+    rank: the micro-batch reports are summed on the device, reduced in one collective, and
+    copied to the host once per step.
+
+    Args:
+        extra: per-rank float64 values summed over DP x CP with the losses (on the last
+            pipeline stage, then broadcast), e.g. the attention work of the step's batches.
+    """
     from megatron.core import parallel_state as ps
 
-    totals = torch.zeros(2 + 2 * num_domains, dtype=torch.float64)
-    for report in reports or []:
-        totals[:2] += report["lm loss"]
-        totals[2:] += report["domain"].flatten()
-    totals = totals.to(comm_device())  # NCCL reduces CUDA tensors only
+    device = comm_device()  # NCCL reduces CUDA tensors only
+    n_extra = 0 if extra is None else int(extra.numel())
+    totals = torch.zeros(2 + 2 * num_domains + n_extra, dtype=torch.float64, device=device)
+    if reports:
+        totals[:2] += torch.stack([r["lm loss"].to(device) for r in reports]).sum(dim=0)
+        totals[2:2 + 2 * num_domains] += torch.stack(
+            [r["domain"].to(device).flatten() for r in reports]).sum(dim=0)
+    if extra is not None:
+        totals[2 + 2 * num_domains:] += extra.to(device=device, dtype=torch.float64)
     if ps.is_pipeline_last_stage(ignore_virtual=True):
         dist.all_reduce(totals, group=ps.get_data_parallel_group(with_context_parallel=True))
     if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -103,7 +128,23 @@ def reduce_losses(reports: list[dict], num_domains: int) -> tuple[float, int, to
     totals = totals.cpu()
     loss_sum, count = float(totals[0]), int(totals[1])
     loss = loss_sum / count if count else float("nan")
-    return loss, count, totals[2:].view(num_domains, 2)
+    domains = totals[2:2 + 2 * num_domains].view(num_domains, 2)
+    return loss, count, domains, (totals[2 + 2 * num_domains:] if n_extra else None)
+
+
+def document_square_sum(microbatches: list[dict]) -> torch.Tensor | None:
+    """This rank's share of the sum over documents of (padded length)^2 in its THD
+    micro-batches, from the host-side `thd_stats` of training/data.py (no device sync). Divided
+    by CP: every CP rank holds the same cu_seqlens and the sum runs over DP x CP. None without
+    document masking. The attention work of a causal document of n tokens is proportional to
+    n^2 (metrics.document_masked_flops)."""
+    from megatron.core import parallel_state as ps
+
+    stats = [b["thd_stats"] for b in microbatches if b.get("thd_stats") is not None]
+    total = sum(s["square_tokens"] for s in stats)
+    if not stats:
+        return None
+    return torch.tensor([total / ps.get_context_parallel_world_size()], dtype=torch.float64)
 
 
 def _domain_dict(sums: torch.Tensor, names: list[str]) -> dict[str, float]:
@@ -144,9 +185,11 @@ def train_step(model_chunks: list[Any], optimizer: Any, scheduler: Any,
     reports = _run_schedule(model_chunks, microbatches, seq_length=seq_length,
                             micro_batch_size=micro_batch_size, forward_only=False,
                             num_domains=max(len(domain_names), 1))
-    loss, tokens, domains = reduce_losses(reports, max(len(domain_names), 1))
+    loss, tokens, domains, extra = reduce_losses(reports, max(len(domain_names), 1),
+                                                 document_square_sum(microbatches))
     result = StepResult(loss=loss, tokens=tokens,
-                        domain_losses=_domain_dict(domains, domain_names))
+                        domain_losses=_domain_dict(domains, domain_names),
+                        document_square_tokens=None if extra is None else float(extra[0]))
     if not math.isfinite(loss):
         result.nan = True
         if on_nan_loss == "stop":
@@ -175,5 +218,5 @@ def eval_step(model_chunks: list[Any], microbatches: list[dict], *, seq_length: 
     finally:
         for chunk in model_chunks:
             chunk.train()
-    loss, tokens, domains = reduce_losses(reports, max(len(domain_names), 1))
+    loss, tokens, domains, _ = reduce_losses(reports, max(len(domain_names), 1))
     return StepResult(loss=loss, tokens=tokens, domain_losses=_domain_dict(domains, domain_names))

@@ -44,8 +44,11 @@ def make_config(*, tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None
                 exit_interval: int | None = None, masking: bool = False,
                 lr: float = 1e-4, save_interval: int | None = None,
                 dtype: str = "fp32", no_load_optim: bool = False, finetune: bool = False,
-                overlap: bool | None = None,
+                overlap: bool | None = None, eod_mask_loss: bool = False,
+                pad_multiple: int | None = 4,
                 **training: Any) -> PretrainConfig:
+    """`pad_multiple`: documents padded to it when masking (4 = 2 x CP2, so one process runs
+    the very batches CP2 splits)."""
     return PretrainConfig(
         model=tiny_model(),
         parallel=ParallelConfig(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
@@ -53,7 +56,8 @@ def make_config(*, tp: int = 1, pp: int = 1, cp: int = 1, vpp: int | None = None
                                 virtual_pipeline_model_parallel_size=vpp, sequence_parallel=sp,
                                 overlap_grad_reduce=overlap),
         data=DataConfig(mock_data=True, tokenizer_type="NullTokenizer", vocab_size=512,
-                        reset_attention_mask=masking),
+                        reset_attention_mask=masking, eod_mask_loss=eod_mask_loss,
+                        document_pad_multiple=pad_multiple if masking else None),
         optim=OptimConfig(lr=lr, weight_decay=0.01, clip_grad=1.0,
                           use_distributed_optimizer=distopt),
         training=TrainingConfig(micro_batch_size=mbs, global_batch_size=gbs, train_iters=iters,

@@ -54,7 +54,7 @@ def test_cpu_smoke_runs_every_part_that_can_run_on_cpu(smoke):
          for k, v in parts.items()}, indent=1)
     assert results["mode"] == "cpu-smoke" and results["finished"]
     assert list(parts) == ["versions", "correctness", "throughput", "needle", "loss", "te",
-                          "plan-memory"]
+                          "plan-memory", "thd-documents"]
     for name in ("versions", "correctness", "throughput", "needle"):
         assert parts[name]["status"] == "ok", (name, parts[name])
     # the summary is the last thing printed
@@ -162,7 +162,8 @@ def test_exit_code_and_budgets():
     assert 150 + 30 + gc.DEFAULT_DEADLINE_S["gpu"] + rerun <= 15 * 60
     # the parts the table lists are the registered ones, in order
     assert [p.name for p in gc.PARTS] == ["versions", "correctness", "throughput", "needle",
-                                          "loss", "te", "plan-memory"]
+                                          "loss", "te", "plan-memory",
+                                          "thd-documents"]
 
 
 def test_loss_part_detects_the_missing_option():

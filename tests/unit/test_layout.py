@@ -26,11 +26,12 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[2] / "megatron_longctx"
 LAYERS = {
     "config": 0,
-    "data": 1, "model": 1, "parallel": 1,
-    "mixture": 2, "checkpoint": 2,
-    "training": 3, "convert": 3,
-    "eval": 4, "plan": 4,
-    "demo": 5,
+    "data": 1, "parallel": 1,
+    "model": 2,  # its packed-document attention and RoPE use parallel/thd.py's CP split
+    "mixture": 3, "checkpoint": 3,
+    "training": 4, "convert": 4,
+    "eval": 5, "plan": 5,
+    "demo": 6,
 }
 #: Top-level modules, usable from any layer: the compiled csrc extension (imported by
 #: data.native), the one atomic-write helper, and the tools' shared process set-up (imported

@@ -244,13 +244,64 @@ def test_gpu_performance_defaults_resolve_like_megatron():
     assert overrides["gradient_accumulation_fusion"] is False
 
 
-def test_document_masking_with_te_is_refused():
-    cfg = cfg_of("--bf16", "--transformer-impl", "transformer_engine",
-                 "--reset-attention-mask")
-    with pytest.raises(ValueError, match="--reset-attention-mask needs --transformer-impl "
-                                         "local"):
-        cfg.validate(world_size=1, te_available=True)
+TE_MASKED = ("--bf16", "--transformer-impl", "transformer_engine", "--reset-attention-mask")
+
+
+@pytest.mark.parametrize(("comm", "version"), [("p2p", "2.7.0"), ("a2a", "2.10.0"),
+                                               ("all_gather", "2.18.0+cu13")])
+def test_document_masking_with_te_accepted_where_thd_is_supported(comm, version):
+    cfg = cfg_of(*TE_MASKED, "--context-parallel-size", "2", "--cp-comm-type", comm)
+    cfg.validate(world_size=2, te_available=True, te_version=version)
+    # FP8 linear layers stay allowed.
+    cfg_of(*TE_MASKED, "--fp8-format", "hybrid").validate(world_size=1, te_available=True,
+                                                          te_version="2.10.0")
     cfg_of("--reset-attention-mask").validate(world_size=1)
+
+
+@pytest.mark.parametrize(("flags", "version", "message"), [
+    (("--cp-comm-type", "a2a"), "2.9.0",
+     r"^--cp-comm-type a2a with --reset-attention-mask needs transformer-engine >= 2\.10 "),
+    (("--cp-comm-type", "all_gather"), "2.17.1",
+     r"^--cp-comm-type all_gather with --reset-attention-mask needs transformer-engine >= 2\.18"),
+    (("--cp-comm-type", "p2p"), "2.6.0", r"^--cp-comm-type p2p with --reset-attention-mask"),
+    (("--hierarchical-context-parallel-sizes", "2", "1", "--cp-comm-type", "a2a+p2p"), "2.18.0",
+     r"^--cp-comm-type a2a\+p2p cannot be used with --reset-attention-mask"),
+])
+def test_document_masking_support_matrix_refusals(flags, version, message):
+    cfg = cfg_of(*TE_MASKED, "--context-parallel-size", "2", *flags)
+    with pytest.raises(ValueError, match=message) as err:
+        cfg.validate(world_size=2, te_available=True, te_version=version)
+    assert "\n" not in str(err.value)
+
+
+def test_fp8_attention_with_document_masking_is_refused():
+    cfg = cfg_of(*TE_MASKED, "--fp8-format", "hybrid", "--fp8-dot-product-attention",
+                 preset="llama2-7b")
+    with pytest.raises(ValueError, match="^--fp8-dot-product-attention cannot be used with "
+                                         "--reset-attention-mask"):
+        cfg.validate(world_size=1, te_available=True, te_version="2.18.0")
+
+
+def test_reset_position_ids_and_pad_multiple_are_checked():
+    with pytest.raises(ValueError, match="--reset-position-ids needs --reset-attention-mask"):
+        cfg_of("--reset-position-ids").validate(world_size=1)
+    cfg_of("--reset-attention-mask", "--reset-position-ids").validate(world_size=1)
+    with pytest.raises(ValueError, match="--document-pad-multiple \\(6\\)"):
+        cfg_of("--reset-attention-mask", "--context-parallel-size", "2",
+               "--document-pad-multiple", "6").validate(world_size=2)
+    with pytest.raises(ValueError, match="needs --micro-batch-size 1"):
+        cfg_of("--reset-attention-mask", "--pipeline-model-parallel-size", "2",
+               "--micro-batch-size", "2").validate(world_size=2)
+
+
+def test_calculate_per_token_loss_flag():
+    from megatron_longctx.training.setup import transformer_overrides
+
+    assert cfg_of().training.per_token_loss()
+    assert cfg_of("--calculate-per-token-loss").training.per_token_loss()
+    off = cfg_of("--no-calculate-per-token-loss")
+    assert not off.training.per_token_loss()
+    assert transformer_overrides(off)["calculate_per_token_loss"] is False
 
 
 def test_cuda_connections_set_before_any_cuda_call(monkeypatch):
