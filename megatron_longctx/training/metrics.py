@@ -353,7 +353,7 @@ def validation_ppl(loss: float) -> float:
 
 # --- TensorBoard ------------------------------------------------------------------------------
 class MetricsWriter:
-    """TensorBoard scalars on the logging rank; a no-op everywhere else.
+    """TensorBoard (and W&B) scalars on the logging rank; a no-op everywhere else.
 
     The SummaryWriter is created (and torch.utils.tensorboard imported) only when
     `is_logging_rank` is True and `log_dir` is given (`--tensorboard-dir`); otherwise every method
@@ -363,6 +363,8 @@ class MetricsWriter:
         log_dir: TensorBoard directory, or None to disable.
         is_logging_rank: True on the rank that writes (the last rank, as in Megatron-LM).
         queue_size: events buffered before a write (`--tensorboard-queue-size`, default 1000).
+        wandb_run: a W&B run (`training/observability.init_wandb`) that receives the same
+            scalars at the same steps; finished by `close`.
     """
 
     def __init__(self, log_dir: str | None, is_logging_rank: bool, *, queue_size: int = 1000,
