@@ -87,9 +87,6 @@ class RunResult:
     eval_losses: list[float] = field(default_factory=list)
     grad_norms: list[float | None] = field(default_factory=list)
     reason: str = ""
-    #: Wall seconds of each step, and of each save (by iteration) as far as it blocked training.
-    step_seconds: list[float] = field(default_factory=list)
-    save_seconds: dict[int, float] = field(default_factory=dict)
 
 
 def _any_rank(*flags: bool) -> list[bool]:
@@ -295,7 +292,6 @@ def _train_one(run: Session, result: RunResult) -> bool:
     result.losses.append(step.loss)
     result.grad_norms.append(step.grad_norm)
     elapsed = time.time() - step_start
-    result.step_seconds.append(elapsed)
     if state.iteration % cfg.logging.log_interval == 0 or \
             state.iteration == cfg.training.train_iters:
         extra = _optional_series(run, elapsed, batch_seconds)
@@ -359,10 +355,9 @@ def _after_step(run: Session, result: RunResult) -> bool:
             finalize_async_saves(run.async_queue, blocking=True)
         save_checkpoint(save, state, run.chunks, run.optimizer, run.scheduler, cfg,
                         run.carried_meta, async_queue=None if stopping else run.async_queue)
-        result.save_seconds[state.iteration] = seconds = time.time() - save_start
         if cfg.logging.log_timers_to_tensorboard:
-            run.writer.add_scalars(state.iteration,
-                                   {metrics.TIMER_TAGS["save-checkpoint"]: seconds})
+            run.writer.add_scalars(state.iteration, {
+                metrics.TIMER_TAGS["save-checkpoint"]: time.time() - save_start})
     run.gc.after_step(state.iteration)
     if signalled or timed_out:
         reason = "signal" if signalled else "exit-duration"
