@@ -154,7 +154,7 @@ def test_kill_9_during_async_write_keeps_previous_checkpoint(init_ckpt, tmp_path
     assert max_weight_diff(final_weights(save), final_weights(ref_dir)) == 0.0
 
 
-def _signal_during_write_rank(rank: int, world: int, cfg):
+def _signal_during_write_rank(rank: int, world: int, cfg, signum: int):
     from megatron_longctx.training import loop
 
     _hold_writer(2, seconds=3.0)
@@ -165,19 +165,20 @@ def _signal_during_write_rank(rank: int, world: int, cfg):
         out = original(*args, **kwargs)
         calls["n"] += 1
         if calls["n"] == 3 and rank == 0:  # iteration 3, while iteration 2 is being written
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signum)
         return out
 
     loop.train_step = step
     return _train_rank(rank, world, cfg)
 
 
-def test_signal_during_async_write_finishes_it_then_exits_75(init_ckpt, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1], ids=["TERM", "USR1"])
+def test_signal_during_async_write_finishes_it_then_exits_75(signum, init_ckpt, tmp_path):
     save = str(tmp_path / "ckpt")
     cfg = make_config(load=init_ckpt, save=save, iters=8, save_interval=2, distopt=True,
                       exit_signal_handler=True)
     cfg.checkpoint.async_save = True
-    results = run_distributed(_signal_during_write_rank, 2, cfg, timeout=240.0)
+    results = run_distributed(_signal_during_write_rank, 2, cfg, int(signum), timeout=240.0)
     assert [r["exit_code"] for r in results] == [EXIT_REQUEUE, EXIT_REQUEUE]
     assert results[0]["iteration"] == 3
     assert checkpoint_meta.latest_iteration(save) == 3
