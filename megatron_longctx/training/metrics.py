@@ -35,6 +35,33 @@ tag                              value
 ``mem-max-rss-gb``               host peak resident set size, GiB (the CPU runs' memory)
 ===============================  =============================================================
 
+Optional series (each behind its Megatron-LM flag; Megatron-LM's tags):
+
+==================================  ==========================================================
+tag                                 value (flag)
+==================================  ==========================================================
+``throughput``                      achieved TFLOP/s per device (``--log-throughput``)
+``mem-allocated-bytes``             torch.cuda.memory_allocated (``--log-memory-to-tensorboard``)
+``mem-reserved-bytes``              torch.cuda.memory_reserved (same flag; CUDA only)
+``mem-max-allocated-bytes``         torch.cuda.max_memory_allocated (same flag; CUDA only)
+``mem-allocated-count``             live allocations of the caching allocator (CUDA only)
+``mem-rss-bytes``                   host resident set size now (same flag; every device)
+``mem-max-rss-bytes``               host peak resident set size (same flag; every device)
+``forward-backward-time``           seconds in the pipeline schedule (``--log-timers-to-
+                                    tensorboard``; also the next three)
+``optimizer-time``                  seconds in optimizer.step (clip, update, param copy)
+``batch-generator-time``            seconds reading and preparing the step's micro-batches
+``save-checkpoint-time``            seconds training was blocked by a save (at its iteration;
+                                    with --async-save the scheduling only)
+``params-norm``                     L2 norm of all parameters (``--log-params-norm``)
+``num-zeros``                       zero gradient elements (``--log-num-zeros-in-grad``)
+``lm loss validation``              validation loss (with --eval-interval)
+``lm loss validation ppl``          exp(validation loss), capped at exp(20) as Megatron-LM
+==================================  ==========================================================
+
+With ``--wandb-project`` every value written to TensorBoard is also logged to W&B, same tag,
+same step.
+
 The console line (`format_console_line`) reads the same dict keyed by these tags plus four
 console-only keys (``consumed-samples``, ``global-batch-size``, ``skipped-iterations``,
 ``nan-iterations``), so a trainer builds one dict per logged iteration and passes it to both.
@@ -45,6 +72,7 @@ stage holds the loss, and the last global rank is always a last stage.
 
 from __future__ import annotations
 
+import math
 import resource
 import sys
 from collections.abc import Mapping
@@ -68,6 +96,14 @@ TAG_MFU_DOCUMENT_MASKED = "mfu/document-masked"
 TAG_MEM_MAX_ALLOCATED = "mem-max-allocated-gb"
 TAG_MEM_MAX_RESERVED = "mem-max-reserved-gb"
 TAG_MEM_MAX_RSS = "mem-max-rss-gb"
+# Optional series (Megatron-LM's tags; see the module docstring).
+TAG_THROUGHPUT = "throughput"
+TAG_PARAMS_NORM = "params-norm"
+TAG_NUM_ZEROS = "num-zeros"
+TAG_VALID_LOSS = "lm loss validation"
+TAG_VALID_PPL = "lm loss validation ppl"
+TIMER_TAGS = {name: f"{name}-time" for name in
+              ("forward-backward", "optimizer", "batch-generator", "save-checkpoint")}
 # Console-only keys of the values dict (not written to TensorBoard by the trainer).
 KEY_CONSUMED_SAMPLES = "consumed-samples"
 KEY_GLOBAL_BATCH_SIZE = "global-batch-size"
@@ -328,9 +364,35 @@ def memory_stats() -> dict[str, float]:
     return stats
 
 
+def memory_series() -> dict[str, float]:
+    """`--log-memory-to-tensorboard`'s values, in bytes (Megatron-LM's tags): the host RSS now
+    and at its peak on every device, and with CUDA the caching allocator's allocated,
+    reserved, peak-allocated bytes and allocation count."""
+    import psutil
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    series = {"mem-rss-bytes": float(psutil.Process().memory_info().rss),
+              "mem-max-rss-bytes": float(rss if sys.platform == "darwin" else rss * 1024)}
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        stats = torch.cuda.memory_stats()
+        series.update({
+            "mem-allocated-bytes": float(stats.get("allocated_bytes.all.current", 0)),
+            "mem-reserved-bytes": float(stats.get("reserved_bytes.all.current", 0)),
+            "mem-max-allocated-bytes": float(stats.get("allocated_bytes.all.peak", 0)),
+            "mem-allocated-count": float(stats.get("allocation.all.current", 0)),
+        })
+    return series
+
+
+def validation_ppl(loss: float) -> float:
+    """Perplexity of a validation loss as Megatron-LM logs it: exp(min(20, loss))."""
+    return math.exp(min(20.0, loss))
+
+
 # --- TensorBoard ------------------------------------------------------------------------------
 class MetricsWriter:
-    """TensorBoard scalars on the logging rank; a no-op everywhere else.
+    """TensorBoard (and W&B) scalars on the logging rank; a no-op everywhere else.
 
     The SummaryWriter is created (and torch.utils.tensorboard imported) only when
     `is_logging_rank` is True and `log_dir` is given (`--tensorboard-dir`); otherwise every method
@@ -340,10 +402,14 @@ class MetricsWriter:
         log_dir: TensorBoard directory, or None to disable.
         is_logging_rank: True on the rank that writes (the last rank, as in Megatron-LM).
         queue_size: events buffered before a write (`--tensorboard-queue-size`, default 1000).
+        wandb_run: a W&B run (`training/observability.init_wandb`) that receives the same
+            scalars at the same steps; finished by `close`.
     """
 
-    def __init__(self, log_dir: str | None, is_logging_rank: bool, *, queue_size: int = 1000):
+    def __init__(self, log_dir: str | None, is_logging_rank: bool, *, queue_size: int = 1000,
+                 wandb_run: Any | None = None):
         self._writer = None
+        self._wandb = wandb_run if is_logging_rank else None
         if is_logging_rank and log_dir:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -351,20 +417,22 @@ class MetricsWriter:
 
     @property
     def enabled(self) -> bool:
-        """Whether this rank writes events."""
-        return self._writer is not None
+        """Whether this rank writes events (TensorBoard or W&B)."""
+        return self._writer is not None or self._wandb is not None
 
     def add_scalars(self, step: int, values: Mapping[str, Any]) -> None:
         """One scalar per tag at `step`; None values are skipped, tensors converted with float().
 
         NaN and inf are written as they are: a diverging loss should show in the curve.
         """
-        if self._writer is None:
+        if not self.enabled:
             return
-        for tag, value in values.items():
-            if value is None:
-                continue
-            self._writer.add_scalar(tag, float(value), global_step=step)
+        scalars = {tag: float(value) for tag, value in values.items() if value is not None}
+        if self._writer is not None:
+            for tag, value in scalars.items():
+                self._writer.add_scalar(tag, value, global_step=step)
+        if self._wandb is not None and scalars:
+            self._wandb.log(scalars, step=step)
 
     def flush(self) -> None:
         """Write buffered events to disk."""
@@ -372,10 +440,13 @@ class MetricsWriter:
             self._writer.flush()
 
     def close(self) -> None:
-        """Flush and close; later calls are no-ops."""
+        """Flush and close (the W&B run is finished); later calls are no-ops."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> MetricsWriter:
         return self
