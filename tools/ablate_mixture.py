@@ -20,8 +20,14 @@ import argparse
 import subprocess
 import sys
 
-from megatron_longctx.config.flags import add_config_flags, config_from_namespace
-from megatron_longctx.demo.ablation import AblationSettings, run_ablation
+from megatron_longctx.demo.numerics import reexec_pinned
+
+# Same numbers on every x86-64 machine: threads, vector width and BLAS path are fixed
+# before torch loads (megatron_longctx/demo/numerics.py).
+reexec_pinned()
+
+from megatron_longctx.config.flags import add_config_flags, config_from_namespace  # noqa: E402
+from megatron_longctx.demo.ablation import AblationSettings, run_ablation  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -349,6 +349,8 @@ def realized_shares(settings: AblationSettings, mixture_dir: Path) -> dict[str, 
         "planned_long_share": plan.totals.long_share_after,
         "target_domain_weights": {d.domain: d.weight_share for d in plan.domains},
         "max_abs_diff_vs_plan": audit["max_abs_diff"],
+        "max_document_repeats": max(audit["max_document_repeats"].values(), default=0.0),
+        "max_document_repeats_by_domain": audit["max_document_repeats"],
         "index_from_trainer_cache": not (after - before),
     }
 
@@ -530,6 +532,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
                              if reference else None)
                          for d, v in r["loss"].items()} for part in ("short", "long")}
         rows[name] = {"needle": r["needle"], "long_share": real["long_share"],
+                      "max_document_repeats": real.get("max_document_repeats"),
                       "domain_drift": 0.5 * sum(abs(v) for v in shift.values()),
                       "largest_shift": {"domain": biggest, "change": shift[biggest]},
                       "delta_short": deltas["short"], "delta_long": deltas["long"]}
@@ -553,10 +556,10 @@ def _num(x: float | None, fmt: str) -> str:
 def summary_lines(settings: AblationSettings, results: dict[str, Any]) -> list[str]:
     """The main table (the paper's Table 5 in short): needle, shares, mean loss changes."""
     s, table = settings, results["table"]
-    lines = [f"| stage-2 mixture | needle at {s.long_length} | long-doc tokens | domain drift "
-             f"(TV) | largest shift | Δ loss pos < {s.short_length} | Δ loss pos "
-             f"{s.short_length}-{s.long_length} |", "|---|---|---|---|---|---|---|",
-             f"| (stage 1, before) | {_num(results['stage1']['needle'], '.1f')} | - | - | - | "
+    lines = [f"| stage-2 mixture | needle at {s.long_length} | long-doc tokens | most repeated "
+             f"doc | domain drift (TV) | largest shift | Δ loss pos < {s.short_length} | Δ loss "
+             f"pos {s.short_length}-{s.long_length} |", "|---|---|---|---|---|---|---|---|",
+             f"| (stage 1, before) | {_num(results['stage1']['needle'], '.1f')} | - | - | - | - | "
              f"{_num(results['stage1']['loss']['all']['short'], '.3f')} (abs) | "
              f"{_num(results['stage1']['loss']['all']['long'], '.3f')} (abs) |"]
     for name, row in table.items():
@@ -565,6 +568,7 @@ def summary_lines(settings: AblationSettings, results: dict[str, Any]) -> list[s
         short = (f"{ref['short']:.3f} (abs)" if ref else _num(row["delta_short"]["all"], "+.3f"))
         long = (f"{ref['long']:.3f} (abs)" if ref else _num(row["delta_long"]["all"], "+.3f"))
         lines.append(f"| {name} | {_num(row['needle'], '.1f')} | {row['long_share']:.1%} | "
+                     f"{_num(row.get('max_document_repeats'), '.1f')}x | "
                      f"{row['domain_drift']:.1%} | {shift['domain'].removeprefix('RedPajama')} "
                      f"{shift['change']:+.1%} | {short} | {long} |")
     return lines

@@ -51,6 +51,45 @@ def sample_bucket_tokens(dataset, sample_ids: np.ndarray, threshold: float) -> n
     return end_long - start_long
 
 
+def document_repeats(dataset, sample_ids: np.ndarray) -> np.ndarray:
+    """How many times each document of a GPTDataset is trained on by the given samples: the
+    tokens of it that the samples cover, divided by its length (0 for a document never drawn).
+
+    Counted on document-index positions, not tokens, so the cost is O(samples + documents)
+    whatever the sequence length: a sample covers the tail of its first position, every position
+    in between and the head of its last one. Upsampled datasets repeat documents in their
+    document index and several epochs repeat the whole index; both add up here. This is what
+    `--max-epochs` warns about at plan time, measured on the index the trainer reads.
+    """
+    doc_index = np.asarray(dataset.document_index, dtype=np.int64)
+    lengths = np.asarray(dataset.dataset.sequence_lengths, dtype=np.int64)
+    pos_len = lengths[doc_index]
+    n_docs = len(lengths)
+    if sample_ids.size == 0 or doc_index.size == 0:
+        return np.zeros(n_docs)
+    cum = np.concatenate([[0], np.cumsum(pos_len)])
+    last = len(doc_index) - 1
+    rows = dataset.shuffle_index[sample_ids]
+    s0, s1 = dataset.sample_index[rows], dataset.sample_index[rows + 1]
+    p0 = np.minimum(s0[:, 0].astype(np.int64), last)
+    p1 = np.minimum(s1[:, 0].astype(np.int64), last)
+    start = cum[p0] + s0[:, 1].astype(np.int64)
+    end = np.minimum(cum[p1] + s1[:, 1].astype(np.int64), cum[-1])
+    covered = np.zeros(len(doc_index), dtype=np.float64)
+    same = p1 == p0
+    np.add.at(covered, p0[same], (end - start)[same])
+    multi = ~same
+    np.add.at(covered, p0[multi], (cum[p0 + 1] - start)[multi])
+    np.add.at(covered, p1[multi], (end - cum[p1])[multi])
+    full = np.zeros(len(doc_index) + 1, dtype=np.int64)  # positions strictly between p0 and p1
+    inner = multi & (p1 > p0 + 1)
+    np.add.at(full, p0[inner] + 1, 1)
+    np.add.at(full, p1[inner], -1)
+    covered += np.cumsum(full)[:-1] * pos_len
+    tokens = np.bincount(doc_index, weights=covered, minlength=n_docs)
+    return np.divide(tokens, lengths, out=np.zeros(n_docs), where=lengths > 0)
+
+
 def _domain_rows(plan: MixturePlan, domain, ds, ids: np.ndarray, total: float) -> list[dict]:
     """Planned vs realized token shares of one domain: short, long and all."""
     seq = plan.seq_length
@@ -89,11 +128,17 @@ def audit_datasets(plan: MixturePlan, train, tolerance: float = 0.01) -> dict[st
     else:
         by_path = {d.prefix: d for d in plan.domains}
     rows = []
+    repeats: dict[str, float] = {}
     for k, ds in enumerate(datasets):
-        rows += _domain_rows(plan, by_path[ds.dataset_path], ds, sample_ids[choice == k], total)
+        domain = by_path[ds.dataset_path]
+        ids = sample_ids[choice == k]
+        rows += _domain_rows(plan, domain, ds, ids, total)
+        most = float(document_repeats(ds, ids).max(initial=0.0))
+        repeats[domain.domain] = max(repeats.get(domain.domain, 0.0), most)
     worst = max((abs(r["diff"]) for r in rows), default=0.0)
     return {"samples": int(len(choice)), "rows": rows, "max_abs_diff": worst,
-            "tolerance": tolerance, "within_tolerance": worst <= tolerance}
+            "tolerance": tolerance, "within_tolerance": worst <= tolerance,
+            "max_document_repeats": repeats}
 
 
 def audit_plan(plan_path: str, tolerance: float = 0.01, cache_dir: str | None = None) -> dict:
@@ -116,6 +161,10 @@ def format_audit(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         lines.append(f"{r['domain']:24s} {r['bucket']:6s} {r['planned']:9.4%} "
                      f"{r['realized']:9.4%} {r['diff']:+8.4%}")
+    repeats = result.get("max_document_repeats") or {}
+    if repeats:
+        domain, most = max(repeats.items(), key=lambda kv: kv[1])
+        lines.append(f"most repeated document: {most:.2f}x ({domain})")
     verdict = "OK" if result["within_tolerance"] else "OUT OF TOLERANCE"
     lines.append(f"max |diff| = {result['max_abs_diff']:.4%} (tolerance "
                  f"{result['tolerance']:.1%}): {verdict}")

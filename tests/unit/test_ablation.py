@@ -62,6 +62,8 @@ def test_reduced_ablation_end_to_end_resumes_and_reruns_equal(tmp_path):
         # The shares come from the index the trainer built (no new index file for the audit).
         real = r["realized"]
         assert real["index_from_trainer_cache"] and real["samples"] == 4, name
+        assert real["max_document_repeats"] == max(
+            real["max_document_repeats_by_domain"].values()) > 0, name
         assert sum(real["domain_shares"].values()) == pytest.approx(1.0)
         assert 0.0 <= r["needle"] <= 100.0
         assert [b["start"] for b in r["buckets"]] == [0, 64, 128, 256]
@@ -151,7 +153,7 @@ def _fake_result(shares: dict[str, float], long_share: float, losses: dict[str, 
                         {"start": 32, "end": 64, "label": "32-64", "tokens": 32, "loss": 1.5}],
             "loss": {d: {"short": s, "long": lo} for d, (s, lo) in losses.items()},
             "realized": {"domain_shares": shares, "long_share": long_share,
-                         "target_domain_weights": weights}}
+                         "target_domain_weights": weights, "max_document_repeats": 2.5}}
 
 
 def _fake_results() -> dict:
@@ -183,8 +185,8 @@ def test_table_deltas_drift_and_report():
     assert results["table"]["original"]["delta_long"]["all"] == 0.0
     settings = _settings(strategies=("original", "global"))
     lines = summary_lines(settings, results)
-    assert any(line.startswith("| global | 90.0 | 90.0% | 30.0% |") for line in lines)
-    assert any("| original | 40.0 | 20.0% | 0.0% |" in line and "(abs)" in line
+    assert any(line.startswith("| global | 90.0 | 90.0% | 2.5x | 30.0% |") for line in lines)
+    assert any("| original | 40.0 | 20.0% | 2.5x | 0.0% |" in line and "(abs)" in line
                for line in lines)
     md = "\n".join(report_lines(settings, results))
     assert "| global | -0.500 | +0.400 | -0.050 |" in md  # long positions: A, B, all

@@ -6,7 +6,12 @@ import numpy as np
 import pytest
 
 from megatron_longctx.config.mixture import MixtureConfig
-from megatron_longctx.mixture.audit import audit_datasets, format_audit, sample_bucket_tokens
+from megatron_longctx.mixture.audit import (
+    audit_datasets,
+    document_repeats,
+    format_audit,
+    sample_bucket_tokens,
+)
 from megatron_longctx.mixture.dataset import DatasetTokenizer, build_plan_datasets
 from megatron_longctx.mixture.outputs import write_plan_outputs
 from megatron_longctx.mixture.plan import MixturePlan, load_plan
@@ -138,6 +143,34 @@ def test_sample_bucket_tokens_matches_brute_force(sp_prefixes, tmp_path, single_
         assert parts.size == d1 - d0 + 1
         slow = sum(int(p) for p, d in zip(parts, docs) if ds.dataset.sequence_lengths[d] > 4096)
         assert fast[k] == slow
+
+
+@pytest.mark.parametrize("strategy,kw", [("per-source", {"long_fraction": 0.9}),
+                                         ("per-source", {"short_keep_ratio": 0.1}),
+                                         ("cut", {"cut_length": 1024})])
+def test_document_repeats_match_brute_force(sp_prefixes, tmp_path, strategy, kw,
+                                            single_rank_group):
+    """Times each document is trained on, against a walk over every drawn sample's document
+    parts (megatron's sample index read through the dataset); the audit reports the maximum."""
+    plan = _plan(sp_prefixes, tmp_path / "p", strategy=strategy, **kw)
+    train = _build(plan, tmp_path / "cache")
+    audit = audit_datasets(plan, train)
+    for k, ds in enumerate(train.datasets):
+        ids = train.dataset_sample_index[train.dataset_index == k]
+        fast = document_repeats(ds, ids)
+        tokens = np.zeros(len(ds.dataset.sequence_lengths))
+        for i in ids:
+            parts = ds.part_lengths(int(i)).astype(np.int64)
+            parts[-1] -= 1  # the extra token belongs to the next sample
+            row = ds.shuffle_index[i]
+            d0 = ds.sample_index[row][0]
+            np.add.at(tokens, ds.document_index[d0 : d0 + parts.size], parts)
+        slow = tokens / ds.dataset.sequence_lengths
+        np.testing.assert_allclose(fast, slow, rtol=0, atol=1e-9)
+        domain = next(r["domain"] for r in audit["rows"][3 * k : 3 * k + 1])
+        assert audit["max_document_repeats"][domain] == pytest.approx(slow.max())
+    assert max(audit["max_document_repeats"].values()) > 1.0  # upsampling repeats documents
+    assert "most repeated document" in format_audit(audit)
 
 
 def test_held_out_split_with_zero_requested_samples_is_skipped(sp_prefixes, tmp_path,

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import re
 import subprocess
 import sys
@@ -32,16 +33,40 @@ from megatron_longctx.demo.pipeline import (
 REPO = Path(__file__).resolve().parents[2]
 
 
-def test_reduced_demo_runs_end_to_end(tmp_path):
-    out = tmp_path / "demo"
-    proc = subprocess.run(
+REDUCED_DEMO = ("--total-words", "400000", "--workers", "2", "--model-preset", "tiny",
+                "--stage1-iters", "3", "--stage2-iters", "2", "--tokens-per-step", "1024",
+                "--stage1-tokens-per-step", "512", "--short-length", "128",
+                "--long-length", "512", "--needle-depths", "2",
+                "--ruler-tasks", "niah_single_1,fwe", "--ruler-samples", "1")
+
+
+def run_reduced_demo(out: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
         [sys.executable, str(REPO / "tools" / "demo.py"), "--output-dir", str(out),
-         "--total-words", "400000", "--workers", "2", "--model-preset", "tiny",
-         "--stage1-iters", "3", "--stage2-iters", "2", "--tokens-per-step", "1024",
-         "--stage1-tokens-per-step", "512",
-         "--short-length", "128", "--long-length", "512", "--needle-depths", "2",
-         "--ruler-tasks", "niah_single_1,fwe", "--ruler-samples", "1"],
-        capture_output=True, text=True, cwd=REPO, timeout=600)
+         *REDUCED_DEMO], capture_output=True, text=True, cwd=REPO, timeout=1800, env=env)
+
+
+def _env(**changes: str | None) -> dict[str, str]:
+    env = dict(os.environ)
+    for key, value in changes.items():
+        if value is None:
+            env.pop(key, None)
+        else:
+            env[key] = value
+    return env
+
+
+@pytest.fixture(scope="module")
+def reduced_demo(tmp_path_factory):
+    """The reduced demo, run once for the tests below, with 1 intra-op thread and AVX2 kernels
+    asked for by the caller's environment (the demo pins its own; numerics.py)."""
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    proc = run_reduced_demo(out, _env(OMP_NUM_THREADS="1", ATEN_CPU_CAPABILITY="avx2"))
+    return out, proc
+
+
+def test_reduced_demo_runs_end_to_end(reduced_demo):
+    out, proc = reduced_demo
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "max |diff|" in proc.stdout and ": OK" in proc.stdout
     # Stage 3 trained twice through the real trainer: stage 2 from stage 1's weights.
@@ -81,6 +106,59 @@ def test_reduced_demo_runs_end_to_end(tmp_path):
         assert ruler["settings"]["lengths"] == [512] and ruler["cells_done"] == 2
     assert "| RULER at 512 tokens" in proc.stdout
     assert not list(out.glob(".report*"))  # no temporary file left behind
+
+
+def _scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events in sorted(logdir.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            key = f"{events.parent.relative_to(logdir)}:{tag}"
+            out.setdefault(key, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+def test_same_numbers_with_other_thread_and_kernel_settings(reduced_demo, tmp_path):
+    """A second run whose caller asks for other numerics (2 threads, the widest kernels): the
+    same stage-1 and stage-2 loss curves bit for bit and the same needle answers. Unpinned, one
+    thread against two changes the per-domain losses from the first step (ATen splits the
+    reductions per thread), which 1,000 steps turn into other needle scores across machines."""
+    first, proc = reduced_demo
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    second = tmp_path / "demo"
+    proc = run_reduced_demo(second, _env(OMP_NUM_THREADS="2", ATEN_CPU_CAPABILITY=None,
+                                         MKL_NUM_THREADS=None))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _scalars(first / "tensorboard"), _scalars(second / "tensorboard")
+    losses = [k for k in a if "loss" in k and "iteration-time" not in k]
+    assert any(k.startswith("stage1") for k in losses), sorted(a)
+    for key in losses:
+        assert a[key] == b[key], key
+    for cells in sorted((first / "eval").glob("needle_*/results.json")):
+        other = second / "eval" / cells.parent.name / "results.json"
+        answers = [c.get("response") for c in json.loads(cells.read_text())["cells"]]
+        assert answers == [c.get("response") for c in json.loads(other.read_text())["cells"]]
+        assert all(r is not None for r in answers)
+
+
+def test_pinned_environment_reexecutes_once():
+    from megatron_longctx.demo import numerics
+
+    env = {"OMP_NUM_THREADS": "1"}
+    assert numerics.needs_reexec(env)
+    pinned = numerics.pinned_env(env)
+    assert pinned["OMP_NUM_THREADS"] == "2" and not numerics.needs_reexec(pinned)
+    assert not numerics.needs_reexec({numerics.OPT_OUT: "1"})
+    # What the tools see after the re-exec: torch runs with the pinned thread count.
+    code = "import torch; print(torch.get_num_threads())"
+    proc = subprocess.run(
+        [sys.executable, "-c", "from megatron_longctx.demo.numerics import reexec_pinned; "
+         f"reexec_pinned(['-c', {code!r}])"], capture_output=True, text=True, cwd=REPO,
+        env=_env(OMP_NUM_THREADS="1"), timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "2", proc.stderr
 
 
 def _parser(cls: type) -> argparse.ArgumentParser:
