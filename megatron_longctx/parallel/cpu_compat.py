@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import types
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -398,7 +399,11 @@ def _patch_checkpoint() -> None:
         return
 
     def _get_write_results_queue() -> Any:
-        if filesystem_async._results_queue is None:
+        # One queue per process: a rank forked from a process that saved before (spawned
+        # test ranks, any forking launcher) inherits the module global, and ranks sharing one
+        # pipe read each other's results ("Incomplete worker results (expected 2, got 1)").
+        current = filesystem_async._results_queue
+        if current is None or getattr(current, "pid", None) != os.getpid():
             filesystem_async._results_queue = _WriterResults()
         return filesystem_async._results_queue
 
@@ -413,6 +418,7 @@ class _WriterResults:
     def __init__(self) -> None:
         import multiprocessing
 
+        self.pid = os.getpid()  # the process whose saves read it (see the getter)
         self._queue = multiprocessing.get_context("fork").Queue()
 
     def put(self, item: Any) -> None:
