@@ -59,7 +59,10 @@ def test_cpu_smoke_runs_every_part_that_can_run_on_cpu(smoke):
         assert parts[name]["status"] == "ok", (name, parts[name])
     # the summary is the last thing printed
     tail = proc.stdout.strip().splitlines()
-    assert any("gpu_check summary (cpu-smoke" in line for line in tail[-10:])
+    # (header, one line per part, the checks line, the results path)
+    summary = tail[-(len(parts) + 3):]
+    assert summary[0].startswith("gpu_check summary (cpu-smoke"), summary
+    assert [line.split()[0] for line in summary[1:-2]] == list(parts)
     assert tail[-1].strip().startswith("results:")
 
     versions = parts["versions"]["result"]
