@@ -15,6 +15,7 @@ import torch.distributed as dist
 from megatron_longctx.config.model import ParallelConfig
 from megatron_longctx.config.presets import get_preset
 from tests.distributed.spawn import run_distributed
+from tests.distributed.test_model_parallel import _full_param
 from tests.reference.dense_document_attention import dense_document_attention
 
 torch.set_num_threads(1)
@@ -86,22 +87,6 @@ def test_sdpa_thd_equals_dense_block_diagonal_oracle(cp: int) -> None:
 # ---------------------------------------------------------------------------------------------
 # model level: THD micro-batch vs every document run alone
 # ---------------------------------------------------------------------------------------------
-def _full_grad(param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    from megatron.core import parallel_state as ps
-
-    if not getattr(param, "tensor_model_parallel", False):
-        return grad
-    group = ps.get_tensor_model_parallel_group()
-    tp = dist.get_world_size(group)
-    if tp == 1:
-        return grad
-    dim, stride = param.partition_dim, getattr(param, "partition_stride", 1)
-    shards = [torch.empty_like(grad) for _ in range(tp)]
-    dist.all_gather(shards, grad.contiguous(), group=group)
-    pieces = [shard.chunk(stride, dim=dim) for shard in shards]
-    return torch.cat([pieces[r][j] for j in range(stride) for r in range(tp)], dim=dim)
-
-
 def _model(tp: int, cp: int):
     from megatron_longctx.model.build import build_model
     from megatron_longctx.parallel.init import initialize_model_parallel, set_seed
@@ -120,7 +105,7 @@ def _grads(model, cp: int) -> dict[str, torch.Tensor]:
         grad = param.grad.detach().clone()
         if cp > 1:
             dist.all_reduce(grad, group=ps.get_context_parallel_group())
-        out[name] = _full_grad(param, grad)
+        out[name] = _full_param(param, grad)
     return out
 
 
