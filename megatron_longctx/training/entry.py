@@ -103,5 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         # Both are raised alike on every rank (checked before any collective read); one line.
         return _error(err) if env.rank == 0 else 2
     finally:
+        if flag is not None:
+            signals.ignore_late()
         destroy_distributed()
     return result.exit_code

@@ -65,6 +65,17 @@ def install_early() -> SignalFlag:
     return EARLY
 
 
+def ignore_late() -> None:
+    """Once the loop has returned: ignore further preemption signals until the process ends.
+
+    The batch script may send a second copy of a signal (its resend covers srun's start-up
+    window); one arriving while the interpreter shuts down would kill the process with the
+    default action (CPython resets Python-level handlers to SIG_DFL at finalization, but keeps
+    SIG_IGN), turning a saved exit 75 into 138 and losing the requeue decision."""
+    for sig in PREEMPTION_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def release_early() -> None:
     """Without --exit-signal-handler: default handlers again, and a recorded signal is
     delivered now, with its default effect."""

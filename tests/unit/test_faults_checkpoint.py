@@ -374,3 +374,37 @@ def test_converter_killed_before_its_marker_leaves_no_output(tiny_models, tmp_pa
     from megatron_longctx.checkpoint.integrity import open_checkpoint
 
     assert open_checkpoint(save)[1]["iteration"] == 0
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_signal_after_the_loop_cannot_change_the_exit_code(guard) -> None:
+    """A second copy of USR1 (the batch script resends it once) that lands after the loop has
+    returned, here during interpreter shutdown, must leave exit 75 alone: with `ignore_late`
+    it does; with only the recording handler, CPython's finalization restores the default
+    action and a signal arriving then ends the process with 138 (-SIGUSR1)."""
+    code = (
+        "import os, signal, sys, atexit\n"
+        "from megatron_longctx.training import signals\n"
+        "signals.install_early()\n"
+        + ("signals.ignore_late()\n" if guard else "")
+        + "pid = os.getpid()\n"
+        # Fork a child that signals the parent once the parent is finalizing (it closes
+        # the pipe the child waits on at the very end).
+        "r, w = os.pipe()\n"
+        "if os.fork() == 0:\n"
+        "    os.close(w); os.read(r, 1); os.kill(pid, signal.SIGUSR1); os._exit(0)\n"
+        "os.close(r)\n"
+        "import threading\n"
+        "def late():\n"
+        "    import time; time.sleep(0.3)\n"
+        "class Closer:\n"
+        "    def __del__(self):\n"
+        "        os.close(w); late()\n"
+        "sys.modules['__closer__'] = Closer()\n"
+        "sys.exit(75)\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=_env(),
+                          capture_output=True, text=True, timeout=60)
+    if guard:
+        assert proc.returncode == 75, proc.stderr[-2000:]
+    else:
+        assert proc.returncode == -signal.SIGUSR1, (proc.returncode, proc.stderr[-2000:])
