@@ -14,7 +14,7 @@ import os
 import sys
 
 from megatron_longctx.config.model import validate_all
-from megatron_longctx.config.training import build_pretrain_parser, config_from_args
+from megatron_longctx.config.training import parse_pretrain_args
 from megatron_longctx.parallel.init import read_dist_env
 from megatron_longctx.plan.inputs import layout_from_config, trainer_model
 from megatron_longctx.plan.report import dry_run_report
@@ -30,12 +30,7 @@ def requested(argv: list[str] | None = None) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     """Print the estimate for the flags in `argv`; returns the exit code (module doc)."""
-    parser = build_pretrain_parser()
-    args = parser.parse_args(argv)
-    try:
-        cfg = config_from_args(args)
-    except ValueError as err:
-        parser.error(str(err))
+    cfg = parse_pretrain_args(argv)
     world = cfg.plan.plan_world_size or read_dist_env().world_size
     # A GPU run: Transformer Engine (or auto) asked for, or a GPU on this machine.
     cuda = cfg.precision.transformer_impl != "local" or os.path.exists("/dev/nvidiactl")

@@ -394,7 +394,6 @@ def test_signal_after_the_loop_cannot_change_the_exit_code(guard) -> None:
         "if os.fork() == 0:\n"
         "    os.close(w); os.read(r, 1); os.kill(pid, signal.SIGUSR1); os._exit(0)\n"
         "os.close(r)\n"
-        "import threading\n"
         "def late():\n"
         "    import time; time.sleep(0.3)\n"
         "class Closer:\n"
