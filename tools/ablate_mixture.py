@@ -1,17 +1,22 @@
 #!/usr/bin/env python3
-"""The paper's data-mixture comparison: every strategy from one stage-1 checkpoint, side by side.
+"""The paper's data-mixture comparison: every arm from one stage-1 checkpoint, over seeds.
 
     python tools/ablate_mixture.py --output-dir ablation \
         --data-prefix 'data/slimpajama_*_text_document' --stage1-checkpoint ckpt/stage1 \
         --tokenizer-model tok --model-preset demo --short-length 64 --long-length 512
     python tools/demo.py --ablation --output-dir ablation_output   # `make ablation`: demo data
 
-Plans each strategy (original, per-source, global, domain-upsample, cut), trains stage 2 for the
-same tokens and seed through pretrain_longctx.py, evaluates the needle at --long-length and the
-loss per domain on held-out documents, and audits the realised shares of the built training
-index: report.md (the paper's Table 5 in miniature), results.json, plots/. A rerun resumes with
-the strategies not done yet. Library: megatron_longctx/demo/ablation.py; numbers: docs/demo.md.
-Exit codes: 0 done, 2 bad flags or inputs, otherwise the failing trainer's.
+Plans each arm (original; per-source, the released keep-ratio rule, --short-keep-ratio 0.1;
+per-source-target, the --long-fraction target; global with --short-keep-ratio; domain-upsample;
+cut), trains stage 2 for the same tokens through pretrain_longctx.py, evaluates the needle at
+--needle-lengths x --needle-depths and the loss per domain on held-out documents, and audits the
+realised shares of the built training index, once per seed (--seeds 3: --seed, --seed+1, ...;
+plan, trainer, audit and needle draws; stage 1 shared). report.md (the paper's Table 5 in
+miniature: mean [95% Student-t interval] over seeds, per-source vs each arm paired by seed),
+results.json (`summary`, and every seed's rows under `seeds`), plots/. A rerun resumes with the
+(seed, arm) runs not done yet; a rerun with more --seeds extends the results. Library:
+megatron_longctx/demo/ablation.py; numbers: docs/demo.md. Exit codes: 0 done, 2 bad flags or
+inputs, otherwise the failing trainer's.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     """``--output-dir`` plus one flag per `AblationSettings` field."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", required=True,
-                        help="results, plans and checkpoints of every strategy")
+                        help="results, plans and checkpoints of every arm and seed")
     add_config_flags(parser, AblationSettings)
     return parser
 
