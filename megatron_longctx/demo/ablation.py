@@ -837,6 +837,14 @@ def _mean_shares(results: dict[str, Any]) -> tuple[list[str], dict[str, dict[str
     return domains, shares, long
 
 
+def _parameter_text(key: str, value: Any) -> str:
+    """``short_keep_ratio 0.1``; an upweight map as ``upweight Book x3, ArXiv x3``."""
+    if isinstance(value, dict):
+        return f"{key} " + ", ".join(f"{d.removeprefix('RedPajama')} x{f:g}"
+                                     for d, f in value.items())
+    return f"{key} {value:g}" if isinstance(value, float) else f"{key} {value}"
+
+
 def report_lines(settings: AblationSettings, results: dict[str, Any]) -> list[str]:
     """report.md: what ran, the main table, the pairwise comparisons, needle by length,
     per-domain loss changes, realised shares."""
@@ -855,9 +863,9 @@ def report_lines(settings: AblationSettings, results: dict[str, Any]) -> list[st
                      for n, row in summary["arms"].items()]
     first = next(iter(results["seeds"].values()))
     docs = first["stage1"]["documents"]
-    arms = "; ".join(f"{a}: {v['strategy']}" + (" " + ", ".join(
-        f"{k}={v}" for k, v in v["parameters"].items()) if v["parameters"] else "")
-        for a, v in results["arms"].items())
+    arms = "; ".join(f"{arm}: {spec['strategy']}" + "".join(
+        f", {_parameter_text(key, value)}" for key, value in spec["parameters"].items())
+        for arm, spec in results["arms"].items())
     return [
         "# Stage-2 data-mixture ablation", "",
         f"Every arm continues {s.stage1_checkpoint} at {s.long_length} tokens (RoPE base "

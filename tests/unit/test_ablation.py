@@ -340,6 +340,8 @@ def test_aggregate_over_seeds_by_hand():
                                " 0.0% |") for line in table)
     md = "\n".join(report_lines(settings, results))
     assert "| per-source | 95.0 ± 12.4 | 75.0 ± 12.4 | 85.0 ± 12.4 |" in md  # by length
+    assert ("original: original; per-source: per-source, short_keep_ratio 0.1; global: global, "
+            "short_keep_ratio 0.1.") in md
     assert "| per-source | +0.000 ± 0.000 | +0.000 ± 0.000 | -0.100 ± 0.124 |" in md
     assert results["seeds"]["2"]["table"]["per-source"]["needle"] == 90.0
 
