@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.ablation:
             ablation = run_demo_ablation(
                 settings, args.output_dir, seeds=DEMO_SEEDS if args.seeds is None else args.seeds,
-                arms=args.strategies or ABLATION_ARMS)
+                arms=ABLATION_ARMS if args.strategies is None else args.strategies)
             print("\n" + "\n".join(ablation.summary))
             root = ablation.paths.root
             print(f"\nreport: {root / 'report.md'} (numbers: {root / 'results.json'})")

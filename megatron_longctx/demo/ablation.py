@@ -726,7 +726,19 @@ def aggregate(runs: dict[str, dict[str, Any]], arms: tuple[str, ...] | list[str]
 
 def build_results(settings: AblationSettings, upsample: list[str],
                   runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """results.json: the arms, the aggregate over seeds and every seed's results."""
+    """results.json: the arms, the aggregate over seeds and every seed's results.
+
+    Keys: `format`, `reference` ("original"), `pairwise_base` ("per-source"),
+    `upsample_domains`, `arms` ({arm: {"strategy", "parameters"}}), `seed_list`,
+    `needle_lengths`, `stage2_tokens_per_strategy`, `summary` (`aggregate`: "arms" -> arm ->
+    "needle", "needle_by_length" {length: stat}, "long_share", "domain_drift",
+    "max_document_repeats" (max over seeds), "delta_short"/"delta_long" {domain or "all":
+    stat}; "stage1" -> "needle", "loss_short", "loss_long"; "reference_loss" -> "short"/"long"
+    -> domain -> stat; "pairwise" -> arm -> "needle"/"loss_long_all" -> stat + "seeds" +
+    "separated"; a stat is `intervals.mean_interval`'s {"n", "mean", "half_width", "low",
+    "high", "values"}), `seeds` ({seed: {"stage1", "strategies": {arm: result.json},
+    "table": `table_rows`}}), `seconds`, `settings`.
+    """
     return {"format": FORMAT, "reference": REFERENCE, "pairwise_base": PAIRWISE_BASE,
             "upsample_domains": upsample,
             "arms": {a: {"strategy": ARMS[a], "parameters": arm_parameters(settings, a, upsample)}

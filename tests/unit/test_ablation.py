@@ -34,7 +34,8 @@ from megatron_longctx.demo.plots import position_bucket_edges
 
 REPO = Path(__file__).resolve().parents[2]
 #: The reduced run: 400K words, the tiny preset, 3 stage-1 steps, 2 stage-2 steps x 2 samples
-#: at 512 tokens per arm, 3 needle lengths x 2 depths, 3 arms x 2 seeds (~2 min on 2 idle cores).
+#: at 512 tokens per arm, 3 needle lengths x 2 depths, 3 arms x 2 seeds (the test with its
+#: resume and refusal: ~3 min on 2 shared cores).
 REDUCED = ["--total-words", "400000", "--workers", "2", "--model-preset", "tiny",
            "--stage1-iters", "3", "--stage2-iters", "2", "--tokens-per-step", "1024",
            "--stage1-tokens-per-step", "512", "--short-length", "128", "--long-length", "512",
