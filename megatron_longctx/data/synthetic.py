@@ -11,16 +11,22 @@ that looks like SlimPajama without downloading it. This module writes such a cor
   drawn until the budget is reached and the last one is cut to land on it, so the number of
   documents per domain is about ``budget / mean length`` and the word shares match the target
   up to ``min_words`` words per domain.
-* **Lengths** are lognormal around ``MEDIAN_TOKENS[domain] * length_scale`` words with a
-  per-domain sigma (`LENGTH_SIGMA`: Books and ArXiv long-tailed, C4 and StackExchange short),
-  rounded and clipped to ``[min_words, max_words]``. With these sigmas, documents longer than
-  ``4096 * length_scale`` words (the analogue of the paper's 4K-token threshold) hold a minority
-  of CommonCrawl's and C4's words but almost all of Books' and ArXiv's, as in Fu et al. (2024).
+* **Lengths** are lognormal around ``MEDIAN_TOKENS[domain] * length_scale`` words with sigma
+  1.0 (`LENGTH_SIGMA`), rounded and clipped to ``[min_words, max_words]``: documents longer
+  than ``4096 * length_scale`` words (the analogue of the paper's 4K-token threshold) hold
+  each domain's SlimPajama share of words (`long_token_share`: CommonCrawl 37%, C4 6%,
+  Wikipedia 10%, StackExchange and GitHub 14%, Books and ArXiv ~100%; 31% of all, Fu et al.
+  2024 report about 30%), so every domain has long documents to upsample, as in the paper.
 * **Text** is lowercase ASCII with learnable structure: per domain a small set of sentence
   templates over a fixed vocabulary (about 1,200 word types, see `vocabulary`), sentences
   ending in ``". "``, paragraphs separated by ``"\\n\\n"``; GitHub documents are code that
-  defines one-line functions and later asserts correct results of calling them. Each document
-  keeps a topic (a noun subset), Books keep a cast of characters, Wikipedia an entity name,
+  defines one-line functions and later asserts correct results of calling them.
+* **Long-range structure.** Each prose document draws its own lexicon once
+  (`_LEXICON_SUBSETS`): 20 topic nouns (12 of one topic), 16 of the 100 common nouns, 12
+  adjectives, 10 + 6 verbs, 6 adverbs, a cast of 4 characters (Books), one entity
+  (Wikipedia), and writes every such slot from it with Zipf-like frequencies. Which words a
+  document uses is revealed gradually, so a model that reads further back predicts better and
+  the loss falls with position, as on real text; code refers back to the functions it defined;
   ArXiv numbers its theorems in order.
 * **Long-range retrieval.** Every document of at least `_FACT_MIN_WORDS` words states one
   fact (`FACT_TEMPLATE`: a key and a code word from `FACT_VALUES`) in its first 10% and asks
@@ -76,6 +82,7 @@ __all__ = [
     "chunk_name",
     "iter_records",
     "load_corpus_config",
+    "long_token_share",
     "make_fact",
     "near_zone",
     "parse_domain_shares",
@@ -104,19 +111,26 @@ MEDIAN_TOKENS: dict[str, int] = {
     "RedPajamaStackExchange": 507,
 }
 
-#: Sigma of log(length) per source. With the medians above, the share of tokens in documents
-#: longer than 4096 tokens is about 36% (CommonCrawl), 0.4% (C4), 22% (GitHub), ~100% (Books),
-#: 99% (ArXiv), 5% (Wikipedia) and 2% (StackExchange) before clipping (lognormal: the
-#: length-weighted distribution is lognormal with its log-mean shifted by sigma**2).
-LENGTH_SIGMA: dict[str, float] = {
-    "RedPajamaCommonCrawl": 1.0,
-    "RedPajamaC4": 0.75,
-    "RedPajamaGithub": 1.1,
-    "RedPajamaBook": 1.0,
-    "RedPajamaArXiv": 1.0,
-    "RedPajamaWikipedia": 0.9,
-    "RedPajamaStackExchange": 0.75,
-}
+#: Sigma of log(length) per source: 1.0 for every source, the one free parameter of the length
+#: model, fitted to the one published aggregate. Fu et al. (2024, Figure 2) report that about
+#: 30% of SlimPajama's tokens are in documents longer than 4K tokens; with the medians above and
+#: sigma 1.0 the model gives 30.9% (`long_token_share`), per source: CommonCrawl 37%, C4 5.9%,
+#: GitHub 14%, Books 100%, ArXiv 99%, Wikipedia 9.6%, StackExchange 14%. (Per-source shares are
+#: not published; sigma 0.75 gives 17%, 1.25 gives 48%: the fit is tight.) The
+#: length-weighted distribution of a lognormal is lognormal with its log-mean shifted by
+#: sigma**2.
+LENGTH_SIGMA: dict[str, float] = {d: 1.0 for d in MEDIAN_TOKENS}
+
+
+def long_token_share(domain: str, threshold: float, median: float | None = None) -> float:
+    """Share of `domain`'s tokens in documents longer than `threshold` under the length model
+    (lognormal around `median`, default `MEDIAN_TOKENS[domain]`, sigma `LENGTH_SIGMA`), before
+    clipping to ``[min_words, max_words]``."""
+    sigma = LENGTH_SIGMA[domain]
+    m = MEDIAN_TOKENS[domain] if median is None else median
+    z = (math.log(m) + sigma * sigma - math.log(threshold)) / sigma
+    return 0.5 * math.erfc(-z / math.sqrt(2.0))
+
 
 #: Accepted values of `CorpusConfig.compression` and the chunk-file suffix each one produces.
 COMPRESSIONS: dict[str, str] = {"zst": ".jsonl.zst", "gz": ".jsonl.gz", "none": ".jsonl"}
@@ -182,8 +196,17 @@ FACT_VALUES: tuple[str, ...] = _words(
 
 # One fact per document of at least this many words (statement plus one question: 21 words).
 _FACT_MIN_WORDS = 32
-# The statement falls in the first _FACT_HEAD of the body.
+# Where the statement falls (`fact_head`): in the first _FACT_HEAD of a short document (so the
+# near zone after it is most of the document), anywhere in the first _FACT_SPREAD of a longer
+# one, at most _FACT_SPREAD_MAX_WORDS in. A long document's dense questions then start at a
+# random place, not always at its beginning: averaged over documents the question density
+# rises over the first few hundred words and then stays flat, as retrievable repeats do in
+# real text, instead of being highest at the start. With every statement in the first 10%,
+# the held-out loss by position of a model trained at 512 tokens rose by 0.5 nats from
+# positions 128-256 to 256-512 (the near zone ends there); see docs/demo.md.
 _FACT_HEAD = 0.1
+_FACT_SPREAD = 0.5
+_FACT_SPREAD_MAX_WORDS = 400
 # Near questions: one per _WORDS_PER_QUESTION words of the near zone, which follows the
 # statement: the rest of a short document, at most _NEAR_SHARE of a long one and at most
 # _NEAR_MAX_WORDS words. This dense signal is what lets a 64-token stage 1 learn retrieval in
@@ -208,6 +231,14 @@ def near_zone(n_words: int) -> float:
     if n_words < _FAR_MIN_WORDS:
         return float(n_words)
     return min(_NEAR_SHARE * n_words, _NEAR_MAX_WORDS)
+
+
+def fact_head(n_words: int) -> float:
+    """Words of a document of `n_words` words within which its fact is stated (uniformly):
+    10% of a document under 160 words, else half of it up to 400 words."""
+    if n_words < _FAR_MIN_WORDS:
+        return _FACT_HEAD * n_words
+    return min(_FACT_SPREAD * n_words, _FACT_SPREAD_MAX_WORDS)
 
 
 def make_fact(rng: np.random.Generator) -> tuple[str, str]:
@@ -624,7 +655,13 @@ _CATEGORIES: dict[str, str] = {
     "day": " ".join(str(i) for i in range(1, 29)),
     "year": " ".join(str(i) for i in range(1800, 2021)),
 }
-_CHAR_WINDOW = 4  # characters per book
+#: Words a document draws per category (`_DocumentWriter._document_lexicon`); categories not
+#: listed use their whole list. Topic nouns: `_TOPIC_CORE` from one topic, the rest from any.
+_LEXICON_SUBSETS: dict[str, int] = {
+    "tnoun": 20, "noun": 16, "adj": 12, "vt": 10, "vi": 6, "adv": 6, "char": 4, "ent": 1,
+    "place": 3, "mnoun": 8, "madj": 6, "tech": 2, "wnoun": 4,
+}
+_TOPIC_CORE = 12
 _COUNTERS = ("count1", "count2")  # categories rendered as 1, 2, 3, ... within a document
 
 _CODE_MODULES = _words("os sys math json re time random itertools collections typing")
@@ -677,7 +714,7 @@ _LEX.add("tnoun", " ".join(_TOPICS).split())
 for _name in _COUNTERS:
     _LEX.add(_name, [str(i) for i in range(1, 100)])
 assert all(len(t.split()) == _TOPIC_SIZE for t in _TOPICS)
-assert len(_CATEGORIES["char"].split()) >= _CHAR_WINDOW
+assert all(len(_CATEGORIES[c].split()) >= k for c, k in _LEXICON_SUBSETS.items() if c != "tnoun")
 
 
 @dataclass(frozen=True)
@@ -834,9 +871,6 @@ _STARTS = np.array(_LEX.starts, dtype=np.int64)
 _SIZES = np.array(_LEX.sizes, dtype=np.int64)
 _COUNTER_IDS = tuple(_LEX.ids[c] for c in _COUNTERS)
 _NUM_START = _LEX.starts[_LEX.ids["num"]]  # words "1".."99"
-_OVERRIDE_IDS = {name: (_LEX.ids[name], _LEX.ids[name + "."]) for name in ("tnoun", "char", "ent")}
-_N_ENTS = len(_CATEGORIES["ent"].split())
-_N_CHARS = len(_CATEGORIES["char"].split())
 
 
 def vocabulary() -> frozenset[str]:
@@ -900,18 +934,23 @@ class _DocumentWriter:
 
     # -- facts ---------------------------------------------------------------------------------
 
-    def _plan_facts(self, n_words: int) -> tuple[list[tuple[str, str, int, list[float]]], int]:
-        """Choose the document's fact as (key, value, near questions, far question offsets);
-        return it (nothing for documents under `_FACT_MIN_WORDS` words) and the words it takes.
+    def _plan_facts(
+        self, n_words: int
+    ) -> tuple[list[tuple[str, str, float, int, list[float]]], int]:
+        """Choose the document's fact as (key, value, statement offset, near questions, far
+        question offsets); return it (nothing for documents under `_FACT_MIN_WORDS` words) and
+        the words it takes.
 
-        Far offsets are words after the near zone, as fractions of the document's length."""
+        The statement offset (uniform within `fact_head`) and the far offsets (after the near
+        zone) are fractions of the document's length."""
         if n_words < _FACT_MIN_WORDS:
             return [], 0
+        stated = self.rng.random() * fact_head(n_words)
         zone = near_zone(n_words)
         near = max(int(zone // _WORDS_PER_QUESTION), 1)
         far: list[float] = []
         if n_words >= _FAR_MIN_WORDS:
-            at = _FACT_HEAD * n_words / 2 + zone
+            at = stated + zone
             while True:
                 at += math.exp(self.rng.uniform(math.log(_FAR_MIN_GAP), math.log(_FAR_MAX_GAP)))
                 if at >= n_words:
@@ -919,7 +958,8 @@ class _DocumentWriter:
                 far.append(at / n_words)
         prefix = len(self.fact_prefix.split())
         key, value = make_fact(self.rng)
-        return [(key, value, near, far)], _FACT_WORDS + prefix + (near + len(far)) * (
+        return [(key, value, stated / n_words, near, far)], _FACT_WORDS + prefix + (
+            near + len(far)) * (
             _QUESTION_WORDS + prefix)
 
     def _insert_facts(
@@ -927,20 +967,20 @@ class _DocumentWriter:
         units: list[str],
         starts: list[bool],
         glued: list[bool],
-        facts: list[tuple[str, str, int, list[float]]],
+        facts: list[tuple[str, str, float, int, list[float]]],
         body_words: int,
     ) -> None:
-        """Insert the statement early and the questions after it, at sentence (line) boundaries.
+        """Insert the statement and the questions after it, at sentence (line) boundaries.
 
-        The statement falls in the first `_FACT_HEAD` of the body, the near questions at
+        The statement falls where `_plan_facts` put it (`fact_head`), the near questions at
         uniform positions of the near zone after it, the far ones where `_plan_facts` put them
         (see the constants). A fact never goes right after a unit glued to its successor (a
         heading, a comment and ``def`` line of a function); it moves past the glued run instead.
         """
         ends = np.cumsum([len(u.split()) for u in units]) if units else np.zeros(0)
         inserts: list[tuple[int, int, int, str]] = []
-        for j, (key, value, near, far) in enumerate(facts):
-            stated = self.rng.random() * _FACT_HEAD * body_words
+        for j, (key, value, head, near, far) in enumerate(facts):
+            stated = head * body_words
             zone = min(near_zone(body_words), body_words - stated)
             asked = list(stated + _MIN_DISTANCE + self.rng.random(near) * max(
                 zone - _MIN_DISTANCE, 0))
@@ -997,24 +1037,16 @@ class _DocumentWriter:
         if not chosen:
             return [], [], []
 
-        # Per-document choices: topic nouns, a cast of characters, an entity.
-        topic, window, entity = rng.integers(
-            0, [len(_TOPICS), _N_CHARS - _CHAR_WINDOW + 1, _N_ENTS]
-        )
-        starts = _STARTS.copy()
-        sizes = _SIZES.copy()
-        for name, offset, size in (
-            ("tnoun", topic * _TOPIC_SIZE, _TOPIC_SIZE),
-            ("char", window, _CHAR_WINDOW),
-            ("ent", entity, 1),
-        ):
-            for cat in _OVERRIDE_IDS[name]:
-                starts[cat] += offset
-                sizes[cat] = size
-
+        # Per-document lexicon (`_document_lexicon`): most content words come from subsets the
+        # document draws once, so every word seen tells a reader more about the ones to come.
         cats = np.concatenate([t.cats for t in chosen])
         # u**1.5 skews every category towards its first words (a rough Zipf shape).
-        ids = starts[cats] + (rng.random(len(cats)) ** 1.5 * sizes[cats]).astype(np.int64)
+        ranks = rng.random(len(cats)) ** 1.5
+        ids = _STARTS[cats] + (ranks * _SIZES[cats]).astype(np.int64)
+        for cat, chosen_ids in self._document_lexicon().items():
+            mask = cats == cat
+            if mask.any():
+                ids[mask] = chosen_ids[(ranks[mask] * len(chosen_ids)).astype(np.int64)]
         for counter in _COUNTER_IDS:
             mask = cats == counter
             if mask.any():
@@ -1040,6 +1072,36 @@ class _DocumentWriter:
             in_paragraph += 1
             force = template.alone
         return units, paragraph_starts, [t.alone for t in chosen]
+
+    def _document_lexicon(self) -> dict[int, np.ndarray]:
+        """This document's own words: category id -> word ids, in Zipf rank order.
+
+        Per `_LEXICON_SUBSETS`: topic nouns are `_TOPIC_CORE` of one topic's 20 plus the rest
+        from all topics; other categories a random subset of their words; Books a cast of
+        characters, Wikipedia one entity. A sentence-final category (``<adj>.``) uses the same
+        words as its plain one. Long-range structure: a reader that remembers the words of the
+        document so far predicts the next content word from ~20 candidates instead of ~160,
+        and the longer the context, the more of the subset it has seen (the loss falls with
+        position, as on real text).
+        """
+        rng = self.rng
+        out: dict[int, np.ndarray] = {}
+        for name, size in _LEXICON_SUBSETS.items():
+            plain, final = _LEX.ids[name], _LEX.ids[name + "."]
+            total = int(_SIZES[plain])
+            if name == "tnoun":
+                topic = int(rng.integers(len(_TOPICS)))
+                own = topic * _TOPIC_SIZE + rng.choice(_TOPIC_SIZE, _TOPIC_CORE, replace=False)
+                others = np.setdiff1d(np.arange(total), topic * _TOPIC_SIZE
+                                      + np.arange(_TOPIC_SIZE))
+                picked = np.concatenate([own, rng.choice(others, size - _TOPIC_CORE,
+                                                         replace=False)])
+                picked = picked[rng.permutation(size)]
+            else:
+                picked = rng.choice(total, min(size, total), replace=False)
+            out[plain] = _STARTS[plain] + picked
+            out[final] = _STARTS[final] + picked
+        return out
 
     # -- code ----------------------------------------------------------------------------------
 

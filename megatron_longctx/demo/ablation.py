@@ -75,7 +75,13 @@ from megatron_longctx.demo.intervals import (
     paired_difference,
     separated,
 )
-from megatron_longctx.demo.pipeline import MIN_PLAN_TOKENS, Stage2Run, run_tool
+from megatron_longctx.demo.pipeline import (
+    DEMO_PPL_DOCS,
+    DEMO_VALID_FRACTION,
+    MIN_PLAN_TOKENS,
+    Stage2Run,
+    run_tool,
+)
 from megatron_longctx.demo.plots import (
     plot_domain_deltas,
     plot_domain_shares,
@@ -480,6 +486,13 @@ def evaluate_checkpoint(settings: AblationSettings, checkpoint: Path, eval_dir: 
         ppl = run_ppl(model, sources, eval_dir / "ppl", seq_length=settings.long_length,
                       edges=edges, min_length=settings.short_length,
                       max_docs_per_domain=settings.ppl_docs_per_domain, log=None)
+        try:  # the position curve: only documents that fill every bucket
+            whole = run_ppl(model, sources, eval_dir / "ppl_long_documents",
+                            seq_length=settings.long_length, edges=edges,
+                            min_length=settings.long_length,
+                            max_docs_per_domain=settings.ppl_docs_per_domain, log=None)
+        except ValueError:  # no held-out document reaches the long length
+            whole = None
     finally:
         model.close()
     by_length: dict[str, list[float]] = {}
@@ -494,6 +507,12 @@ def evaluate_checkpoint(settings: AblationSettings, checkpoint: Path, eval_dir: 
                     for d, v in sorted(ppl["domains"].items())}},
         "documents": {d: v["documents"] for d, v in sorted(ppl["domains"].items())},
         "buckets": ppl["buckets"],
+        # Loss by position on documents of at least the long length only: every bucket sees
+        # the same documents, so the curve shows what more context is worth, not which
+        # domains have long documents (the buckets above mix shorter documents in early).
+        "long_document_buckets": whole["buckets"] if whole else None,
+        "long_documents": ({d: v["documents"] for d, v in sorted(whole["domains"].items())}
+                           if whole else {}),
     }
 
 
@@ -900,17 +919,44 @@ def report_lines(settings: AblationSettings, results: dict[str, Any]) -> list[st
         *_domain_table(results, "short", f"## Δ loss per domain, positions < "
                        f"{s.short_length} (mean ± 95% half-width)"), "",
         "## Realised domain shares (audit, mean over seeds)", "", *share_lines, "",
+        *_position_lines(settings, results),
         "Per-seed rows: results.json `seeds`. Plots: plots/loss_by_position.png, "
+        "plots/loss_by_position_long_documents.png, "
         "plots/domain_loss_delta.png, plots/domain_shares.png (means over seeds); needle "
         "heatmaps: seeds/*/strategies/*/eval/needle/heatmap.png.",
     ]
 
 
-def _mean_buckets(evals: list[dict[str, Any]]) -> dict[str, Any]:
-    """Bucket rows whose loss is the mean over `evals` (same edges)."""
+def _position_lines(settings: AblationSettings, results: dict[str, Any]) -> list[str]:
+    """Loss by position on the held-out documents of at least the long length (the same
+    documents in every bucket), mean over seeds: stage 1 and every arm; nothing when some
+    evaluation found no such document."""
+    runs = list(results["seeds"].values())
+    evals = {"stage 1 (before)": [r["stage1"] for r in runs],
+             **{a: [r["strategies"][a] for r in runs if a in r["strategies"]]
+                for a in results["summary"]["arms"]}}
+    if not all(e.get("long_document_buckets") for g in evals.values() for e in g):
+        return []
+    means = {n: _mean_buckets(g, "long_document_buckets")["buckets"] for n, g in evals.items()}
+    first = next(iter(means.values()))
+    docs = runs[0]["stage1"].get("long_documents", {})
+    lines = [f"## Loss by position, held-out documents of >= {settings.long_length} tokens "
+             "(mean over seeds)", "",
+             "The same documents in every bucket (" + ", ".join(
+                 f"{d.removeprefix('RedPajama')} {n}" for d, n in docs.items())
+             + "): how much each position gains from the context before it.", "",
+             "| checkpoint | " + " | ".join(f"{b['start']}-{b['end']}" for b in first) + " |",
+             "|---|" + "---|" * len(first)]
+    lines += [f"| {n} | " + " | ".join(_num(b["loss"], ".3f") for b in rows) + " |"
+              for n, rows in means.items()]
+    return [*lines, ""]
+
+
+def _mean_buckets(evals: list[dict[str, Any]], key: str = "buckets") -> dict[str, Any]:
+    """Bucket rows whose loss is the mean over `evals` (same edges) of their `key` rows."""
     rows = []
-    for k, bucket in enumerate(evals[0]["buckets"]):
-        losses = [e["buckets"][k]["loss"] for e in evals if e["buckets"][k]["loss"] is not None]
+    for k, bucket in enumerate(evals[0][key]):
+        losses = [e[key][k]["loss"] for e in evals if e[key][k]["loss"] is not None]
         rows.append({**bucket, "loss": sum(losses) / len(losses) if losses else None})
     return {"buckets": rows}
 
@@ -921,13 +967,21 @@ def write_plots(settings: AblationSettings, paths: AblationPaths,
     against the reference, realised domain shares: means over the seeds."""
     runs, summary = results["seeds"], results["summary"]
     arms = list(summary["arms"])
-    curves = {"stage 1 (before)": _mean_buckets([r["stage1"] for r in runs.values()]),
-              **{a: _mean_buckets([r["strategies"][a] for r in runs.values()
-                                   if a in r["strategies"]]) for a in arms}}
+    evals = {"stage 1 (before)": [r["stage1"] for r in runs.values()],
+             **{a: [r["strategies"][a] for r in runs.values() if a in r["strategies"]]
+                for a in arms}}
+    curves = {name: _mean_buckets(e) for name, e in evals.items()}
     plot_position_curves(curves, paths.plots / "loss_by_position.png",
                          marks=(settings.short_length,),
                          title="Loss by position on held-out documents (all domains), "
                          "before stage 2 and after it per mixture (mean over seeds)")
+    if all(e.get("long_document_buckets") for group in evals.values() for e in group):
+        plot_position_curves(
+            {name: _mean_buckets(e, "long_document_buckets") for name, e in evals.items()},
+            paths.plots / "loss_by_position_long_documents.png",
+            marks=(settings.short_length,),
+            title=f"Loss by position on held-out documents of >= {settings.long_length} "
+            "tokens (the same documents in every bucket; mean over seeds)")
     domains, shares, long = _mean_shares(results)
     deltas = {a: {part: {d: stat["mean"] for d, stat in row[f"delta_{part}"].items()}
                   for part in ("short", "long")}
@@ -943,13 +997,9 @@ def write_plots(settings: AblationSettings, paths: AblationPaths,
 # --------------------------------------------------------------------------------------------
 # on the demo corpus (`make ablation`)
 # --------------------------------------------------------------------------------------------
-#: The demo's held-out share for the ablation: at the demo's 0.01, Book (9 documents) and
-#: ArXiv (49) hold out round(0.09) = round(0.49) = 0 documents and get no loss row; at 0.1
-#: they hold out 1 and 5 (C4 2,006, CommonCrawl 972). Stage 1 is planned with the same share,
-#: so no checkpoint ever trained on a document the loss is measured on.
-DEMO_VALID_FRACTION = 0.1
-#: Held-out documents per domain for the demo's loss (at least 64 tokens each; 512 read).
-DEMO_PPL_DOCS = 16
+# The demo's held-out share and documents per domain come from pipeline.py (DEMO_VALID_FRACTION,
+# DEMO_PPL_DOCS): at 0.1 Book (9 documents) and ArXiv (51) hold out 1 and 5. Stage 1 is planned
+# with the same share, so no checkpoint ever trained on a document the loss is measured on.
 #: Seeds per arm of `make ablation` (`tools/demo.py --seeds`).
 DEMO_SEEDS = 3
 

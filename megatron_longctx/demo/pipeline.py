@@ -48,6 +48,18 @@ REPO = Path(__file__).resolve().parents[2]
 #: run) the audit of the tiny corpus finds an empty train split in ArXiv (7 documents); the
 #: trainer reads only what its steps need either way.
 MIN_PLAN_TOKENS = 2_000_000
+#: Tokens per word of the demo's 4,096-type BPE on the synthetic corpus (measured: 4M words ->
+#: 4.72M tokens). `DemoSettings.corpus_length_scale` uses it to put the stage-2 length where
+#: SlimPajama's 4K-token threshold is.
+DEMO_TOKENS_PER_WORD = 1.18
+#: Share of each domain's documents the demo's plans hold out (the plans' validation split,
+#: never trained on): the loss by position is measured on them. At 0.1 the 4M-word corpus
+#: holds out ~40 documents of >= 512 tokens (CommonCrawl 16 of them read, C4 ~10, GitHub 16,
+#: ArXiv 5, Book 1); at 0.01 it was ~12 and the curve moved by 0.2 nats between buckets
+#: from document to document. The mixture ablation holds out the same share.
+DEMO_VALID_FRACTION = 0.1
+#: Held-out documents per domain read for the loss by position.
+DEMO_PPL_DOCS = 16
 #: Needle answers must come within this many generated tokens (a code word is one token).
 NEEDLE_NEW_TOKENS = 2
 
@@ -90,7 +102,7 @@ class DemoSettings:
     60-70 instead of 95). Validated on construction; ValueError names the flag.
     """
 
-    total_words: int = option(2_000_000, Flag("--total-words", "synthetic corpus size in words"))
+    total_words: int = option(4_000_000, Flag("--total-words", "synthetic corpus size in words"))
     workers: int = option(default_factory=_cpu_count, flag=Flag(
         "--workers", "preprocessing worker processes", default_help="the number of CPUs"))
     model_preset: str = option("demo", Flag("--model-preset", "model shape (config/presets.py)"))
@@ -117,6 +129,15 @@ class DemoSettings:
         "'none': skip)", parse=parse_ruler_tasks, one_value=True, metavar="TASK,...",
         default_help=",".join(DEFAULT_RULER_TASKS)))
     ruler_samples: int = option(RULER_SAMPLES, Flag("--ruler-samples", "samples per RULER task"))
+
+    @property
+    def corpus_length_scale(self) -> float:
+        """Words per real token of the synthetic corpus (tools/make_corpus.py --length-scale):
+        the stage-2 length plays SlimPajama's 4K-token threshold, so each domain's share of
+        tokens in documents longer than `long_length` is the share real SlimPajama has beyond
+        4K (data/synthetic.py `long_token_share`: C4 6%, CommonCrawl 37%, Books 100%, ...).
+        At 512 tokens: 512 / 4096 / 1.18 = 0.106 (C4's median document: 39 tokens)."""
+        return self.long_length / 4096 / DEMO_TOKENS_PER_WORD
 
     def __post_init__(self) -> None:
         at_least_one = ("total_words", "workers", "short_length", "short_rotary_base",
@@ -204,7 +225,8 @@ def prepare_data(settings: DemoSettings, paths: DemoPaths) -> None:
     and one Megatron indexed dataset per domain with its stats file."""
     run_tool("1a. synthetic SlimPajama-style corpus (7 domains, .jsonl.zst chunks)",
              ["tools/make_corpus.py", "--output-dir", str(paths.corpus),
-              "--total-words", str(settings.total_words)])
+              "--total-words", str(settings.total_words),
+              "--length-scale", repr(settings.corpus_length_scale)])
     run_tool("1b. byte-level BPE tokenizer trained offline",
              ["tools/train_tokenizer.py", "--input", str(paths.corpus), "--output-dir",
               str(paths.tokenizer), "--vocab-size", "4096"])
@@ -239,11 +261,12 @@ def stage2_mixture_flags(settings: DemoSettings) -> list[str]:
     return []
 
 
-def plan_stage1(settings: DemoSettings, paths: DemoPaths, valid_fraction: float = 0.01) -> None:
+def plan_stage1(settings: DemoSettings, paths: DemoPaths,
+                valid_fraction: float = DEMO_VALID_FRACTION) -> None:
     """Stage 2a: stage 1 trains on the natural mixture (the base model's pretraining data).
 
-    `valid_fraction` is the share of each domain's documents held out (the demo's 0.01; the
-    mixture ablation holds out what it evaluates on, so that stage 1 never trains on it)."""
+    `valid_fraction` is the share of each domain's documents held out (`DEMO_VALID_FRACTION`,
+    the same as stage 2's, so that neither stage trains on the documents evaluated)."""
     stage1_tokens = max(settings.stage1_iters * settings.stage1_tokens_per_step,
                         MIN_PLAN_TOKENS)
     run_tool("2a. stage-1 mixture plan: the natural (original) mixture",
@@ -265,7 +288,7 @@ def plan_mixtures(settings: DemoSettings, paths: DemoPaths) -> None:
               "--output-dir", str(paths.mixture), "--strategy", settings.strategy,
               *stage2_mixture_flags(settings), "--long-threshold", str(settings.long_length),
               "--train-tokens", str(stage2_tokens), "--seq-length", str(settings.long_length),
-              "--valid-fraction", "0.01", "--audit"])
+              "--valid-fraction", str(DEMO_VALID_FRACTION), "--audit"])
 
 
 def batch_flags(seq_length: int, tokens_per_step: int) -> list[str]:
@@ -362,19 +385,24 @@ def train_stages(settings: DemoSettings, paths: DemoPaths) -> None:
 CHECKPOINTS = (("before", "stage1"), ("after", "stage2"))
 
 
-def evaluate_needles(settings: DemoSettings, paths: DemoPaths) -> dict[str, float | None]:
+def evaluate_needles(settings: DemoSettings, paths: DemoPaths) -> dict[str, Any]:
     """Stage 4a: the synthetic-fact needle at the long and the short length on both
     checkpoints (greedy, the answer within `NEEDLE_NEW_TOKENS` tokens), and the loss by
     position and domain on held-out documents of the stage-2 plan, in buckets that resolve
     both lengths (`position_bucket_edges`: 0, 32, 64, 128, 256, 512 at the defaults), drawn
-    before and after stage 2 on one plot (eval/loss_by_position.png).
+    before and after stage 2 on one plot (eval/loss_by_position.png). The documents are those
+    of at least the long length (`ppl_min_length`), so every bucket averages the same
+    documents and the curve shows what context is worth, not which domains write long.
 
     Returns:
         ``needle_before``, ``needle_short_before``, ``needle_after``, ``needle_short_after``:
-        the overall scores (0-100; None when the tool reports none).
+        the overall scores (0-100; None when the tool reports none);
+        ``loss_by_position_before/after``: the buckets' start, end and mean loss;
+        ``loss_by_position_documents``: the minimum length and documents per domain read.
     """
-    scores: dict[str, float | None] = {}
+    scores: dict[str, Any] = {}
     edges = position_bucket_edges(settings.short_length, settings.long_length)
+    min_length = ppl_min_length(settings, paths)
     for name, stage in CHECKPOINTS:
         training_length = settings.short_length if stage == "stage1" else settings.long_length
         for label, length in (("", settings.long_length), ("short_", settings.short_length)):
@@ -391,16 +419,38 @@ def evaluate_needles(settings: DemoSettings, paths: DemoPaths) -> dict[str, floa
         run_tool(f"4. loss by position and domain ({stage} checkpoint, held-out documents)",
                  ["tools/eval_ppl.py", "--model", str(paths.checkpoints / stage),
                   "--mixture-plan", str(paths.mixture / "mixture_plan.json"),
-                  "--seq-length", str(settings.long_length), "--max-docs-per-domain", "2",
-                  "--min-doc-length", str(settings.short_length),
+                  "--seq-length", str(settings.long_length),
+                  "--max-docs-per-domain", str(DEMO_PPL_DOCS),
+                  "--min-doc-length", str(min_length),
                   "--buckets", ",".join(map(str, edges[:-1])),
                   "--output-dir", str(paths.eval / f"ppl_{stage}")])
     curves = {f"{name} stage 2 ({stage})": json.loads(
         (paths.eval / f"ppl_{stage}" / PPL_RESULTS).read_text()) for name, stage in CHECKPOINTS}
+    for (name, _), curve in zip(CHECKPOINTS, curves.values()):
+        scores[f"loss_by_position_{name}"] = [
+            {k: b[k] for k in ("start", "end", "loss")} for b in curve["buckets"]]
+    scores["loss_by_position_documents"] = {
+        "min_length": min_length,
+        **{d: v["documents"] for d, v in next(iter(curves.values()))["domains"].items()}}
     plot_position_curves(curves, paths.eval / "loss_by_position.png",
                          marks=(settings.short_length,),
-                         title="Loss by position, held-out documents, all domains")
+                         title=f"Loss by position, held-out documents of >= {min_length} "
+                         "tokens, all domains")
     return scores
+
+
+def ppl_min_length(settings: DemoSettings, paths: DemoPaths) -> int:
+    """Shortest held-out document the loss by position reads: the long length when the
+    stage-2 plan holds out such a document (the default corpus: ~40), else the short length
+    (a reduced corpus may have none)."""
+    from megatron_longctx.data.indexed import read_index
+    from megatron_longctx.eval.ppl import sources_from_mixture_plan
+
+    for source in sources_from_mixture_plan(paths.mixture / "mixture_plan.json"):
+        lengths = read_index(source.prefix).document_lengths()
+        if len(source.documents) and int(lengths[source.documents].max()) >= settings.long_length:
+            return settings.long_length
+    return settings.short_length
 
 
 def ruler_scores(results_path: Path) -> tuple[float | None, dict[str, float | None]]:
@@ -468,6 +518,18 @@ def summary_lines(settings: DemoSettings, scores: dict[str, Any]) -> list[str]:
         f"| {s.short_length} tokens | {_fmt(scores['needle_short_before'])} | "
         f"{_fmt(scores['needle_short_after'])} |",
     ]
+    if "loss_by_position_before" in scores:
+        docs = scores["loss_by_position_documents"]
+        n = sum(v for k, v in docs.items() if k != "min_length")
+        rows = {"before stage 2": scores["loss_by_position_before"],
+                "after stage 2": scores["loss_by_position_after"]}
+        head = next(iter(rows.values()))
+        lines += ["", f"| loss by position ({n} held-out documents of >= {docs['min_length']} "
+                  "tokens) | " + " | ".join(f"{b['start']}-{b['end']}" for b in head) + " |",
+                  "|---|" + "---|" * len(head)]
+        lines += [f"| {label} | " + " | ".join("n/a" if b["loss"] is None
+                                               else f"{b['loss']:.3f}" for b in buckets)
+                  + " |" for label, buckets in rows.items()]
     if "ruler_before" in scores:
         before, after = scores["ruler_by_task_before"], scores["ruler_by_task_after"]
         lines += ["", f"| RULER at {s.long_length} tokens (0-100) | before stage 2 | "
