@@ -78,6 +78,7 @@ def test_reduced_ablation_end_to_end_resumes_and_reruns_equal(tmp_path):
             plan = json.loads((root / "mixture" / "mixture_plan.json").read_text())
             assert plan["strategy"] == name and r["seed"] == int(seed), name
             assert plan["parameters"]["seed"] == int(seed), name
+            assert "long_document_buckets" in r, name  # None without full-length documents
             # The shares come from the index the trainer built (no new index file).
             real = r["realized"]
             assert real["index_from_trainer_cache"] and real["samples"] == 4, name
@@ -424,3 +425,30 @@ def test_flags_cover_every_setting():
     assert parsed.upsample_domains == ("Book",)
     assert (parsed.seeds, parsed.short_keep_ratio, parsed.needle_lengths) == (5, 0.2, (128, 512))
     assert np.isclose(parsed.long_fraction, 0.9)
+
+
+def test_long_document_position_table_and_plot(tmp_path):
+    # The loss by position on full-length documents: the mean over seeds per checkpoint, in
+    # report.md and its own plot; absent (no table, no plot) when an evaluation had no such
+    # document.
+    runs = _fake_runs({"original": [40.0, 45.0, 50.0], "global": [70.0, 75.0, 80.0]},
+                      {"original": [2.5, 2.6, 2.7], "global": [2.5, 2.5, 2.5]})
+    for k, run in enumerate(runs.values()):
+        for r in [run["stage1"], *run["strategies"].values()]:
+            r["long_document_buckets"] = [
+                {"start": 0, "end": 32, "label": "0-32", "tokens": 31, "loss": 3.0 + k},
+                {"start": 32, "end": 64, "label": "32-64", "tokens": 32, "loss": 2.0 - 0.5 * k}]
+            r["long_documents"] = {"A": 2, "B": 1}
+    settings = _settings()
+    results = _fake_results(runs)
+    md = "\n".join(report_lines(settings, results))
+    assert "## Loss by position, held-out documents of >= 512 tokens" in md
+    assert "(A 2, B 1)" in md
+    assert "| global | 4.000 | 1.500 |" in md  # means of 3, 4, 5 and 2.0, 1.5, 1.0
+    write_plots(settings, AblationPaths(tmp_path), results)
+    assert (tmp_path / "plots" / "loss_by_position_long_documents.png").stat().st_size > 1000
+    next(iter(runs.values()))["strategies"]["global"]["long_document_buckets"] = None
+    results = _fake_results(runs)
+    assert "held-out documents of >=" not in "\n".join(report_lines(settings, results))
+    write_plots(settings, AblationPaths(tmp_path / "none"), results)
+    assert not (tmp_path / "none" / "plots" / "loss_by_position_long_documents.png").exists()
