@@ -170,7 +170,8 @@ class AblationSettings:
         "document (the released code's 0.1)"))
     upsample_domains: tuple[str, ...] = option((), Flag(
         "--upsample-domains",
-        "domain-upsample's domains (auto: those whose natural share of tokens in long documents "
+        "domain-upsample's domains (auto: the paper's ArXiv, Book and GitHub when the data has "
+        "SlimPajama's domains, else those whose natural share of tokens in long documents "
         "exceeds the corpus's)", parse=parse_names, one_value=True, metavar="DOMAIN,...",
         default_help="auto"))
     upweight_factor: float = option(3.0, Flag(
@@ -318,17 +319,26 @@ def check_inputs(settings: AblationSettings) -> list[str]:
     return prefixes
 
 
-def auto_upsample_domains(prefixes: list[str], long_threshold: int) -> list[str]:
-    """The long-document domains: those whose natural share of tokens in documents longer
-    than `long_threshold` exceeds the corpus's (token-weighted over all domains).
+#: The paper's "Upsample Arxiv/Book/Github" arm (Fu et al. 2024, Table 5), by SlimPajama name.
+PAPER_UPSAMPLE_DOMAINS = ("RedPajamaArXiv", "RedPajamaBook", "RedPajamaGithub")
 
-    On the demo corpus at 512 tokens (corpus 19.3%): Book 100%, ArXiv 98%, Github 19.5% (the
-    paper's Book/ArXiv/GitHub); CommonCrawl (18.3%) falls just below.
+
+def auto_upsample_domains(prefixes: list[str], long_threshold: int) -> list[str]:
+    """domain-upsample's domains: the paper's (`PAPER_UPSAMPLE_DOMAINS`) when the data has all
+    three, else the long-document domains: those whose natural share of tokens in documents
+    longer than `long_threshold` exceeds the corpus's (token-weighted over all domains).
+
+    The paper's set is taken by name because the share rule depends on the corpus: on the demo
+    corpus at 512 tokens (corpus 31%) it picks CommonCrawl (36%) with Book and ArXiv, and
+    GitHub (32%) only by a hair.
     """
     from megatron_longctx.data.stats import tokens_longer_than
     from megatron_longctx.mixture.planner import load_domain_stats
 
     entries = load_domain_stats(prefixes)
+    names = [e["domain"] for e in entries]
+    if all(d in names for d in PAPER_UPSAMPLE_DOMAINS):
+        return list(PAPER_UPSAMPLE_DOMAINS)
     long = {e["domain"]: tokens_longer_than(e["stats"], long_threshold) for e in entries}
     total = {e["domain"]: float(e["stats"]["tokens"]) for e in entries}
     corpus = sum(long.values()) / max(sum(total.values()), 1.0)

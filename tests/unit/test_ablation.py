@@ -371,11 +371,16 @@ def test_other_settings_refused_more_seeds_extend(tmp_path):
     assert paths.stage1(1234) == tmp_path / "out/seeds/1234/stage1"
 
 
-def test_auto_upsample_domains_are_the_long_document_ones(tmp_path):
+def test_auto_upsample_domains_are_the_papers_else_the_long_document_ones(tmp_path):
     from tests.unit.mixture_fixtures import make_slimpajama_like
 
-    prefixes = make_slimpajama_like(tmp_path, total_tokens=400_000)
-    chosen = auto_upsample_domains([str(p) for p in prefixes], 4096)
+    prefixes = [str(p) for p in make_slimpajama_like(tmp_path, total_tokens=400_000)]
+    # SlimPajama's domains: the paper's "Upsample Arxiv/Book/Github" (Fu et al. 2024, Table 5).
+    assert auto_upsample_domains(prefixes, 4096) == ["RedPajamaArXiv", "RedPajamaBook",
+                                                     "RedPajamaGithub"]
+    # Other data: the domains richer in long documents than the corpus.
+    others = [p for p in prefixes if "Github" not in p]
+    chosen = auto_upsample_domains(others, 4096)
     assert {"RedPajamaBook", "RedPajamaArXiv"} <= set(chosen)
     assert "RedPajamaC4" not in chosen
 
