@@ -1,8 +1,8 @@
 # make test: create .venv, install (CPU torch pinned first), build csrc, run the test suite.
 # make demo: the same install, then the whole pipeline on the embedded synthetic corpus.
 # make ablation: the demo's stage 1, then every stage-2 mixture arm from it (6 arms x 3 seeds,
-#   200 stage-2 steps x 8,192 tokens each; mean and 95% interval over seeds; docs/demo.md "The
-#   ablation"; ~50-75 minutes on 2 idle cores; resumable: rerun to continue).
+#   200 stage-2 steps x 8,192 tokens each; mean and 95% interval over seeds; docs/demo.md "`make
+#   ablation`"; ~42 minutes on 2 idle cores from a fresh clone; resumable: rerun to continue).
 # make bench: the benchmarks that print ratios against in-run baselines.
 # make gpu-wheels: wheels a bare GPU machine lacks (cp312 manylinux x86_64) into gpu-wheels/.
 PYTHON ?= python3
