@@ -476,6 +476,25 @@ def loss_split(buckets: list[dict[str, Any]], short_length: int) -> dict[str, fl
             "long": mean([b for b in buckets if b["start"] >= short_length])}
 
 
+class _LossCache:
+    """A model's token losses, computed once per distinct token sequence (eval/ppl.py needs
+    `vocab_size`, `describe()` and `token_losses(ids)`)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+        self.vocab_size = model.vocab_size
+        self._losses: dict[tuple[int, ...], Any] = {}
+
+    def describe(self) -> Any:
+        return self.model.describe()
+
+    def token_losses(self, ids: list[int]) -> Any:
+        key = tuple(ids)
+        if key not in self._losses:
+            self._losses[key] = self.model.token_losses(ids)
+        return self._losses[key]
+
+
 def evaluate_checkpoint(settings: AblationSettings, checkpoint: Path, eval_dir: Path,
                         sources: list[Any], training_length: int) -> dict[str, Any]:
     """Needle at `needle_length_grid` x the depths (draws from `settings.seed`) and loss by
@@ -487,17 +506,18 @@ def evaluate_checkpoint(settings: AblationSettings, checkpoint: Path, eval_dir: 
 
     edges = position_bucket_edges(settings.short_length, settings.long_length)
     model = load_causal_lm(checkpoint, tokenizer_model=settings.tokenizer_model)
+    scorer = _LossCache(model)  # the full-length curve reuses documents the first pass scored
     try:
         needle = run_needle(model, NeedleSettings(
             lengths=settings.needle_length_grid, depths=depth_grid(settings.needle_depths),
             needle_type=settings.needle_type, max_new_tokens=settings.needle_new_tokens,
             seed=settings.seed, training_length=training_length),
             eval_dir / "needle", overwrite=True, log=None)
-        ppl = run_ppl(model, sources, eval_dir / "ppl", seq_length=settings.long_length,
+        ppl = run_ppl(scorer, sources, eval_dir / "ppl", seq_length=settings.long_length,
                       edges=edges, min_length=settings.short_length,
                       max_docs_per_domain=settings.ppl_docs_per_domain, log=None)
         try:  # the position curve: only documents that fill every bucket
-            whole = run_ppl(model, sources, eval_dir / "ppl_long_documents",
+            whole = run_ppl(scorer, sources, eval_dir / "ppl_long_documents",
                             seq_length=settings.long_length, edges=edges,
                             min_length=settings.long_length,
                             max_docs_per_domain=settings.ppl_docs_per_domain, log=None)

@@ -10,16 +10,15 @@ import math
 import pytest
 
 from tests.distributed.trainer_harness import (
+    BF16_LOSS_TOL,
+    BF16_WEIGHT_ATOL,
+    TOL,
     final_weights,
     make_config,
     max_bf16_excess,
     max_weight_diff,
     train,
 )
-
-TOL = 1e-5
-BF16_LOSS_TOL = 5e-4
-BF16_WEIGHT_ATOL = 2 * 1e-4 * 3
 
 
 @pytest.fixture(scope="module", params=["fp32", "bf16"])

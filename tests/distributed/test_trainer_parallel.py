@@ -20,6 +20,9 @@ import math
 import pytest
 
 from tests.distributed.trainer_harness import (
+    BF16_LOSS_TOL,
+    BF16_WEIGHT_ATOL,
+    TOL,
     final_weights,
     make_config,
     max_bf16_excess,
@@ -27,9 +30,6 @@ from tests.distributed.trainer_harness import (
     train,
 )
 
-TOL = 1e-5
-BF16_LOSS_TOL = 5e-4
-BF16_WEIGHT_ATOL = 2 * 1e-4 * 3  # 2 lr per step, 3 steps
 DTYPES = ["fp32", "bf16"]
 
 

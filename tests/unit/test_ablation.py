@@ -457,3 +457,27 @@ def test_long_document_position_table_and_plot(tmp_path):
     assert "held-out documents of >=" not in "\n".join(report_lines(settings, results))
     write_plots(settings, AblationPaths(tmp_path / "none"), results)
     assert not (tmp_path / "none" / "plots" / "loss_by_position_long_documents.png").exists()
+
+
+def test_full_length_curve_scores_each_document_once():
+    # The ablation's two loss passes (documents >= short, then >= long) share documents; each
+    # distinct token sequence reaches the model once, with the same losses both times.
+    from megatron_longctx.demo.ablation import _LossCache
+
+    class Counting:
+        vocab_size = 100
+        calls = 0
+
+        def describe(self):
+            return {"path": "fake"}
+
+        def token_losses(self, ids):
+            Counting.calls += 1
+            return [0.5 * i for i in ids]
+
+    cache = _LossCache(Counting())
+    first = cache.token_losses([1, 2, 3])
+    assert cache.token_losses([1, 2, 3]) == first == [0.5, 1.0, 1.5]
+    cache.token_losses([1, 2])
+    assert Counting.calls == 2 and cache.vocab_size == 100
+    assert cache.describe() == {"path": "fake"}
